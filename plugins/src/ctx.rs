@@ -1,0 +1,128 @@
+//! Per-request state shared by the core and the plugins of one request.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// What a caller may do once recognised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    User,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// A recognised caller, set by an identity plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Who the caller is: a key's subject, `pin`, a JWT `sub`.
+    pub subject: Arc<str>,
+    pub role: Role,
+    /// Which mechanism recognised the caller (`api_key`, `session`, `jwt`, ...).
+    pub method: &'static str,
+}
+
+/// A request id: 32 hex characters made by the gateway, or a trusted proxy's id of up to
+/// 64 visible ASCII characters. Stored inline so minting one never allocates.
+#[derive(Clone, Copy)]
+pub struct RequestId {
+    buf: [u8; RequestId::MAX],
+    len: u8,
+}
+
+impl RequestId {
+    pub const MAX: usize = 64;
+
+    /// A fresh id from 128 random bits.
+    pub fn from_random(bits: u128) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; Self::MAX];
+        for (i, slot) in buf.iter_mut().take(32).enumerate() {
+            *slot = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        RequestId { buf, len: 32 }
+    }
+
+    /// Accepts an id handed on by a trusted proxy when it is short, visible ASCII.
+    pub fn from_trusted(value: &[u8]) -> Option<Self> {
+        if value.is_empty() || value.len() > Self::MAX {
+            return None;
+        }
+        if !value.iter().all(|b| b.is_ascii_graphic()) {
+            return None;
+        }
+        let mut buf = [0u8; Self::MAX];
+        buf[..value.len()].copy_from_slice(value);
+        Some(RequestId {
+            buf,
+            len: value.len() as u8,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever stored, so this cannot fail; fall back to "" rather than panic.
+        std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// State of one request, handed to every hook of every plugin in the chain.
+///
+/// Plugins keep per-request state in named fields here, never in themselves.
+#[derive(Debug)]
+pub struct Ctx {
+    /// The client as derived from the TCP peer and `trusted_proxies`.
+    pub client_ip: IpAddr,
+    pub request_id: RequestId,
+    /// True when the client reached us over HTTPS (a TLS listener, or `https` from a
+    /// trusted proxy).
+    pub https: bool,
+    /// Set by an identity plugin; read by the core's access check.
+    pub identity: Option<Identity>,
+}
+
+impl Ctx {
+    pub fn new(client_ip: IpAddr, request_id: RequestId, https: bool) -> Self {
+        Ctx {
+            client_ip,
+            request_id,
+            https,
+            identity: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_ids_are_32_hex_chars() {
+        let id = RequestId::from_random(0x0123_4567_89ab_cdef_0011_2233_4455_6677);
+        assert_eq!(id.as_str(), "0123456789abcdef0011223344556677");
+    }
+
+    #[test]
+    fn trusted_ids_must_be_short_visible_ascii() {
+        assert_eq!(
+            RequestId::from_trusted(b"abc-123").unwrap().as_str(),
+            "abc-123"
+        );
+        assert!(RequestId::from_trusted(b"").is_none());
+        assert!(RequestId::from_trusted(b"a b").is_none());
+        assert!(RequestId::from_trusted(b"a\r\nb").is_none());
+        assert!(RequestId::from_trusted(&[b'a'; 65]).is_none());
+    }
+}

@@ -1,0 +1,24 @@
+//! The plugin side of gatewarden: the [`Plugin`] trait every filter implements, the
+//! per-request [`Ctx`] they share, the caller's [`Identity`], early [`Reply`]s, and the
+//! built-in plugin types (one file each, wired up in [`registry`]).
+//!
+//! Plugins never see Pingora's `Session`: they get request and response headers, body
+//! chunks and the `Ctx`. That keeps every plugin testable without a socket.
+#![forbid(unsafe_code)]
+
+mod ctx;
+mod plugin;
+pub mod registry;
+mod reply;
+pub mod template;
+
+pub mod headers;
+pub mod ip_filter;
+
+pub use ctx::{Ctx, Identity, RequestId, Role};
+pub use plugin::{Hooks, Plugin, RequestFlow, Verdict};
+pub use registry::{build, BuildEnv, BuildError, PLUGIN_TYPES};
+pub use reply::Reply;
+
+/// Re-exported so the core and plugins agree on the header types.
+pub use pingora_http::{RequestHeader, ResponseHeader};

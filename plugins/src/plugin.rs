@@ -1,0 +1,104 @@
+//! The contract between the core and a plugin.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use pingora_http::{RequestHeader, ResponseHeader};
+
+use crate::{Ctx, Reply};
+
+/// What a request hook decided.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Go on with the next plugin.
+    Continue,
+    /// Answer now; nothing further runs and nothing reaches the upstream.
+    Reply(Reply),
+}
+
+/// The result of a request hook: decided on the spot (the common case, and free), or
+/// after awaiting something such as Redis.
+pub enum RequestFlow<'a> {
+    Done(Verdict),
+    Wait(Pin<Box<dyn Future<Output = Verdict> + Send + 'a>>),
+}
+
+impl RequestFlow<'_> {
+    pub const CONTINUE: RequestFlow<'static> = RequestFlow::Done(Verdict::Continue);
+
+    pub fn reply(reply: Reply) -> Self {
+        RequestFlow::Done(Verdict::Reply(reply))
+    }
+
+    /// Waits for the verdict if it is not known yet.
+    pub async fn resolve(self) -> Verdict {
+        match self {
+            RequestFlow::Done(v) => v,
+            RequestFlow::Wait(f) => f.await,
+        }
+    }
+}
+
+/// Which hooks a plugin implements, so the core skips the rest (the body path in
+/// particular costs nothing when no plugin of the route needs it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hooks {
+    pub request: bool,
+    pub upstream_request: bool,
+    pub response: bool,
+    pub response_body: bool,
+    pub logging: bool,
+}
+
+impl Hooks {
+    /// Every hook a chain needs, given each plugin's.
+    pub fn union(self, other: Hooks) -> Hooks {
+        Hooks {
+            request: self.request || other.request,
+            upstream_request: self.upstream_request || other.upstream_request,
+            response: self.response || other.response,
+            response_body: self.response_body || other.response_body,
+            logging: self.logging || other.logging,
+        }
+    }
+}
+
+/// A filter in a route's chain. Built once from YAML; shared by every request and every
+/// route that names it.
+pub trait Plugin: Send + Sync + 'static {
+    /// The YAML `type:` of this plugin.
+    fn type_name(&self) -> &'static str;
+
+    /// The hooks this plugin implements.
+    fn hooks(&self) -> Hooks;
+
+    /// True for plugins that recognise callers (`api_key`, `pin_gate`, `jwt`, `oidc`).
+    /// The core enforces the route's access level right after the last of them.
+    fn is_identity(&self) -> bool {
+        false
+    }
+
+    /// True for identity plugins that offer a browser login page; browser navigations
+    /// without an identity are then redirected there instead of answered 401.
+    fn has_login_page(&self) -> bool {
+        false
+    }
+
+    /// Inspect (and edit) the client's request; may answer early.
+    fn on_request<'a>(&'a self, _req: &'a mut RequestHeader, _ctx: &'a mut Ctx) -> RequestFlow<'a> {
+        RequestFlow::CONTINUE
+    }
+
+    /// Edit the request about to be sent upstream (after access passed).
+    fn on_upstream_request(&self, _req: &mut RequestHeader, _ctx: &Ctx) {}
+
+    /// Edit the response headers about to be sent to the client.
+    fn on_response(&self, _resp: &mut ResponseHeader, _ctx: &mut Ctx) {}
+
+    /// Edit one response body chunk as it streams; never buffer a whole body.
+    fn on_response_body(&self, _body: &mut Option<Bytes>, _end_of_stream: bool, _ctx: &mut Ctx) {}
+
+    /// Called once the request is over, with the status sent to the client.
+    fn on_logging(&self, _ctx: &Ctx, _status: u16) {}
+}

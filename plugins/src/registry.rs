@@ -1,0 +1,80 @@
+//! Maps a YAML `type:` to the code that builds that plugin.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use crate::Plugin;
+
+/// What a plugin may need from its surroundings at build time.
+#[derive(Debug, Clone, Default)]
+pub struct BuildEnv {
+    /// Directory that relative file paths in plugin settings are resolved against.
+    pub base_dir: PathBuf,
+}
+
+/// Why a plugin could not be built; shown to the user with the plugin's config path.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("unknown plugin type {0:?}; known types: {known}", known = PLUGIN_TYPES.join(", "))]
+    UnknownType(String),
+    #[error("{0}")]
+    Settings(String),
+}
+
+type Constructor = fn(serde_yaml_ng::Value, &BuildEnv) -> Result<Arc<dyn Plugin>, String>;
+
+/// Parses a plugin's settings into its config struct; serde's message names the field.
+fn settings<T: DeserializeOwned>(value: serde_yaml_ng::Value) -> Result<T, String> {
+    serde_yaml_ng::from_value(value).map_err(|e| e.to_string())
+}
+
+const REGISTRY: &[(&str, Constructor)] = &[
+    ("headers", |v, _| {
+        Ok(Arc::new(crate::headers::Headers::new(settings(v)?)?))
+    }),
+    ("ip_filter", |v, _| {
+        Ok(Arc::new(crate::ip_filter::IpFilter::new(settings(v)?)?))
+    }),
+];
+
+/// Every plugin type this build knows, in registry order.
+pub const PLUGIN_TYPES: &[&str] = &["headers", "ip_filter"];
+
+/// Builds a plugin of type `type_name` from its settings (the YAML block without `type`).
+pub fn build(
+    type_name: &str,
+    settings: serde_yaml_ng::Value,
+    env: &BuildEnv,
+) -> Result<Arc<dyn Plugin>, BuildError> {
+    let (_, constructor) = REGISTRY
+        .iter()
+        .find(|(name, _)| *name == type_name)
+        .ok_or_else(|| BuildError::UnknownType(type_name.to_string()))?;
+    constructor(settings, env).map_err(BuildError::Settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_type_list_matches_the_registry() {
+        let names: Vec<_> = REGISTRY.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, PLUGIN_TYPES);
+    }
+
+    #[test]
+    fn unknown_types_and_fields_are_named() {
+        let env = BuildEnv::default();
+        let err = build("nope", serde_yaml_ng::Value::Null, &env)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("nope") && err.contains("headers"));
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str("{ alow: [10.0.0.0/8] }").unwrap();
+        let err = build("ip_filter", v, &env).err().unwrap().to_string();
+        assert!(err.contains("alow"), "{err}");
+    }
+}

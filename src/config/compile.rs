@@ -1,0 +1,740 @@
+//! From YAML text to a validated runtime [`Snapshot`], collecting every error with its
+//! key path and line.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use gatewarden_plugins::{BuildEnv, Plugin};
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::{Mapping, Value};
+
+use super::expand::expand_tree;
+use super::file::*;
+use super::lines::LineIndex;
+use super::units::parse_size;
+use super::ConfigError;
+use crate::chain::Chain;
+use crate::observe::RouteMetrics;
+use crate::router::{normalize, Access, HostMatch, PathMatch, Route, Router};
+use crate::upstream::Pool;
+
+/// A listening socket for proxied traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub address: SocketAddr,
+    pub tls: Option<(String, String)>,
+}
+
+/// The internal listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub address: SocketAddr,
+    pub api_key: Option<String>,
+}
+
+/// What can change on reload: routes, pools, plugins, proxy settings.
+pub struct Snapshot {
+    pub generation: u64,
+    pub router: Router,
+    pub pools: BTreeMap<String, Arc<Pool>>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub health_path: Option<String>,
+    pub plugin_count: usize,
+    pub redis_url: Option<String>,
+    pub admin_api_key: Option<String>,
+}
+
+/// A compiled config file: the reloadable snapshot, the process-level settings that
+/// only a restart or upgrade changes, and warnings worth showing.
+pub struct Compiled {
+    pub snapshot: Snapshot,
+    pub listeners: Vec<Listener>,
+    pub admin: Option<Admin>,
+    pub server: ServerSection,
+    pub warnings: Vec<String>,
+}
+
+pub const DEFAULT_MAX_BODY: u64 = 10 << 20;
+pub const DEFAULT_LISTENER: &str = "127.0.0.1:8080";
+
+/// Collects errors; every error is placed at a path and looked up in the line index.
+struct Errors<'a> {
+    index: &'a LineIndex,
+    list: Vec<ConfigError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        let path = path.into();
+        let line = self.index.line_of(&path);
+        self.list.push(ConfigError {
+            path,
+            line,
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes `value` as a `T`; on failure records the error at the exact field.
+    fn parse<T: DeserializeOwned>(&mut self, path: &str, value: Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let full = match inner.as_str() {
+                    "." | "" => path.to_string(),
+                    _ if path.is_empty() => inner,
+                    _ if inner.starts_with('[') => format!("{path}{inner}"),
+                    _ => format!("{path}.{inner}"),
+                };
+                self.push(full, e.into_inner().to_string());
+                None
+            }
+        }
+    }
+}
+
+/// Compiles a config file's text. `generation` numbers this config for `/healthz`.
+pub fn compile(text: &str, generation: u64) -> Result<Compiled, Vec<ConfigError>> {
+    let index = LineIndex::new(text);
+    let mut errors = Errors {
+        index: &index,
+        list: Vec::new(),
+    };
+    let mut root: Value = match serde_yaml_ng::from_str(text) {
+        Ok(Value::Null) => Value::Mapping(Mapping::new()),
+        Ok(v) => v,
+        Err(e) => {
+            let line = e.location().map(|l| l.line());
+            return Err(vec![ConfigError {
+                path: String::new(),
+                line,
+                message: format!("not valid YAML: {e}"),
+            }]);
+        }
+    };
+    let mut expand_errors = Vec::new();
+    expand_tree(&mut root, "", &mut expand_errors);
+    for e in expand_errors {
+        errors.push(e.path, e.message);
+    }
+    let Value::Mapping(mut top) = root else {
+        errors.push(
+            "",
+            "the config file must be a mapping of keys such as listeners, upstreams, routes",
+        );
+        return Err(errors.list);
+    };
+    for key in top.keys() {
+        let name = key.as_str().unwrap_or("?");
+        if !TOP_LEVEL_KEYS.contains(&name) {
+            errors.push(
+                name,
+                format!("unknown key; expected one of {}", TOP_LEVEL_KEYS.join(", ")),
+            );
+        }
+    }
+    let has_health_path = top.contains_key("health_path");
+    let mut take = |key: &str| top.remove(key).unwrap_or(Value::Null);
+    let mut warnings = Vec::new();
+
+    let server: ServerSection = match take("server") {
+        Value::Null => ServerSection::default(),
+        v => errors.parse("server", v).unwrap_or_default(),
+    };
+    if server.threads == Some(0) {
+        errors.push("server.threads", "threads must be at least 1");
+    }
+
+    let listeners = compile_listeners(take("listeners"), &mut errors);
+    let admin = match take("admin") {
+        Value::Null => None,
+        v => errors.parse::<AdminSection>("admin", v).and_then(|a| {
+            let address = socket_addr(&a.address, "admin.address", &mut errors)?;
+            if a.api_key.as_deref().is_some_and(|k| k.len() < 16) {
+                errors.push(
+                    "admin.api_key",
+                    "the admin API key must be at least 16 characters",
+                );
+            }
+            Some(Admin {
+                address,
+                api_key: a.api_key,
+            })
+        }),
+    };
+
+    let trusted_proxies = match take("trusted_proxies") {
+        Value::Null => Vec::new(),
+        v => errors
+            .parse::<Vec<String>>("trusted_proxies", v)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(
+                |(i, s)| match gatewarden_plugins::ip_filter::parse_cidr(s) {
+                    Ok(net) => Some(net),
+                    Err(e) => {
+                        errors.push(format!("trusted_proxies[{i}]"), e);
+                        None
+                    }
+                },
+            )
+            .collect(),
+    };
+
+    let health_path = if has_health_path {
+        match take("health_path") {
+            Value::Null => None,
+            Value::String(p) if p.starts_with('/') && normalize(&p).is_ok_and(|n| n == p) => {
+                Some(p)
+            }
+            _ => {
+                errors.push(
+                    "health_path",
+                    "must be a normalised absolute path such as /healthz, or null to disable",
+                );
+                None
+            }
+        }
+    } else {
+        Some("/healthz".to_string())
+    };
+
+    let max_body = match take("max_request_body") {
+        Value::Null => DEFAULT_MAX_BODY,
+        v => size(v, "max_request_body", &mut errors).unwrap_or(DEFAULT_MAX_BODY),
+    };
+
+    let redis_url = match take("redis") {
+        Value::Null => None,
+        v => errors.parse::<RedisSection>("redis", v).and_then(|r| {
+            if r.url.starts_with("redis://")
+                || r.url.starts_with("rediss://")
+                || r.url.starts_with("valkey://")
+            {
+                Some(r.url)
+            } else {
+                errors.push(
+                    "redis.url",
+                    "must start with redis://, rediss:// or valkey://",
+                );
+                None
+            }
+        }),
+    };
+
+    // Upstreams.
+    let mut pools: BTreeMap<String, Arc<Pool>> = BTreeMap::new();
+    let mut declared_upstreams = BTreeSet::new();
+    if let Some(map) = mapping(take("upstreams"), "upstreams", &mut errors) {
+        for (key, value) in map {
+            let name = key.as_str().unwrap_or("?").to_string();
+            let path = format!("upstreams.{name}");
+            declared_upstreams.insert(name.clone());
+            let Some(section) = errors.parse::<UpstreamSection>(&path, value) else {
+                continue;
+            };
+            match Pool::build(&name, &section) {
+                Ok(pool) => {
+                    pools.insert(name, Arc::new(pool));
+                }
+                Err(list) => {
+                    for (sub, msg) in list {
+                        errors.push(format!("{path}.{sub}"), msg);
+                    }
+                }
+            }
+        }
+    }
+
+    // Plugins.
+    let env = BuildEnv {
+        base_dir: std::env::current_dir().unwrap_or_default(),
+    };
+    let mut plugins: BTreeMap<String, Arc<dyn Plugin>> = BTreeMap::new();
+    let mut declared_plugins = BTreeSet::new();
+    if let Some(map) = mapping(take("plugins"), "plugins", &mut errors) {
+        for (key, value) in map {
+            let name = key.as_str().unwrap_or("?").to_string();
+            let path = format!("plugins.{name}");
+            declared_plugins.insert(name.clone());
+            let Value::Mapping(mut block) = value else {
+                errors.push(path, "a plugin is a mapping with a `type` key");
+                continue;
+            };
+            let type_name = match block.remove("type") {
+                Some(Value::String(t)) => t,
+                _ => {
+                    errors.push(
+                        path,
+                        format!(
+                            "missing `type`; one of {}",
+                            gatewarden_plugins::PLUGIN_TYPES.join(", ")
+                        ),
+                    );
+                    continue;
+                }
+            };
+            match gatewarden_plugins::build(&type_name, Value::Mapping(block), &env) {
+                Ok(p) => {
+                    plugins.insert(name, p);
+                }
+                Err(e) => errors.push(format!("{path} (type: {type_name})"), e.to_string()),
+            }
+        }
+    }
+
+    let global: Vec<String> = match take("global_plugins") {
+        Value::Null => Vec::new(),
+        v => errors.parse("global_plugins", v).unwrap_or_default(),
+    };
+    for (i, name) in global.iter().enumerate() {
+        if !declared_plugins.contains(name) {
+            errors.push(
+                format!("global_plugins[{i}]"),
+                format!("no plugin named {name:?} under `plugins:`"),
+            );
+        }
+    }
+
+    // Routes.
+    let mut routes = Vec::new();
+    let mut used_upstreams = HashSet::new();
+    let mut used_plugins: HashSet<String> = global.iter().cloned().collect();
+    let route_values = match take("routes") {
+        Value::Null => Vec::new(),
+        Value::Sequence(items) => items,
+        _ => {
+            errors.push("routes", "must be a list of routes");
+            Vec::new()
+        }
+    };
+    if route_values.is_empty() {
+        errors.push(
+            "routes",
+            "no routes: the gateway would answer 404 to everything",
+        );
+    }
+    let mut names = HashSet::new();
+    let mut match_keys: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, value) in route_values.into_iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let Some(section) = errors.parse::<RouteSection>(&path, value) else {
+            continue;
+        };
+        if !names.insert(section.name.clone()) {
+            errors.push(
+                format!("{path}.name"),
+                format!("route name {:?} is used twice", section.name),
+            );
+        }
+        used_upstreams.insert(section.upstream.clone());
+        used_plugins.extend(section.plugins.iter().cloned());
+        let key = format!(
+            "{:?}",
+            (
+                &section.matcher.hosts,
+                &section.matcher.path,
+                &section.matcher.path_prefix,
+                &section.matcher.methods
+            )
+        );
+        if let Some(other) = match_keys.insert(key, i) {
+            errors.push(
+                format!("{path}.match"),
+                format!("same match as routes[{other}]; one of them could never be reached"),
+            );
+        }
+        if let Some(route) = compile_route(
+            &path,
+            section,
+            &global,
+            &plugins,
+            &declared_plugins,
+            &pools,
+            &declared_upstreams,
+            max_body,
+            &mut errors,
+        ) {
+            routes.push(Arc::new(route));
+        }
+    }
+
+    for name in declared_upstreams.difference(&used_upstreams.iter().cloned().collect()) {
+        warnings.push(format!("upstreams.{name}: not used by any route"));
+    }
+    for name in &declared_plugins {
+        if !used_plugins.contains(name) {
+            warnings.push(format!("plugins.{name}: not used by any route"));
+        }
+    }
+    if redis_url.is_some() {
+        warnings.push("redis: no plugin of this build uses it yet".into());
+    }
+
+    if !errors.list.is_empty() {
+        return Err(errors.list);
+    }
+    let plugin_count = plugins.len();
+    Ok(Compiled {
+        snapshot: Snapshot {
+            generation,
+            router: Router::new(routes),
+            pools,
+            trusted_proxies,
+            health_path,
+            plugin_count,
+            redis_url,
+            admin_api_key: admin.as_ref().and_then(|a| a.api_key.clone()),
+        },
+        listeners,
+        admin,
+        server,
+        warnings,
+    })
+}
+
+fn mapping(value: Value, path: &str, errors: &mut Errors) -> Option<Mapping> {
+    match value {
+        Value::Null => None,
+        Value::Mapping(m) => Some(m),
+        _ => {
+            errors.push(path, "must be a mapping of names to settings");
+            None
+        }
+    }
+}
+
+fn socket_addr(text: &str, path: &str, errors: &mut Errors) -> Option<SocketAddr> {
+    match text.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errors.push(
+                path,
+                format!("{text:?} is not IP:PORT (such as 127.0.0.1:8080 or [::1]:8080)"),
+            );
+            None
+        }
+    }
+}
+
+fn size(value: Value, path: &str, errors: &mut Errors) -> Option<u64> {
+    let parsed = match &value {
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| "must be a positive size".to_string()),
+        Value::String(s) => parse_size(s),
+        _ => Err("must be a size such as 10MiB".into()),
+    };
+    parsed.map_err(|e| errors.push(path, e)).ok()
+}
+
+fn compile_listeners(value: Value, errors: &mut Errors) -> Vec<Listener> {
+    let sections: Vec<ListenerSection> = match value {
+        Value::Null => {
+            return vec![Listener {
+                address: DEFAULT_LISTENER
+                    .parse()
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+                tls: None,
+            }]
+        }
+        v => errors.parse("listeners", v).unwrap_or_default(),
+    };
+    let mut seen = HashSet::new();
+    sections
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let path = format!("listeners[{i}]");
+            let address = socket_addr(&l.address, &format!("{path}.address"), errors)?;
+            if !seen.insert(address) {
+                errors.push(
+                    format!("{path}.address"),
+                    format!("{address} is listed twice"),
+                );
+            }
+            let tls = l.tls.map(|t| (t.cert_file, t.key_file));
+            if let Some((cert, key)) = &tls {
+                if let Err(e) = pingora::listeners::tls::TlsSettings::intermediate(cert, key) {
+                    errors.push(
+                        format!("{path}.tls"),
+                        format!("cannot load certificate {cert} and key {key}: {e}"),
+                    );
+                }
+            }
+            Some(Listener { address, tls })
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_route(
+    path: &str,
+    section: RouteSection,
+    global: &[String],
+    plugins: &BTreeMap<String, Arc<dyn Plugin>>,
+    declared_plugins: &BTreeSet<String>,
+    pools: &BTreeMap<String, Arc<Pool>>,
+    declared_upstreams: &BTreeSet<String>,
+    default_max_body: u64,
+    errors: &mut Errors,
+) -> Option<Route> {
+    let before = errors.list.len();
+    let m = &section.matcher;
+    let path_match = match (&m.path, &m.path_prefix) {
+        (Some(_), Some(_)) => {
+            errors.push(
+                format!("{path}.match"),
+                "use either `path` or `path_prefix`, not both",
+            );
+            None
+        }
+        (Some(p), None) => {
+            route_path(p, &format!("{path}.match.path"), errors).map(PathMatch::Exact)
+        }
+        (None, prefix) => {
+            let prefix = prefix.as_deref().unwrap_or("/");
+            route_path(prefix, &format!("{path}.match.path_prefix"), errors).map(|p| {
+                let trimmed = p.trim_end_matches('/');
+                PathMatch::Prefix(if trimmed.is_empty() {
+                    "/".into()
+                } else {
+                    trimmed.into()
+                })
+            })
+        }
+    };
+    let hosts: Vec<HostMatch> = m.hosts.iter().map(|h| HostMatch::parse(h)).collect();
+    let mut methods = Vec::new();
+    for (i, name) in m.methods.iter().enumerate() {
+        match http::Method::from_bytes(name.to_ascii_uppercase().as_bytes()) {
+            Ok(method) => methods.push(method),
+            Err(_) => errors.push(
+                format!("{path}.match.methods[{i}]"),
+                format!("{name:?} is not an HTTP method"),
+            ),
+        }
+    }
+    let strip_prefix = section.strip_prefix.as_ref().and_then(|p| {
+        let p = route_path(p, &format!("{path}.strip_prefix"), errors)?;
+        let p = p.trim_end_matches('/').to_string();
+        (!p.is_empty()).then_some(p)
+    });
+    let access = match section.access.as_deref().unwrap_or("user") {
+        "public" => Some(Access::Public),
+        "user" => Some(Access::User),
+        "admin" => Some(Access::Admin),
+        other => {
+            errors.push(
+                format!("{path}.access"),
+                format!("unknown access {other:?}; use public, user or admin"),
+            );
+            None
+        }
+    };
+    let pool = match pools.get(&section.upstream) {
+        Some(p) => Some(p.clone()),
+        None => {
+            if !declared_upstreams.contains(&section.upstream) {
+                errors.push(
+                    format!("{path}.upstream"),
+                    format!(
+                        "no upstream named {:?} under `upstreams:`",
+                        section.upstream
+                    ),
+                );
+            }
+            None
+        }
+    };
+    let mut chain = Vec::new();
+    for name in global {
+        if let Some(p) = plugins.get(name) {
+            chain.push(p.clone());
+        }
+    }
+    for (i, name) in section.plugins.iter().enumerate() {
+        match plugins.get(name) {
+            Some(p) => chain.push(p.clone()),
+            None if declared_plugins.contains(name) => {} // already reported under plugins:
+            None => errors.push(
+                format!("{path}.plugins[{i}]"),
+                format!("no plugin named {name:?} under `plugins:`"),
+            ),
+        }
+    }
+    let max_request_body = match section.max_request_body {
+        Some(s) => size(
+            Value::String(s),
+            &format!("{path}.max_request_body"),
+            errors,
+        )
+        .unwrap_or(default_max_body),
+        None => default_max_body,
+    };
+    let chain = Chain::new(chain);
+    if let Some(access) = access {
+        if access != Access::Public && !chain.has_identity && errors.list.len() == before {
+            errors.push(
+                format!("{path}.access"),
+                format!(
+                    "route {:?} needs `access: {}` but has no identity plugin (api_key, pin_gate, jwt, oidc) in its chain; add one, or set `access: public` deliberately",
+                    section.name,
+                    if access == Access::Admin { "admin" } else { "user" }
+                ),
+            );
+        }
+    }
+    if errors.list.len() != before {
+        return None;
+    }
+    let name: Arc<str> = Arc::from(section.name.as_str());
+    Some(Route {
+        metrics: RouteMetrics::new(&name),
+        name,
+        hosts,
+        path: path_match?,
+        methods,
+        strip_prefix,
+        access: access?,
+        pool: pool?,
+        chain,
+        max_request_body,
+    })
+}
+
+/// A path in a route must already be normal: what the user wrote is what matches.
+fn route_path(p: &str, path: &str, errors: &mut Errors) -> Option<String> {
+    match normalize(p) {
+        Ok(n) if n == p => Some(p.to_string()),
+        Ok(n) => {
+            errors.push(path, format!("{p:?} is not normalised; write {n:?}"));
+            None
+        }
+        Err(e) => {
+            errors.push(path, format!("{p:?}: {e}"));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors_of(yaml: &str) -> Vec<ConfigError> {
+        match compile(yaml, 1) {
+            Ok(_) => panic!("expected errors"),
+            Err(e) => e,
+        }
+    }
+
+    const MINIMAL: &str = "
+upstreams:
+  app: { backends: [127.0.0.1:3000] }
+routes:
+  - name: app
+    access: public
+    upstream: app
+";
+
+    #[test]
+    fn a_minimal_config_compiles_with_defaults() {
+        let c = compile(MINIMAL, 7).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(
+            c.listeners,
+            vec![Listener {
+                address: "127.0.0.1:8080".parse().unwrap(),
+                tls: None
+            }]
+        );
+        assert_eq!(c.snapshot.health_path.as_deref(), Some("/healthz"));
+        assert_eq!(c.snapshot.generation, 7);
+        assert_eq!(
+            c.snapshot.router.routes()[0].max_request_body,
+            DEFAULT_MAX_BODY
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_path_and_line() {
+        let errs = errors_of(
+            "upstreams:\n  app: { backends: [127.0.0.1:3000] }\nroutes:\n  - name: app\n    access: public\n    upstream: app\n    match: { path_prefx: /x }\nlisteners:\n  - address: 127.0.0.1:1\n    tsl: {}\nbogus: 1\n",
+        );
+        let find = |p: &str| {
+            errs.iter()
+                .find(|e| e.path.starts_with(p))
+                .unwrap_or_else(|| panic!("{p} in {errs:?}"))
+        };
+        assert_eq!(find("routes[0].match").line, Some(7));
+        assert!(find("routes[0].match").message.contains("path_prefx"));
+        assert!(find("listeners[0].tsl").message.contains("tsl"));
+        assert_eq!(find("listeners[0].tsl").line, Some(10));
+        assert_eq!(find("bogus").line, Some(11));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let errs = errors_of(
+            "upstreams:\n  a: { backends: [], balance: fastest }\nroutes:\n  - name: r1\n    upstream: nope\n    access: public\n  - name: r2\n    upstream: a\n    plugins: [ghost]\n",
+        );
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        for p in [
+            "upstreams.a.backends",
+            "upstreams.a.balance",
+            "routes[0].upstream",
+            "routes[1].plugins[0]",
+        ] {
+            assert!(paths.contains(&p), "{p} missing from {paths:?}");
+        }
+    }
+
+    #[test]
+    fn a_protected_route_without_identity_is_an_error() {
+        let errs = errors_of(
+            "upstreams:\n  a: { backends: [127.0.0.1:1] }\nroutes:\n  - { name: r, upstream: a }\n",
+        );
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].path, "routes[0].access");
+        assert!(errs[0].message.contains("no identity plugin"));
+    }
+
+    #[test]
+    fn missing_env_references_are_named() {
+        let errs = errors_of(&MINIMAL.replace("127.0.0.1:3000", "'${env:GW_COMPILE_TEST_UNSET}'"));
+        assert!(
+            errs[0].message.contains("GW_COMPILE_TEST_UNSET"),
+            "{errs:?}"
+        );
+        assert_eq!(errs[0].path, "upstreams.app.backends[0]");
+    }
+
+    #[test]
+    fn duplicate_matches_and_unnormalised_prefixes_are_errors() {
+        let errs = errors_of(
+            "upstreams:\n  a: { backends: [127.0.0.1:1] }\nroutes:\n  - { name: r1, upstream: a, access: public, match: { path_prefix: /x } }\n  - { name: r2, upstream: a, access: public, match: { path_prefix: /x } }\n  - { name: r3, upstream: a, access: public, match: { path_prefix: /a/../b } }\n",
+        );
+        assert!(errs.iter().any(|e| e.path == "routes[1].match"));
+        assert!(errs
+            .iter()
+            .any(|e| e.path == "routes[2].match.path_prefix" && e.message.contains("/b")));
+    }
+
+    #[test]
+    fn plugin_errors_name_the_plugin_and_field() {
+        let errs = errors_of(&format!(
+            "{MINIMAL}plugins:\n  f: {{ type: ip_filter, alow: [] }}\n  g: {{ type: nope }}\n"
+        ));
+        assert!(
+            errs.iter()
+                .any(|e| e.path == "plugins.f (type: ip_filter)" && e.message.contains("alow")),
+            "{errs:?}"
+        );
+        assert!(errs
+            .iter()
+            .any(|e| e.path.starts_with("plugins.g") && e.message.contains("unknown plugin type")));
+    }
+}

@@ -1,0 +1,181 @@
+//! The YAML file as written by users. Parsed with serde, every struct strict about
+//! unknown keys; `compile` turns it into the runtime model.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// `server:` — process settings handed on to Pingora.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Worker threads per listener service (default: the number of CPUs).
+    pub threads: Option<usize>,
+    /// Let idle worker threads steal work from busy ones (default true).
+    pub work_stealing: Option<bool>,
+    /// Seconds to keep serving after a shutdown or upgrade signal before closing listeners.
+    pub grace_period_seconds: Option<u64>,
+    /// Seconds in-flight requests get to finish after the grace period.
+    pub graceful_shutdown_timeout_seconds: Option<u64>,
+    /// Where the pid is written (used by `--daemon` and upgrades).
+    pub pid_file: Option<String>,
+    /// Unix socket the listening sockets are handed over on during `run --upgrade`.
+    pub upgrade_sock: Option<String>,
+    /// Error log file when running as a daemon.
+    pub error_log: Option<String>,
+    /// User and group to switch to after binding when started as root with `--daemon`.
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// Idle upstream connections kept for reuse, across all upstreams.
+    pub upstream_keepalive_pool_size: Option<usize>,
+    /// Accept tasks per listening socket.
+    pub listener_tasks_per_fd: Option<usize>,
+}
+
+/// An entry of `listeners:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    /// `IP:PORT` to bind.
+    pub address: String,
+    /// Serve HTTPS (and HTTP/2 via ALPN) with this certificate.
+    pub tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+/// `admin:` — the internal listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub address: String,
+    /// Required for `/admin/*`; `/metrics` and `/healthz` need none.
+    pub api_key: Option<String>,
+}
+
+/// `redis:` — shared state for several replicas.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSection {
+    pub url: String,
+}
+
+/// A backend: `127.0.0.1:3000` or `{ address: 127.0.0.1:3000, weight: 2 }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum BackendSection {
+    Address(String),
+    Weighted(WeightedBackend),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedBackend {
+    pub address: String,
+    #[serde(default = "one")]
+    pub weight: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// `tls:` of an upstream: `false`, `true`, or `{ sni, verify }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UpstreamTlsSection {
+    Enabled(bool),
+    Settings(UpstreamTlsSettings),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSettings {
+    /// Server name sent in the TLS handshake and checked against the certificate.
+    pub sni: Option<String>,
+    /// Verify the upstream's certificate (default true).
+    pub verify: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSection {
+    /// `http` (GET `path`, healthy on 200) or `tcp` (a connect succeeds).
+    pub kind: String,
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub healthy_after: Option<usize>,
+    pub unhealthy_after: Option<usize>,
+}
+
+/// An entry of `upstreams:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub backends: Vec<BackendSection>,
+    pub tls: Option<UpstreamTlsSection>,
+    pub balance: Option<String>,
+    pub hash_key: Option<String>,
+    pub health_check: Option<HealthCheckSection>,
+    pub connect_timeout: Option<String>,
+    pub read_timeout: Option<String>,
+    pub write_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub retries: Option<usize>,
+}
+
+/// `match:` of a route.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSection {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+/// An entry of `routes:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub name: String,
+    #[serde(rename = "match", default)]
+    pub matcher: MatchSection,
+    pub strip_prefix: Option<String>,
+    pub access: Option<String>,
+    pub upstream: String,
+    #[serde(default)]
+    pub plugins: Vec<String>,
+    pub max_request_body: Option<String>,
+}
+
+/// The top-level keys, for the unknown-key check and their order in messages.
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "server",
+    "listeners",
+    "admin",
+    "trusted_proxies",
+    "health_path",
+    "max_request_body",
+    "redis",
+    "upstreams",
+    "plugins",
+    "global_plugins",
+    "routes",
+];
+
+/// A parsed `plugins:` entry: its type and the rest of its block.
+pub struct PluginSection {
+    pub type_name: String,
+    pub settings: serde_yaml_ng::Value,
+}
+
+pub type Upstreams = BTreeMap<String, UpstreamSection>;

@@ -1,0 +1,17 @@
+//! Gatewarden: an authenticating gateway for self-hosted AI tools, built on Pingora.
+//!
+//! The core lives here and knows no plugin by name; plugins live in the
+//! `gatewarden-plugins` crate.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod chain;
+pub mod cli;
+pub mod config;
+pub mod demo_upstream;
+pub mod observe;
+pub mod proxy;
+pub mod reload;
+pub mod router;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,628 @@
+//! The one `ProxyHttp` implementation: route, run the plugin chain phase by phase,
+//! enforce access, forward with the always-on headers, and map failures to statuses.
+
+use std::fmt::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use gatewarden_plugins::{Ctx, Reply, RequestFlow, Verdict};
+use http::header::{self, HeaderName, HeaderValue};
+use ipnet::IpNet;
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::upstreams::peer::HttpPeer;
+use pingora_error::{ErrorSource, ErrorType};
+use pingora_http::{RequestHeader, ResponseHeader};
+
+use crate::config::Snapshot;
+use crate::observe::{new_request_id, InflightGuard, RouteMetrics};
+use crate::reload::State;
+use crate::router::{host_without_port, normalize, Access, Route};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+/// Headers some upstream frameworks take as the "real" URL; a client must never pick it.
+static X_ORIGINAL_URL: HeaderName = HeaderName::from_static("x-original-url");
+static X_REWRITE_URL: HeaderName = HeaderName::from_static("x-rewrite-url");
+
+/// Metrics for requests that matched no route (404s, 400s, health checks).
+static UNROUTED: LazyLock<RouteMetrics> = LazyLock::new(|| RouteMetrics::new(&Arc::from("-")));
+
+/// Per-request state of the core; the plugins' part is `plugin`.
+pub struct RequestCtx {
+    pub plugin: Ctx,
+    snapshot: Option<Arc<Snapshot>>,
+    route: Option<Arc<Route>>,
+    /// Set when the upstream must get another path than the client sent (normalised,
+    /// or with `strip_prefix` removed).
+    upstream_uri: Option<http::Uri>,
+    peer_trusted: bool,
+    peer_ip: IpAddr,
+    body_bytes: u64,
+    tried: Vec<SocketAddr>,
+    backend: Option<SocketAddr>,
+    started: Instant,
+    _inflight: InflightGuard,
+}
+
+/// The proxy service of one listener.
+pub struct Gateway {
+    pub state: Arc<State>,
+    /// True on TLS listeners.
+    pub tls: bool,
+}
+
+fn trusted(nets: &[IpNet], ip: IpAddr) -> bool {
+    !nets.is_empty() && nets.iter().any(|n| n.contains(&ip))
+}
+
+/// The client behind a trusted proxy: the right-most address in `X-Forwarded-For` that
+/// is not itself a trusted proxy. Unparsable entries stop the walk, since everything to
+/// their left was written by someone we cannot vouch for.
+fn client_behind_proxies(req: &RequestHeader, nets: &[IpNet], peer: IpAddr) -> IpAddr {
+    let mut client = peer;
+    for value in req.headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        let Ok(text) = value.to_str() else {
+            return client;
+        };
+        for entry in text.rsplit(',') {
+            match entry.trim().parse::<IpAddr>() {
+                Ok(ip) => {
+                    client = ip;
+                    if !trusted(nets, ip) {
+                        return ip;
+                    }
+                }
+                Err(_) => return client,
+            }
+        }
+    }
+    client
+}
+
+fn is_browser_navigation(req: &RequestHeader) -> bool {
+    req.method == http::Method::GET
+        && req
+            .headers
+            .get(header::ACCEPT)
+            .is_some_and(|a| memchr::memmem::find(a.as_bytes(), b"text/html").is_some())
+}
+
+/// Percent-encodes a path-and-query for use as the `next` parameter.
+fn encode_component(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Gateway {
+    /// Writes a gateway reply (rejection, redirect, health) and ends the request.
+    async fn respond(&self, session: &mut Session, ctx: &RequestCtx, reply: Reply) -> Result<bool> {
+        let head_only = session.req_header().method == http::Method::HEAD;
+        let mut resp = ResponseHeader::build(reply.status, Some(4 + reply.headers.len()))?;
+        resp.insert_header(header::CONTENT_TYPE, reply.content_type)?;
+        resp.insert_header(header::CONTENT_LENGTH, reply.body.len())?;
+        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+        resp.insert_header(X_REQUEST_ID.clone(), ctx.plugin.request_id.as_str())?;
+        for (name, value) in reply.headers {
+            resp.append_header(name, value)?;
+        }
+        session
+            .write_response_header(Box::new(resp), head_only)
+            .await?;
+        if !head_only {
+            session.write_response_body(Some(reply.body), true).await?;
+        }
+        Ok(true)
+    }
+
+    /// The core's access check, run right after the chain's last identity plugin.
+    fn check_access(route: &Route, req: &RequestHeader, ctx: &Ctx) -> Option<Reply> {
+        let identity = match (route.access, &ctx.identity) {
+            (Access::Public, _) => return None,
+            (_, Some(identity)) => identity,
+            (_, None) => {
+                route.metrics.auth_failure("missing_credentials");
+                if route.chain.has_login_page && is_browser_navigation(req) {
+                    let next = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+                    let location = format!("/.gatewarden/login?next={}", encode_component(next));
+                    return Some(
+                        Reply::error(302, "login required")
+                            .with_header(header::LOCATION, &location),
+                    );
+                }
+                return Some(
+                    Reply::error(401, "authentication required")
+                        .with_header(header::WWW_AUTHENTICATE, "Bearer"),
+                );
+            }
+        };
+        if route.access == Access::Admin && identity.role != gatewarden_plugins::Role::Admin {
+            route.metrics.auth_failure("forbidden_role");
+            return Some(Reply::error(403, "admin role required"));
+        }
+        None
+    }
+
+    fn health_reply(snapshot: &Snapshot) -> Reply {
+        let body = serde_json::json!({
+            "status": "ok",
+            "version": env!("CARGO_PKG_VERSION"),
+            "config_generation": snapshot.generation,
+        });
+        Reply {
+            status: 200,
+            content_type: "application/json",
+            headers: Vec::new(),
+            body: Bytes::from(body.to_string()),
+        }
+    }
+}
+
+/// Runs the route's request hooks in chain order, with the access check right after
+/// the last identity plugin; returns the reply that ends the request, if any.
+async fn run_request_hooks(route: &Route, req: &mut RequestHeader, ctx: &mut Ctx) -> Option<Reply> {
+    let chain = &route.chain;
+    if chain.access_check_after == 0 {
+        if let Some(reply) = Gateway::check_access(route, req, ctx) {
+            return Some(reply);
+        }
+    }
+    if !chain.hooks.request {
+        return None;
+    }
+    for (i, plugin) in chain.plugins.iter().enumerate() {
+        if plugin.hooks().request {
+            let verdict = match plugin.on_request(req, ctx) {
+                RequestFlow::Done(v) => v,
+                wait => wait.resolve().await,
+            };
+            if let Verdict::Reply(reply) = verdict {
+                return Some(reply);
+            }
+        }
+        if i + 1 == chain.access_check_after {
+            if let Some(reply) = Gateway::check_access(route, req, ctx) {
+                return Some(reply);
+            }
+        }
+    }
+    None
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            plugin: Ctx::new(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                new_request_id(),
+                self.tls,
+            ),
+            snapshot: None,
+            route: None,
+            upstream_uri: None,
+            peer_trusted: false,
+            peer_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            body_bytes: 0,
+            tried: Vec::new(),
+            backend: None,
+            started: Instant::now(),
+            _inflight: InflightGuard::enter(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let snapshot = self.state.current();
+        let peer_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        ctx.peer_ip = peer_ip;
+        ctx.peer_trusted = trusted(&snapshot.trusted_proxies, peer_ip);
+        let req = session.req_header();
+        if ctx.peer_trusted {
+            ctx.plugin.client_ip = client_behind_proxies(req, &snapshot.trusted_proxies, peer_ip);
+            if let Some(id) = req
+                .headers
+                .get(&X_REQUEST_ID)
+                .and_then(|v| gatewarden_plugins::RequestId::from_trusted(v.as_bytes()))
+            {
+                ctx.plugin.request_id = id;
+            }
+            if let Some(proto) = req.headers.get(&X_FORWARDED_PROTO) {
+                ctx.plugin.https = proto.as_bytes().eq_ignore_ascii_case(b"https");
+            }
+        } else {
+            ctx.plugin.client_ip = peer_ip;
+        }
+
+        let raw_path = req.uri.path();
+        if snapshot.health_path.as_deref() == Some(raw_path)
+            && matches!(req.method, http::Method::GET | http::Method::HEAD)
+        {
+            let reply = Self::health_reply(&snapshot);
+            ctx.snapshot = Some(snapshot);
+            return self.respond(session, ctx, reply).await;
+        }
+
+        let path = match normalize(raw_path) {
+            Ok(p) => p,
+            Err(e) => {
+                let reply = Reply::error(400, &e.to_string());
+                ctx.snapshot = Some(snapshot);
+                return self.respond(session, ctx, reply).await;
+            }
+        };
+        let host = req
+            .uri
+            .host()
+            .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+            .map_or("", host_without_port);
+        let Some(route) = snapshot.router.find(host, &path, &req.method).cloned() else {
+            ctx.snapshot = Some(snapshot);
+            return self
+                .respond(session, ctx, Reply::error(404, "no route"))
+                .await;
+        };
+
+        let upstream_path = route.upstream_path(&path);
+        if upstream_path != raw_path {
+            let mut target = String::with_capacity(upstream_path.len() + 32);
+            target.push_str(upstream_path);
+            if let Some(q) = req.uri.query() {
+                target.push('?');
+                target.push_str(q);
+            }
+            ctx.upstream_uri = target.parse().ok();
+        }
+        drop(path);
+
+        if !session.is_upgrade_req() {
+            if let Some(len) = req.headers.get(header::CONTENT_LENGTH) {
+                let too_large = std::str::from_utf8(len.as_bytes())
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .is_none_or(|n| n > route.max_request_body);
+                if too_large {
+                    ctx.snapshot = Some(snapshot);
+                    ctx.route = Some(route);
+                    return self
+                        .respond(session, ctx, Reply::error(413, "request body too large"))
+                        .await;
+                }
+            }
+        }
+
+        ctx.snapshot = Some(snapshot);
+        let refusal = run_request_hooks(&route, session.req_header_mut(), &mut ctx.plugin).await;
+        ctx.route = Some(route);
+        match refusal {
+            Some(reply) => self.respond(session, ctx, reply).await,
+            None => Ok(false),
+        }
+    }
+
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(chunk), Some(route)) = (body.as_ref(), &ctx.route) {
+            ctx.body_bytes += chunk.len() as u64;
+            // After an upgrade the "body" is WebSocket frames: a session, not an upload.
+            if ctx.body_bytes > route.max_request_body && !session.is_upgrade_req() {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body over the route's limit",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let Some(route) = &ctx.route else {
+            return Error::e_explain(ErrorType::InternalError, "no route selected");
+        };
+        let pool = &route.pool;
+        let ip_bytes: [u8; 16] = match ctx.plugin.client_ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        let key = match &pool.hash_key {
+            Some(k) => {
+                let path = ctx
+                    .upstream_uri
+                    .as_ref()
+                    .map_or(session.req_header().uri.path(), |u| u.path());
+                k.extract(session.req_header(), &ip_bytes, path)
+            }
+            None => &[],
+        };
+        let Some(backend) = pool.select(key, &ctx.tried) else {
+            return Error::e_explain(
+                ErrorType::ConnectNoRoute,
+                format!("upstream {}: no backend left to try", pool.name),
+            );
+        };
+        ctx.backend = backend.addr.as_inet().copied();
+        Ok(pool.peer(&backend))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(addr) = ctx.backend.take() {
+            ctx.tried.push(addr);
+        }
+        let retries = ctx.route.as_ref().map_or(0, |r| r.pool.retries);
+        let backends = ctx
+            .route
+            .as_ref()
+            .map_or(0, |r| r.pool.backend_addrs().count());
+        if ctx.tried.len() <= retries && ctx.tried.len() < backends {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(uri) = ctx.upstream_uri.take() {
+            upstream.set_uri(uri);
+        }
+        let h = &upstream.headers;
+        // Forwarding headers: believed only from trusted proxies, otherwise replaced.
+        let mut xff = String::with_capacity(48);
+        if ctx.peer_trusted {
+            for prior in h
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+            {
+                xff.push_str(prior);
+                xff.push_str(", ");
+            }
+        }
+        let _ = write!(xff, "{}", ctx.peer_ip);
+        let proto = if ctx.plugin.https { "https" } else { "http" };
+        let host = session
+            .req_header()
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| {
+                session
+                    .req_header()
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            });
+        let forwarded_host = match (ctx.peer_trusted, h.get(&X_FORWARDED_HOST)) {
+            (true, Some(v)) => Some(v.clone()),
+            _ => host.clone(),
+        };
+        for name in [
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+            &X_REAL_IP,
+            &X_REQUEST_ID,
+            &X_ORIGINAL_URL,
+            &X_REWRITE_URL,
+        ] {
+            upstream.remove_header(name);
+        }
+        if !ctx.peer_trusted {
+            upstream.remove_header(&FORWARDED);
+        }
+        upstream.insert_header(X_FORWARDED_FOR.clone(), xff)?;
+        upstream.insert_header(X_FORWARDED_PROTO.clone(), proto)?;
+        if let Some(fh) = forwarded_host {
+            upstream.insert_header(X_FORWARDED_HOST.clone(), fh)?;
+        }
+        upstream.insert_header(X_REAL_IP.clone(), ctx.plugin.client_ip.to_string())?;
+        upstream.insert_header(X_REQUEST_ID.clone(), ctx.plugin.request_id.as_str())?;
+        if upstream.headers.get(header::HOST).is_none() {
+            if let Some(host) = host {
+                upstream.insert_header(header::HOST, host)?;
+            }
+        }
+        if let Some(route) = &ctx.route {
+            if route.chain.hooks.upstream_request {
+                for plugin in &route.chain.plugins {
+                    if plugin.hooks().upstream_request {
+                        plugin.on_upstream_request(upstream, &ctx.plugin);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(route), Some(backend)) = (&ctx.route, &ctx.backend) {
+            route.pool.count_response(backend, resp.status.as_u16());
+        }
+        resp.insert_header(X_REQUEST_ID.clone(), ctx.plugin.request_id.as_str())?;
+        if let Some(route) = &ctx.route {
+            if route.chain.hooks.response {
+                for plugin in &route.chain.plugins {
+                    if plugin.hooks().response {
+                        plugin.on_response(resp, &mut ctx.plugin);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(route) = &ctx.route {
+            if route.chain.hooks.response_body {
+                for plugin in &route.chain.plugins {
+                    if plugin.hooks().response_body {
+                        plugin.on_response_body(body, end_of_stream, &mut ctx.plugin);
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let (code, reason) = match e.etype() {
+            ErrorType::HTTPStatus(413) => (413, "request body too large"),
+            ErrorType::HTTPStatus(code) => (*code, "request failed"),
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                (504, "upstream timed out")
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => (502, "upstream unavailable"),
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                        (0, "")
+                    }
+                    _ => (400, "bad request"),
+                },
+                ErrorSource::Internal | ErrorSource::Unset => (500, "internal error"),
+            },
+        };
+        let code = if e.etype() == &ErrorType::ConnectNoRoute {
+            502
+        } else {
+            code
+        };
+        if code > 0 && session.response_written().is_none() {
+            let reason = if code == 502 {
+                "upstream unavailable"
+            } else {
+                reason
+            };
+            if let Err(err) = self.respond(session, ctx, Reply::error(code, reason)).await {
+                log::debug!("cannot send the error response: {err}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let elapsed = ctx.started.elapsed().as_secs_f64();
+        match &ctx.route {
+            Some(route) => {
+                route.metrics.requests.inc(status);
+                route.metrics.duration.observe(elapsed);
+                if route.chain.hooks.logging {
+                    for plugin in &route.chain.plugins {
+                        if plugin.hooks().logging {
+                            plugin.on_logging(&ctx.plugin, status);
+                        }
+                    }
+                }
+            }
+            None => {
+                UNROUTED.requests.inc(status);
+                UNROUTED.duration.observe(elapsed);
+            }
+        }
+        if let (Some(e), Some(route)) = (e, &ctx.route) {
+            log::warn!(
+                "route {} upstream {}{}: {} (request {})",
+                route.name,
+                route.pool.name,
+                ctx.backend
+                    .map(|b| format!(" backend {b}"))
+                    .unwrap_or_default(),
+                e,
+                ctx.plugin.request_id.as_str()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_untrusted_forwarded_address() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("X-Forwarded-For", "6.6.6.6, 203.0.113.9")
+            .unwrap();
+        req.append_header("X-Forwarded-For", "10.0.0.2").unwrap();
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let client = client_behind_proxies(&req, &nets(&["10.0.0.0/8"]), peer);
+        assert_eq!(client, "203.0.113.9".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn garbage_in_forwarded_for_stops_the_walk() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("X-Forwarded-For", "6.6.6.6, junk, 10.0.0.3")
+            .unwrap();
+        let client =
+            client_behind_proxies(&req, &nets(&["10.0.0.0/8"]), "10.0.0.1".parse().unwrap());
+        assert_eq!(client, "10.0.0.3".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn next_is_percent_encoded() {
+        assert_eq!(encode_component("/a b?x=1&y=2"), "/a%20b%3Fx%3D1%26y%3D2");
+    }
+}

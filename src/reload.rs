@@ -1,0 +1,95 @@
+//! The current configuration, swapped atomically on reload. Each request pins the
+//! snapshot it started with, so in-flight requests finish on the config they began on.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{self, Snapshot};
+use crate::observe::metrics;
+
+/// Shared by the proxy services, the admin listener and the background services.
+pub struct State {
+    current: ArcSwap<Snapshot>,
+    generation: AtomicU64,
+    /// The file the snapshot came from; `None` for built-in configs (demo, protect).
+    pub config_path: Option<PathBuf>,
+}
+
+impl State {
+    pub fn new(snapshot: Snapshot, config_path: Option<PathBuf>) -> Self {
+        State {
+            generation: AtomicU64::new(snapshot.generation),
+            current: ArcSwap::from_pointee(snapshot),
+            config_path,
+        }
+    }
+
+    /// The snapshot in force now.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the config file and swaps it in if it compiles. On error the old config
+    /// stays in force and every problem is returned. Listener and `server:` changes need
+    /// a restart or graceful upgrade; they are reported as warnings.
+    pub fn reload(&self) -> Result<u64, String> {
+        let Some(path) = &self.config_path else {
+            return Err("this gateway runs a built-in config; there is no file to reload".into());
+        };
+        let generation = self.generation.load(Ordering::Acquire) + 1;
+        match config::load(path, generation) {
+            Ok(compiled) => {
+                for w in &compiled.warnings {
+                    log::warn!("{w}");
+                }
+                self.current.store(Arc::new(compiled.snapshot));
+                self.generation.store(generation, Ordering::Release);
+                metrics().config_reloads.with_label_values(&["ok"]).inc();
+                log::info!(
+                    "config reloaded from {} (generation {generation})",
+                    path.display()
+                );
+                Ok(generation)
+            }
+            Err(errors) => {
+                metrics().config_reloads.with_label_values(&["error"]).inc();
+                let text = errors.to_string();
+                log::error!(
+                    "config reload failed, keeping generation {}: {text}",
+                    generation - 1
+                );
+                Err(text)
+            }
+        }
+    }
+}
+
+/// Reloads on SIGHUP for as long as the server runs.
+pub struct SighupReloader {
+    pub state: Arc<State>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for SighupReloader {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP, reload by signal is off: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    let _ = self.state.reload();
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Assembles the Pingora server from a compiled config and runs it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pingora::listeners::tls::TlsSettings;
+use pingora::prelude::Opt;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+use crate::admin::AdminApp;
+use crate::config::Compiled;
+use crate::proxy::Gateway;
+use crate::reload::{SighupReloader, State};
+use crate::upstream::HealthChecker;
+
+/// How the process was asked to start.
+#[derive(Debug, Default, Clone)]
+pub struct RunFlags {
+    pub daemon: bool,
+    pub upgrade: bool,
+}
+
+fn server_conf(compiled: &Compiled, flags: &RunFlags) -> ServerConf {
+    let s = &compiled.server;
+    let mut conf = ServerConf {
+        threads: s
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        daemon: flags.daemon,
+        ..ServerConf::default()
+    };
+    if let Some(v) = s.work_stealing {
+        conf.work_stealing = v;
+    }
+    conf.grace_period_seconds = s.grace_period_seconds.or(conf.grace_period_seconds);
+    conf.graceful_shutdown_timeout_seconds = s
+        .graceful_shutdown_timeout_seconds
+        .or(conf.graceful_shutdown_timeout_seconds);
+    if let Some(v) = &s.pid_file {
+        conf.pid_file = v.clone();
+    }
+    if let Some(v) = &s.upgrade_sock {
+        conf.upgrade_sock = v.clone();
+    }
+    conf.error_log = s.error_log.clone();
+    conf.user = s.user.clone();
+    conf.group = s.group.clone();
+    if let Some(v) = s.upstream_keepalive_pool_size {
+        conf.upstream_keepalive_pool_size = v;
+    }
+    if let Some(v) = s.listener_tasks_per_fd {
+        conf.listener_tasks_per_fd = v;
+    }
+    conf
+}
+
+/// Serves `compiled` until the process is told to stop. `config_path` is reloaded on
+/// SIGHUP and `POST /admin/reload`. Never returns.
+pub fn run(
+    compiled: Compiled,
+    config_path: Option<PathBuf>,
+    flags: RunFlags,
+) -> anyhow::Result<()> {
+    let conf = server_conf(&compiled, &flags);
+    let opt = Opt {
+        upgrade: flags.upgrade,
+        daemon: flags.daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+    let conf = server.configuration.clone();
+
+    let Compiled {
+        snapshot,
+        listeners,
+        admin,
+        warnings,
+        ..
+    } = compiled;
+    for w in &warnings {
+        log::warn!("{w}");
+    }
+    let state = Arc::new(State::new(snapshot, config_path));
+
+    let mut lines = Vec::new();
+    for listener in &listeners {
+        let gateway = Gateway {
+            state: state.clone(),
+            tls: listener.tls.is_some(),
+        };
+        let addr = listener.address.to_string();
+        let mut service = pingora::proxy::http_proxy_service_with_name(
+            &conf,
+            gateway,
+            &format!("gatewarden {addr}"),
+        );
+        match &listener.tls {
+            Some((cert, key)) => {
+                let mut tls = TlsSettings::intermediate(cert, key).map_err(|e| {
+                    anyhow::anyhow!("listener {addr}: cannot load {cert} / {key}: {e}")
+                })?;
+                tls.enable_h2();
+                service.add_tls_with_settings(&addr, None, tls);
+                lines.push(format!("listening on https://{addr} (HTTP/1.1 and HTTP/2)"));
+            }
+            None => {
+                service.add_tcp(&addr);
+                lines.push(format!("listening on http://{addr}"));
+            }
+        }
+        server.add_service(service);
+    }
+    if let Some(admin) = &admin {
+        let mut service = Service::new(
+            "gatewarden admin".to_string(),
+            AdminApp {
+                state: state.clone(),
+            },
+        );
+        service.add_tcp(&admin.address.to_string());
+        server.add_service(service);
+        lines.push(format!(
+            "admin on http://{} (/metrics, /healthz, /admin/*)",
+            admin.address
+        ));
+    }
+    server.add_service(background_service(
+        "health checks",
+        HealthChecker {
+            state: state.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "reload on SIGHUP",
+        SighupReloader { state },
+    ));
+
+    for line in lines {
+        println!("{line}");
+    }
+    server.run_forever()
+}
