@@ -1,0 +1,299 @@
+//! Starting the gateway and upstreams, and speaking HTTP to them.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use gatewarden::demo_upstream::DemoUpstream;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gatewarden");
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// A running gatewarden; killed on drop.
+pub struct Gateway {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    output: Arc<Mutex<String>>,
+}
+
+impl Gateway {
+    /// Writes `yaml` to a temp dir and runs it. `{listen}` and `{admin}` in the YAML are
+    /// replaced by free loopback addresses; `{dir}` by the temp dir. Waits until
+    /// `/healthz` answers on the admin listener (or the proxy listener if there is no
+    /// admin section).
+    pub fn start(yaml: &str) -> Gateway {
+        Self::start_with(yaml, &[])
+    }
+
+    pub fn start_with(yaml: &str, env: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let yaml = yaml
+            .replace("{listen}", &addr.to_string())
+            .replace("{admin}", &admin.to_string())
+            .replace("{dir}", &dir.path().display().to_string());
+        let config = dir.path().join("gatewarden.yaml");
+        std::fs::write(&config, &yaml).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run").arg("-c").arg(&config).current_dir(dir.path());
+        cmd.env("RUST_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start gatewarden");
+        let output = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    output.lock().unwrap().push_str(&(line + "\n"));
+                }
+            });
+        }
+        let mut gw = Gateway {
+            child,
+            addr,
+            admin,
+            dir,
+            config,
+            output,
+        };
+        let probe = if yaml.contains("admin:") { admin } else { addr };
+        gw.wait_ready(probe);
+        gw
+    }
+
+    fn wait_ready(&mut self, probe: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("gatewarden exited with {status}:\n{}", self.output());
+            }
+            if let Ok(resp) = raw(probe, "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n") {
+                if resp.status == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("gatewarden did not become ready:\n{}", self.output());
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Sends a signal to the process (`"HUP"`, `"TERM"`...).
+    pub fn signal(&self, name: &str) {
+        let _ = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary to completion with a time bound.
+pub fn run_cli(args: &[&str], dir: &Path) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gatewarden");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("gatewarden {args:?} did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A parsed HTTP/1.1 response from [`raw`].
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Sends `request` byte for byte (so paths reach the gateway exactly as written, with
+/// no client-side normalisation) and reads one response. The request should carry
+/// `Connection: close` unless a Content-Length bounds the response.
+pub fn raw(addr: SocketAddr, request: &str) -> std::io::Result<RawResponse> {
+    raw_bytes(addr, request.as_bytes())
+}
+
+pub fn raw_bytes(addr: SocketAddr, request: &[u8]) -> std::io::Result<RawResponse> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+    stream.write_all(request)?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((n, v)) = l.split_once(':') {
+            headers.push((n.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let find = |name: &str| headers.iter().find(|(n, _): &&(String, String)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
+    let mut body = Vec::new();
+    if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body.resize(len, 0);
+        reader.read_exact(&mut body)?;
+    } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            line.clear();
+            reader.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim(), 16).map_err(std::io::Error::other)?;
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk)?;
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
+    } else if status != 204 && status != 304 {
+        let _ = reader.read_to_end(&mut body);
+    }
+    Ok(RawResponse { status, headers, body })
+}
+
+/// GET `path` with extra header lines (each `Name: value`).
+pub fn get(addr: SocketAddr, path: &str, headers: &[&str]) -> RawResponse {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    raw(addr, &req).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// A reqwest client that never uses a proxy from the environment.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// Starts demo upstreams on a dedicated runtime thread that lives for the test.
+pub struct Upstreams {
+    pub runtime: tokio::runtime::Runtime,
+    pub servers: Vec<DemoUpstream>,
+}
+
+impl Upstreams {
+    pub fn start(n: usize) -> Upstreams {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let servers = (0..n)
+            .map(|_| runtime.block_on(DemoUpstream::start("127.0.0.1:0")).expect("upstream"))
+            .collect();
+        Upstreams { runtime, servers }
+    }
+
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.servers[i].addr
+    }
+}
+
+/// The port of the upstream that answered, from the demo upstream's marker header.
+pub fn served_by(resp: &RawResponse) -> u16 {
+    resp.header("x-demo-upstream")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no x-demo-upstream header in {resp:?}"))
+}
+
+/// A config with one public route to `backend`, plus `extra` YAML appended.
+pub fn simple_config(backend: SocketAddr, extra: &str) -> String {
+    format!(
+        "listeners: [{{ address: '{{listen}}' }}]
+admin: {{ address: '{{admin}}' }}
+upstreams:
+  app: {{ backends: ['{backend}'] }}
+routes:
+  - name: app
+    access: public
+    upstream: app
+{extra}"
+    )
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real `gatewarden` binary, real upstreams, real HTTP, all on
+//! ephemeral loopback ports. Every child process is killed when its handle drops.
+
+mod harness;
+
+mod cli;
+mod proxying;
+mod routing;
+mod upstreams;
