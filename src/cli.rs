@@ -57,8 +57,47 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
+    /// Manage API keys in a keys file.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+    /// Read a PIN from standard input and print its argon2id hash for `pin_gate`.
+    HashPin,
     /// Print the version and build information.
     Version,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyAction {
+    /// Create a key; its plaintext is printed once and never stored.
+    New {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// user or admin.
+        #[arg(long, default_value = "user")]
+        role: String,
+        /// Who the key stands for (default: the name); upstreams see it as the identity.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Lifetime such as 30d or 12h (default: no expiry).
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List keys (never hashes or plaintext).
+    List {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Disable a key by id or prefix.
+    Revoke {
+        #[arg(long)]
+        file: PathBuf,
+        /// The key's id (k_...) or prefix (gw_...).
+        key: String,
+    },
 }
 
 /// Runs the parsed command line; the exit code follows the SPEC: 1 for a failed
@@ -90,6 +129,8 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         }
         Command::Demo { listen, admin } => demo(listen, admin),
+        Command::Key { action } => key(action),
+        Command::HashPin => hash_pin(),
         Command::Protect { url, listen } => protect(&url, listen),
     }
 }
@@ -249,4 +290,86 @@ routes:
     };
     println!("gatewarden: protecting {url} at http://{listen}/ (loopback only)");
     serve(compiled, None, RunFlags::default())
+}
+
+fn key(action: KeyAction) -> ExitCode {
+    use gatewarden_plugins::keys::{self, KeysFile, NewKey};
+    use gatewarden_plugins::Role;
+    let result: Result<(), String> = match action {
+        KeyAction::New { file, name, role, subject, expires } => (|| {
+            let role = Role::parse(&role).ok_or_else(|| format!("unknown role {role:?}; use user or admin"))?;
+            let expires_at = match expires {
+                Some(text) => {
+                    let d = config::units::parse_duration(&text)?;
+                    let d = chrono::Duration::from_std(d).map_err(|_| format!("{text:?} is too long"))?;
+                    Some(chrono::Utc::now() + d)
+                }
+                None => None,
+            };
+            if name.trim().is_empty() {
+                return Err("--name must not be empty".into());
+            }
+            let (record, plaintext) =
+                keys::create_key(&file, NewKey { name, role, subject, expires_at }).map_err(|e| e.to_string())?;
+            eprintln!(
+                "created key {} ({}, role {}, subject {}){}; it is shown once, store it now:",
+                record.id,
+                record.prefix,
+                record.role.as_str(),
+                record.subject,
+                record.expires_at.map(|e| format!(", expires {}", e.to_rfc3339())).unwrap_or_default()
+            );
+            println!("{plaintext}");
+            Ok(())
+        })(),
+        KeyAction::List { file } => KeysFile::load(&file).map_err(|e| e.to_string()).map(|f| {
+            let used = keys::load_last_used(&file);
+            let now = chrono::Utc::now();
+            let fmt = |t: Option<chrono::DateTime<chrono::Utc>>| t.map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string());
+            println!("{:<11} {:<16} {:<10} {:<6} {:<16} {:<16} {:<16} {:<16} STATUS", "ID", "NAME", "PREFIX", "ROLE", "SUBJECT", "CREATED", "EXPIRES", "LAST USED");
+            for k in &f.keys {
+                println!(
+                    "{:<11} {:<16} {:<10} {:<6} {:<16} {:<16} {:<16} {:<16} {}",
+                    k.id,
+                    k.name,
+                    k.prefix,
+                    k.role.as_str(),
+                    k.subject,
+                    fmt(Some(k.created_at)),
+                    fmt(k.expires_at),
+                    fmt(used.get(&k.id).copied()),
+                    k.status(now)
+                );
+            }
+        }),
+        KeyAction::Revoke { file, key } => keys::revoke_key(&file, &key).map_err(|e| e.to_string()).map(|k| {
+            println!("revoked {} ({}, {})", k.id, k.prefix, k.name);
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn hash_pin() -> ExitCode {
+    let mut pin = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut pin) {
+        eprintln!("error: cannot read the PIN from stdin: {e}");
+        return ExitCode::from(1);
+    }
+    let pin = pin.trim_end_matches(['\r', '\n']);
+    match gatewarden_plugins::pin_gate::hash_pin(pin) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

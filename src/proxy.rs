@@ -35,6 +35,23 @@ static X_REWRITE_URL: HeaderName = HeaderName::from_static("x-rewrite-url");
 /// Metrics for requests that matched no route (404s, 400s, health checks).
 static UNROUTED: LazyLock<RouteMetrics> = LazyLock::new(|| RouteMetrics::new(&Arc::from("-")));
 
+/// Paths the gateway answers itself (login, logout, callbacks), claimed by plugins.
+const GATEWAY_PATHS: &str = "/.gatewarden/";
+/// Largest body read for a gateway endpoint (a login form).
+const ENDPOINT_BODY_LIMIT: usize = 16 * 1024;
+
+/// Reads a small request body whole; `None` when it is over the limit.
+async fn read_small_body(session: &mut Session) -> Result<Option<Bytes>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if body.len() + chunk.len() > ENDPOINT_BODY_LIMIT {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(Bytes::from(body)))
+}
+
 /// Per-request state of the core; the plugins' part is `plugin`.
 pub struct RequestCtx {
     pub plugin: Ctx,
@@ -191,6 +208,9 @@ async fn run_request_hooks(route: &Route, req: &mut RequestHeader, ctx: &mut Ctx
                 wait => wait.resolve().await,
             };
             if let Verdict::Reply(reply) = verdict {
+                if let Some(reason) = ctx.auth_failure {
+                    route.metrics.auth_failure(reason);
+                }
                 return Some(reply);
             }
         }
@@ -274,6 +294,26 @@ impl ProxyHttp for Gateway {
             .host()
             .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
             .map_or("", host_without_port);
+        if path.starts_with(GATEWAY_PATHS) {
+            if let Some(plugin) = snapshot.router.endpoint(host, &path) {
+                ctx.snapshot = Some(snapshot);
+                let reply = match read_small_body(session).await? {
+                    Some(body) => {
+                        let req = session.req_header();
+                        match plugin.serve(req, body, &mut ctx.plugin) {
+                            RequestFlow::Done(v) => v,
+                            wait => wait.resolve().await,
+                        }
+                    }
+                    None => Verdict::Reply(Reply::error(413, "request body too large")),
+                };
+                let reply = match reply {
+                    Verdict::Reply(r) => r,
+                    Verdict::Continue => Reply::error(404, "not found"),
+                };
+                return self.respond(session, ctx, reply).await;
+            }
+        }
         let Some(route) = snapshot.router.find(host, &path, &req.method).cloned() else {
             ctx.snapshot = Some(snapshot);
             return self

@@ -253,6 +253,20 @@ impl Router {
         self.routes.iter().find(|r| r.matches(host, path, method))
     }
 
+    /// The plugin that answers a gateway path such as `/.gatewarden/login` for `host`:
+    /// from the route the path itself matches, else from the most specific route for
+    /// this host whose chain has a plugin claiming it.
+    pub fn endpoint(&self, host: &str, path: &str) -> Option<Arc<dyn gatewarden_plugins::Plugin>> {
+        let claims = |r: &Arc<Route>| r.chain.plugins.iter().find(|p| p.serves(path)).cloned();
+        if let Some(p) = self.routes.iter().find(|r| r.matches(host, path, &http::Method::GET)).and_then(claims) {
+            return Some(p);
+        }
+        self.routes
+            .iter()
+            .filter(|r| r.hosts.is_empty() || r.hosts.iter().any(|h| h.matches(host)))
+            .find_map(claims)
+    }
+
     pub fn routes(&self) -> &[Arc<Route>] {
         &self.routes
     }

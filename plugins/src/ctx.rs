@@ -11,6 +11,14 @@ pub enum Role {
 }
 
 impl Role {
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "user" => Some(Role::User),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::User => "user",
@@ -91,6 +99,8 @@ pub struct Ctx {
     pub https: bool,
     /// Set by an identity plugin; read by the core's access check.
     pub identity: Option<Identity>,
+    /// Why a credential was refused, for `gatewarden_auth_failures_total{reason}`.
+    pub auth_failure: Option<&'static str>,
 }
 
 impl Ctx {
@@ -100,6 +110,7 @@ impl Ctx {
             request_id,
             https,
             identity: None,
+            auth_failure: None,
         }
     }
 }

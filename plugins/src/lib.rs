@@ -11,9 +11,15 @@ mod plugin;
 pub mod registry;
 mod reply;
 pub mod template;
+pub mod units;
+pub mod keys;
 
 pub mod headers;
 pub mod ip_filter;
+pub mod api_key;
+pub mod pin_gate;
+pub mod session;
+pub mod totp;
 
 pub use ctx::{Ctx, Identity, RequestId, Role};
 pub use plugin::{Hooks, Plugin, RequestFlow, Verdict};

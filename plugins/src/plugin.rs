@@ -85,6 +85,18 @@ pub trait Plugin: Send + Sync + 'static {
         false
     }
 
+    /// True when this plugin answers `path` itself (a login form, a logout, an OIDC
+    /// callback under `/.gatewarden/`). The core then reads the request body (up to
+    /// 16 KiB) and calls [`Plugin::serve`] instead of proxying.
+    fn serves(&self, _path: &str) -> bool {
+        false
+    }
+
+    /// Answers a path claimed by [`Plugin::serves`].
+    fn serve<'a>(&'a self, _req: &'a RequestHeader, _body: Bytes, _ctx: &'a mut Ctx) -> RequestFlow<'a> {
+        RequestFlow::reply(Reply::error(404, "not found"))
+    }
+
     /// Inspect (and edit) the client's request; may answer early.
     fn on_request<'a>(&'a self, _req: &'a mut RequestHeader, _ctx: &'a mut Ctx) -> RequestFlow<'a> {
         RequestFlow::CONTINUE

@@ -37,10 +37,16 @@ const REGISTRY: &[(&str, Constructor)] = &[
     ("ip_filter", |v, _| {
         Ok(Arc::new(crate::ip_filter::IpFilter::new(settings(v)?)?))
     }),
+    ("api_key", |v, _| {
+        Ok(Arc::new(crate::api_key::ApiKey::new(settings(v)?)?))
+    }),
+    ("pin_gate", |v, _| {
+        Ok(Arc::new(crate::pin_gate::PinGate::new(settings(v)?)?))
+    }),
 ];
 
 /// Every plugin type this build knows, in registry order.
-pub const PLUGIN_TYPES: &[&str] = &["headers", "ip_filter"];
+pub const PLUGIN_TYPES: &[&str] = &["headers", "ip_filter", "api_key", "pin_gate"];
 
 /// Builds a plugin of type `type_name` from its settings (the YAML block without `type`).
 pub fn build(

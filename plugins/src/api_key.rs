@@ -1,0 +1,446 @@
+//! `api_key`: recognise callers by API key.
+//!
+//! ```yaml
+//! plugins:
+//!   keys:
+//!     type: api_key
+//!     keys_file: /var/lib/gatewarden/keys.yaml   # managed with `gatewarden key new/list/revoke`
+//!     admin_key: ${env:GATEWARDEN_ADMIN_KEY}     # optional single admin key
+//!     sources: [bearer, x-api-key]
+//!     strip: true
+//! ```
+//!
+//! Keys come from `Authorization: Bearer <key>` or `X-API-Key: <key>`, never from the
+//! query string. A presented key that is unknown, revoked, disabled or expired is refused
+//! with 401 at once: it never falls through to another method or to anonymous. Bearer
+//! tokens shaped like a JWT (three dot-separated parts) are left for a `jwt` plugin.
+//!
+//! Only SHA-256 digests are kept in memory, looked up by digest: the time a lookup takes
+//! depends on the digest, which a guesser cannot steer, not on how much of a key was
+//! right. The keys file is re-read within a second of a change; a broken file is logged
+//! and the previous keys stay in force.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use chrono::{DateTime, Utc};
+use http::HeaderName;
+use serde::Deserialize;
+
+use crate::keys::{self, KeysFile};
+use crate::{Ctx, Hooks, Identity, Plugin, Reply, RequestFlow, RequestHeader, Role};
+
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// Where a key may be presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// `Authorization: Bearer <key>`
+    Bearer,
+    /// `X-API-Key: <key>`
+    XApiKey,
+}
+
+/// Settings of an `api_key` plugin.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The keys file managed by `gatewarden key`. Re-read when it changes.
+    pub keys_file: Option<String>,
+    /// One extra key with the admin role, kept outside the keys file (from the
+    /// environment or a secret file). At least 16 characters.
+    pub admin_key: Option<String>,
+    /// Where keys are accepted (default both).
+    #[serde(default = "default_sources")]
+    pub sources: Vec<Source>,
+    /// Remove the credential headers before proxying (default true).
+    #[serde(default = "yes")]
+    pub strip: bool,
+}
+
+fn default_sources() -> Vec<Source> {
+    vec![Source::Bearer, Source::XApiKey]
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A key as held in memory.
+#[derive(Debug)]
+struct Entry {
+    id: String,
+    subject: Arc<str>,
+    role: Role,
+    expires_at: Option<DateTime<Utc>>,
+    disabled: bool,
+    /// Unix seconds of the last use by this process; 0 when unused.
+    last_used: AtomicI64,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    by_digest: HashMap<[u8; 32], Arc<Entry>>,
+}
+
+impl Table {
+    fn from_file(file: &KeysFile, previous: Option<&Table>) -> Table {
+        let mut by_digest = HashMap::with_capacity(file.keys.len());
+        for k in &file.keys {
+            let Some(digest) = keys::parse_stored_hash(&k.hash) else { continue };
+            // Carry last-use over a reload so it is not lost before the next flush.
+            let last_used = previous
+                .and_then(|p| p.by_digest.get(&digest))
+                .map_or(0, |e| e.last_used.load(Ordering::Relaxed));
+            by_digest.insert(
+                digest,
+                Arc::new(Entry {
+                    id: k.id.clone(),
+                    subject: Arc::from(k.subject.as_str()),
+                    role: k.role,
+                    expires_at: k.expires_at,
+                    disabled: k.disabled,
+                    last_used: AtomicI64::new(last_used),
+                }),
+            );
+        }
+        Table { by_digest }
+    }
+}
+
+/// Shared between the plugin and its file watcher.
+struct Store {
+    path: Option<PathBuf>,
+    table: ArcSwap<Table>,
+    dirty: AtomicBool,
+}
+
+/// The runtime form of an `api_key` plugin.
+pub struct ApiKey {
+    store: Arc<Store>,
+    admin_digest: Option<[u8; 32]>,
+    admin_subject: Arc<str>,
+    bearer: bool,
+    x_api_key: bool,
+    strip: bool,
+}
+
+/// How often the keys file is checked for changes.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often last-use times are written out.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(30);
+
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+impl ApiKey {
+    pub fn new(config: ApiKeyConfig) -> Result<Self, String> {
+        if config.keys_file.is_none() && config.admin_key.is_none() {
+            return Err("set `keys_file`, `admin_key`, or both".into());
+        }
+        if config.sources.is_empty() {
+            return Err("`sources` must name at least one of bearer, x-api-key".into());
+        }
+        if let Some(k) = &config.admin_key {
+            if k.len() < 16 {
+                return Err("`admin_key` must be at least 16 characters".into());
+            }
+        }
+        let path = config.keys_file.map(PathBuf::from);
+        let table = match &path {
+            Some(p) => {
+                if !p.exists() {
+                    return Err(format!(
+                        "keys file {} does not exist; create it with `gatewarden key new --file {} --name NAME`",
+                        p.display(),
+                        p.display()
+                    ));
+                }
+                let file = KeysFile::load(p).map_err(|e| e.to_string())?;
+                Table::from_file(&file, None)
+            }
+            None => Table::default(),
+        };
+        let store = Arc::new(Store {
+            path,
+            table: ArcSwap::from_pointee(table),
+            dirty: AtomicBool::new(false),
+        });
+        if store.path.is_some() {
+            spawn_watcher(Arc::downgrade(&store));
+        }
+        Ok(ApiKey {
+            store,
+            admin_digest: config.admin_key.as_deref().map(|k| keys::digest(k.as_bytes())),
+            admin_subject: Arc::from("admin"),
+            bearer: config.sources.contains(&Source::Bearer),
+            x_api_key: config.sources.contains(&Source::XApiKey),
+            strip: config.strip,
+        })
+    }
+
+    /// The credential presented, if any, and whether it came from `Authorization`.
+    fn presented<'r>(&self, req: &'r RequestHeader) -> Option<(&'r [u8], bool)> {
+        if self.x_api_key {
+            if let Some(v) = req.headers.get(&X_API_KEY) {
+                return Some((v.as_bytes().trim_ascii(), false));
+            }
+        }
+        if self.bearer {
+            let auth = req.headers.get(http::header::AUTHORIZATION)?.as_bytes();
+            let space = auth.iter().position(|b| *b == b' ')?;
+            let (scheme, token) = auth.split_at(space);
+            if !scheme.eq_ignore_ascii_case(b"bearer") {
+                return None;
+            }
+            let token = token.trim_ascii();
+            let jwt_shaped = !token.starts_with(keys::KEY_PREFIX.as_bytes())
+                && token.iter().filter(|b| **b == b'.').count() == 2;
+            if jwt_shaped {
+                return None;
+            }
+            return Some((token, true));
+        }
+        None
+    }
+
+    fn check(&self, token: &[u8]) -> Result<Identity, &'static str> {
+        let digest = keys::digest(token);
+        if let Some(admin) = &self.admin_digest {
+            if constant_time_eq(&digest, admin) {
+                return Ok(Identity { subject: self.admin_subject.clone(), role: Role::Admin, method: "api_key" });
+            }
+        }
+        let table = self.store.table.load();
+        let entry = table.by_digest.get(&digest).ok_or("invalid API key")?;
+        let now = Utc::now();
+        if entry.disabled {
+            return Err("API key revoked");
+        }
+        if entry.expires_at.is_some_and(|e| e <= now) {
+            return Err("API key expired");
+        }
+        let secs = now.timestamp();
+        // Only the first use in a second marks the store dirty: no write per request.
+        if entry.last_used.swap(secs, Ordering::Relaxed) != secs {
+            self.store.dirty.store(true, Ordering::Relaxed);
+        }
+        Ok(Identity { subject: entry.subject.clone(), role: entry.role, method: "api_key" })
+    }
+}
+
+/// Compares two digests without an early exit.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Watches the keys file and writes last-use times, until the plugin is dropped.
+fn spawn_watcher(store: Weak<Store>) {
+    let spawned = std::thread::Builder::new().name("gw-keys-watch".into()).spawn(move || {
+        let mut stamp = store.upgrade().and_then(|s| s.path.as_deref().and_then(file_stamp));
+        let mut since_flush = Duration::ZERO;
+        loop {
+            std::thread::sleep(WATCH_INTERVAL);
+            let Some(store) = store.upgrade() else { return };
+            let Some(path) = store.path.as_deref() else { return };
+            let now = file_stamp(path);
+            if now != stamp {
+                stamp = now;
+                match KeysFile::load(path) {
+                    Ok(file) => {
+                        let table = Table::from_file(&file, Some(&store.table.load()));
+                        log::info!("keys file {} reloaded: {} keys", path.display(), table.by_digest.len());
+                        store.table.store(Arc::new(table));
+                    }
+                    Err(e) => log::error!("keys file changed but cannot be used, keeping the previous keys: {e}"),
+                }
+            }
+            since_flush += WATCH_INTERVAL;
+            if since_flush >= FLUSH_INTERVAL {
+                since_flush = Duration::ZERO;
+                flush_last_used(&store);
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        log::error!("cannot start the keys file watcher; key changes need a reload: {e}");
+    }
+}
+
+fn flush_last_used(store: &Store) {
+    let Some(path) = store.path.as_deref() else { return };
+    if !store.dirty.swap(false, Ordering::Relaxed) {
+        return;
+    }
+    let updates: BTreeMap<String, DateTime<Utc>> = store
+        .table
+        .load()
+        .by_digest
+        .values()
+        .filter_map(|e| {
+            let secs = e.last_used.load(Ordering::Relaxed);
+            let at = DateTime::from_timestamp(secs, 0).filter(|_| secs > 0)?;
+            Some((e.id.clone(), at))
+        })
+        .collect();
+    if let Err(e) = keys::record_last_used(path, &updates) {
+        log::warn!("cannot record key last-use times next to {}: {e}", path.display());
+    }
+}
+
+impl Drop for ApiKey {
+    fn drop(&mut self) {
+        flush_last_used(&self.store);
+    }
+}
+
+impl Plugin for ApiKey {
+    fn type_name(&self) -> &'static str {
+        "api_key"
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks { request: true, ..Hooks::default() }
+    }
+
+    fn is_identity(&self) -> bool {
+        true
+    }
+
+    fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
+        let Some((token, from_authorization)) = self.presented(req) else {
+            return RequestFlow::CONTINUE;
+        };
+        match self.check(token) {
+            Ok(identity) => {
+                if ctx.identity.is_none() {
+                    ctx.identity = Some(identity);
+                }
+                if self.strip {
+                    req.remove_header(&X_API_KEY);
+                    if from_authorization {
+                        req.remove_header(&http::header::AUTHORIZATION);
+                    }
+                }
+                RequestFlow::CONTINUE
+            }
+            Err(reason) => {
+                ctx.auth_failure = Some("invalid_api_key");
+                RequestFlow::reply(
+                    Reply::error(401, reason)
+                        .with_header(http::header::WWW_AUTHENTICATE, "Bearer error=\"invalid_token\""),
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{create_key, revoke_key, NewKey};
+    use crate::{RequestId, Verdict};
+
+    fn ctx() -> Ctx {
+        Ctx::new("127.0.0.1".parse().unwrap(), RequestId::from_random(1), false)
+    }
+
+    fn run(p: &ApiKey, headers: &[(&str, &str)]) -> (Result<Option<Identity>, u16>, RequestHeader) {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for (n, v) in headers {
+            req.append_header(n.to_string(), *v).unwrap();
+        }
+        let mut c = ctx();
+        let verdict = match p.on_request(&mut req, &mut c) {
+            RequestFlow::Done(v) => v,
+            RequestFlow::Wait(_) => panic!("api_key never waits"),
+        };
+        let out = match verdict {
+            Verdict::Continue => Ok(c.identity),
+            Verdict::Reply(r) => Err(r.status),
+        };
+        (out, req)
+    }
+
+    fn setup() -> (tempfile::TempDir, PathBuf, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.yaml");
+        let (_, user) = create_key(&path, NewKey { name: "u".into(), role: Role::User, subject: Some("alice".into()), expires_at: None }).unwrap();
+        let (_, admin) = create_key(&path, NewKey { name: "a".into(), role: Role::Admin, subject: None, expires_at: None }).unwrap();
+        (dir, path, user, admin)
+    }
+
+    fn plugin(path: &Path) -> ApiKey {
+        ApiKey::new(ApiKeyConfig {
+            keys_file: Some(path.display().to_string()),
+            admin_key: Some("a-very-long-admin-key".into()),
+            sources: default_sources(),
+            strip: true,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn good_keys_identify_and_are_stripped() {
+        let (_d, path, user, _) = setup();
+        let p = plugin(&path);
+        let (out, req) = run(&p, &[("Authorization", &format!("Bearer {user}"))]);
+        let id = out.unwrap().unwrap();
+        assert_eq!((&*id.subject, id.role), ("alice", Role::User));
+        assert!(req.headers.get("authorization").is_none());
+        let (out, req) = run(&p, &[("X-API-Key", &user)]);
+        assert!(out.unwrap().is_some());
+        assert!(req.headers.get("x-api-key").is_none());
+        let (out, _) = run(&p, &[("Authorization", "bearer a-very-long-admin-key")]);
+        assert_eq!(out.unwrap().unwrap().role, Role::Admin);
+    }
+
+    #[test]
+    fn bad_keys_are_401_never_anonymous() {
+        let (_d, path, user, _) = setup();
+        let p = plugin(&path);
+        let mut wrong = user.clone();
+        wrong.replace_range(20..21, if &user[20..21] == "A" { "B" } else { "A" });
+        assert_eq!(run(&p, &[("Authorization", &format!("Bearer {wrong}"))]).0.unwrap_err(), 401);
+        assert_eq!(run(&p, &[("X-API-Key", "nonsense")]).0.unwrap_err(), 401);
+        assert_eq!(run(&p, &[("Authorization", "Bearer not-a-key")]).0.unwrap_err(), 401);
+        revoke_key(&path, &user[..9]).unwrap();
+        let p = plugin(&path);
+        assert_eq!(run(&p, &[("X-API-Key", &user)]).0.unwrap_err(), 401);
+    }
+
+    #[test]
+    fn no_credential_or_a_jwt_passes_without_identity() {
+        let (_d, path, _, _) = setup();
+        let p = plugin(&path);
+        assert_eq!(run(&p, &[]).0.unwrap(), None);
+        assert_eq!(run(&p, &[("Authorization", "Bearer aaa.bbb.ccc")]).0.unwrap(), None);
+        assert_eq!(run(&p, &[("Authorization", "Basic dXNlcjpwYXNz")]).0.unwrap(), None);
+    }
+
+    #[test]
+    fn expired_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.yaml");
+        let past = Utc::now() - chrono::Duration::seconds(5);
+        let (_, key) = create_key(&path, NewKey { name: "old".into(), role: Role::User, subject: None, expires_at: Some(past) }).unwrap();
+        assert_eq!(run(&plugin(&path), &[("X-API-Key", &key)]).0.unwrap_err(), 401);
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let cfg = |yaml: &str| serde_yaml_ng::from_str::<ApiKeyConfig>(yaml);
+        assert!(ApiKey::new(cfg("{}").unwrap()).is_err());
+        assert!(ApiKey::new(cfg("{ admin_key: short }").unwrap()).is_err());
+        let err = ApiKey::new(cfg("{ keys_file: /nonexistent/keys.yaml }").unwrap()).err().unwrap();
+        assert!(err.contains("key new"), "{err}");
+        assert!(cfg("{ admin_key: x, sources: [query] }").is_err());
+    }
+}

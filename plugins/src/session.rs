@@ -1,0 +1,333 @@
+//! Browser sessions shared by the login plugins: HS256 JWTs in a cookie, and the
+//! `next` parameter that says where to go after logging in.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cookie::{Cookie, SameSite};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::{Identity, Role};
+
+/// Minimum length of a session secret.
+pub const MIN_SECRET_LEN: usize = 32;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    role: String,
+    /// Which mechanism logged the user in (`pin`, `oidc`).
+    amr: String,
+    iat: u64,
+    exp: u64,
+}
+
+/// Signs with the current secret; verifies with it and with previous secrets, so a
+/// secret can be rotated without logging everyone out.
+pub struct SessionKeys {
+    signing: EncodingKey,
+    verifying: Vec<DecodingKey>,
+    validation: Validation,
+    pub ttl: Duration,
+    cookie_name: String,
+    secure_name: String,
+    secure: SecureCookie,
+}
+
+/// When the cookie gets `Secure` and the `__Host-` prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SecureCookie {
+    /// When the client came over HTTPS (a TLS listener, or https from a trusted proxy).
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// Why a session cookie was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionError {
+    Expired,
+    Invalid,
+}
+
+impl SessionKeys {
+    pub fn new(secret: &str, previous: &[String], ttl: Duration, cookie_name: &str, secure: SecureCookie) -> Result<Self, String> {
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(format!("`secret` must be at least {MIN_SECRET_LEN} bytes"));
+        }
+        if let Some(short) = previous.iter().position(|s| s.len() < MIN_SECRET_LEN) {
+            return Err(format!("previous_secrets[{short}] must be at least {MIN_SECRET_LEN} bytes"));
+        }
+        if cookie_name.is_empty() || !cookie_name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err("`cookie_name` may use letters, digits, '-' and '_' only".into());
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.validate_exp = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        let verifying = std::iter::once(secret)
+            .chain(previous.iter().map(String::as_str))
+            .map(|s| DecodingKey::from_secret(s.as_bytes()))
+            .collect();
+        Ok(SessionKeys {
+            signing: EncodingKey::from_secret(secret.as_bytes()),
+            verifying,
+            validation,
+            ttl,
+            cookie_name: cookie_name.to_string(),
+            secure_name: format!("__Host-{cookie_name}"),
+            secure,
+        })
+    }
+
+    fn secure_for(&self, https: bool) -> bool {
+        match self.secure {
+            SecureCookie::Auto => https,
+            SecureCookie::Always => true,
+            SecureCookie::Never => false,
+        }
+    }
+
+    /// The cookie name used on this connection.
+    pub fn cookie_name(&self, https: bool) -> &str {
+        if self.secure_for(https) {
+            &self.secure_name
+        } else {
+            &self.cookie_name
+        }
+    }
+
+    /// A signed session for `subject`.
+    pub fn issue(&self, subject: &str, role: Role, method: &str) -> Result<String, String> {
+        let now = now_secs();
+        let claims = Claims {
+            sub: subject.to_string(),
+            role: role.as_str().to_string(),
+            amr: method.to_string(),
+            iat: now,
+            exp: now + self.ttl.as_secs(),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.signing).map_err(|e| e.to_string())
+    }
+
+    /// Verifies a session token; expiry is checked here, on the server.
+    pub fn verify(&self, token: &str) -> Result<Identity, SessionError> {
+        let mut expired = false;
+        for key in &self.verifying {
+            match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
+                Ok(data) => {
+                    let role = Role::parse(&data.claims.role).ok_or(SessionError::Invalid)?;
+                    return Ok(Identity { subject: Arc::from(data.claims.sub), role, method: "session" });
+                }
+                Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => expired = true,
+                Err(_) => {}
+            }
+        }
+        Err(if expired { SessionError::Expired } else { SessionError::Invalid })
+    }
+
+    /// The `Set-Cookie` value that stores `token`.
+    pub fn set_cookie(&self, token: &str, https: bool) -> String {
+        let secure = self.secure_for(https);
+        Cookie::build((self.cookie_name(https).to_string(), token.to_string()))
+            .http_only(true)
+            .same_site(SameSite::Lax)
+            .path("/")
+            .secure(secure)
+            .max_age(cookie::time::Duration::seconds(self.ttl.as_secs() as i64))
+            .build()
+            .to_string()
+    }
+
+    /// The `Set-Cookie` value that deletes the session.
+    pub fn clear_cookie(&self, https: bool) -> String {
+        Cookie::build((self.cookie_name(https).to_string(), String::new()))
+            .http_only(true)
+            .same_site(SameSite::Lax)
+            .path("/")
+            .secure(self.secure_for(https))
+            .max_age(cookie::time::Duration::ZERO)
+            .build()
+            .to_string()
+    }
+
+    /// The session token in the request's cookies, if any.
+    pub fn token_from<'r>(&self, req: &'r crate::RequestHeader, https: bool) -> Option<&'r str> {
+        let name = self.cookie_name(https);
+        req.headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (n, value) = pair.trim().split_once('=')?;
+                (n == name).then_some(value.trim())
+            })
+    }
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Where to send a user after login: only same-origin relative paths; anything else
+/// (other hosts, schemes, protocol-relative `//host`, backslashes that browsers read
+/// as slashes, control characters, encoded versions of those) goes to `/`.
+pub fn safe_next(next: &str) -> &str {
+    let bytes = next.as_bytes();
+    let looks_safe = bytes.first() == Some(&b'/')
+        && bytes.len() <= 2048
+        && !matches!(bytes.get(1), Some(b'/') | Some(b'\\'))
+        && !bytes.iter().any(|b| *b < 0x20 || *b == 0x7f || *b == b'\\');
+    if !looks_safe {
+        return "/";
+    }
+    // Decode once and look again: `/%2f%2fevil` must not become `//evil` downstream.
+    let decoded = percent_decode(next);
+    let d = decoded.as_bytes();
+    if matches!(d.get(1), Some(b'/') | Some(b'\\')) || d.iter().any(|b| *b < 0x20 || *b == 0x7f || *b == b'\\') {
+        return "/";
+    }
+    next
+}
+
+/// Decodes `%XX` escapes and `+` (form encoding); invalid escapes are kept as they are.
+pub fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses an `application/x-www-form-urlencoded` body into (name, value) pairs.
+pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(n), percent_decode(v))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn keys(previous: &[String]) -> SessionKeys {
+        SessionKeys::new(SECRET, previous, Duration::from_secs(60), "gatewarden", SecureCookie::Auto).unwrap()
+    }
+
+    #[test]
+    fn sessions_round_trip_and_resist_tampering() {
+        let k = keys(&[]);
+        let token = k.issue("pin", Role::User, "pin").unwrap();
+        assert_eq!(&*k.verify(&token).unwrap().subject, "pin");
+        let parts: Vec<&str> = token.split('.').collect();
+        // A changed payload, a changed signature, a truncated one.
+        let forged_payload = format!("{}.{}x.{}", parts[0], parts[1], parts[2]);
+        assert_eq!(k.verify(&forged_payload), Err(SessionError::Invalid));
+        let mut sig = parts[2].to_string();
+        sig.replace_range(0..1, if &sig[0..1] == "A" { "B" } else { "A" });
+        assert_eq!(k.verify(&format!("{}.{}.{}", parts[0], parts[1], sig)), Err(SessionError::Invalid));
+        assert_eq!(k.verify(&format!("{}.{}.{}", parts[0], parts[1], &parts[2][..10])), Err(SessionError::Invalid));
+        assert_eq!(k.verify("garbage"), Err(SessionError::Invalid));
+    }
+
+    #[test]
+    fn previous_secrets_verify_but_never_sign() {
+        let old = SessionKeys::new("an-old-secret-that-is-long-enough!!", &[], Duration::from_secs(60), "gatewarden", SecureCookie::Auto).unwrap();
+        let token = old.issue("pin", Role::User, "pin").unwrap();
+        let rotated = keys(&["an-old-secret-that-is-long-enough!!".to_string()]);
+        assert!(rotated.verify(&token).is_ok());
+        assert!(keys(&[]).verify(&token).is_err());
+        assert!(old.verify(&rotated.issue("pin", Role::User, "pin").unwrap()).is_err());
+    }
+
+    #[test]
+    fn expired_sessions_are_refused() {
+        let k = SessionKeys::new(SECRET, &[], Duration::ZERO, "gatewarden", SecureCookie::Auto).unwrap();
+        let token = k.issue("pin", Role::User, "pin").unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(k.verify(&token), Err(SessionError::Expired));
+    }
+
+    #[test]
+    fn cookies_are_hardened_and_prefixed_on_https() {
+        let k = keys(&[]);
+        let plain = k.set_cookie("t", false);
+        assert!(plain.starts_with("gatewarden=t"));
+        for attr in ["HttpOnly", "SameSite=Lax", "Path=/", "Max-Age=60"] {
+            assert!(plain.contains(attr), "{plain}");
+        }
+        assert!(!plain.contains("Secure"));
+        let tls = k.set_cookie("t", true);
+        assert!(tls.starts_with("__Host-gatewarden=t") && tls.contains("Secure"), "{tls}");
+        assert!(SessionKeys::new("short", &[], Duration::ZERO, "g", SecureCookie::Auto).is_err());
+    }
+
+    #[test]
+    fn next_accepts_only_same_origin_paths() {
+        for good in ["/", "/chat?id=1", "/a/b#frag", "/%E2%9C%93"] {
+            assert_eq!(safe_next(good), good);
+        }
+        for bad in [
+            "//evil.example",
+            "/\\evil.example",
+            "/%2f%2fevil.example",
+            "/%2F%2Fevil.example",
+            "/%5cevil.example",
+            "https://evil.example",
+            "javascript:alert(1)",
+            "/a\r\nSet-Cookie: x=1",
+            "/a%0d%0aSet-Cookie:x",
+            "",
+            "evil.example",
+            "\\\\evil.example",
+        ] {
+            assert_eq!(safe_next(bad), "/", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn forms_decode() {
+        let form = parse_form(b"pin=12%2034&next=%2Fchat%3Fa%3D1&empty=&x");
+        assert_eq!(form[0], ("pin".into(), "12 34".into()));
+        assert_eq!(form[1], ("next".into(), "/chat?a=1".into()));
+        assert_eq!(form[2], ("empty".into(), "".into()));
+        assert_eq!(form[3], ("x".into(), "".into()));
+    }
+}
