@@ -41,13 +41,12 @@ impl Template {
                 continue;
             }
             if tail.starts_with('}') {
-                return Err(format!(
-                    "unmatched '}}' in {source:?} (write '}}}}' for a literal brace)"
-                ));
+                // The value may hold a secret from ${env:}/${file:}: never echo it.
+                return Err("unmatched '}' (write '}}' for a literal brace)".to_string());
             }
             let end = tail
                 .find('}')
-                .ok_or_else(|| format!("unclosed '{{' in {source:?}"))?;
+                .ok_or_else(|| "unclosed '{' (write '{{' for a literal brace)".to_string())?;
             let part = match &tail[1..end] {
                 "client_ip" => Part::ClientIp,
                 "request_id" => Part::RequestId,
@@ -73,7 +72,7 @@ impl Template {
             [] => Some(HeaderValue::from_static("")),
             [Part::Text(t)] => Some(
                 HeaderValue::from_str(t)
-                    .map_err(|_| format!("{source:?} is not a valid header value"))?,
+                    .map_err(|_| "not a valid header value (control character?)".to_string())?,
             ),
             _ => None,
         };

@@ -63,11 +63,17 @@ pub const DEFAULT_LISTENER: &str = "127.0.0.1:8080";
 struct Errors<'a> {
     index: &'a LineIndex,
     list: Vec<ConfigError>,
+    /// Values whose `${...}` could not be expanded: already reported, so the errors that
+    /// the unexpanded text causes later (an "address" of `${env:X}`) are noise.
+    unexpanded: Vec<String>,
 }
 
 impl Errors<'_> {
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         let path = path.into();
+        if self.unexpanded.contains(&path) {
+            return;
+        }
         let line = self.index.line_of(&path);
         self.list.push(ConfigError {
             path,
@@ -101,6 +107,7 @@ pub fn compile(text: &str, generation: u64) -> Result<Compiled, Vec<ConfigError>
     let mut errors = Errors {
         index: &index,
         list: Vec::new(),
+        unexpanded: Vec::new(),
     };
     let mut root: Value = match serde_yaml_ng::from_str(text) {
         Ok(Value::Null) => Value::Mapping(Mapping::new()),
@@ -116,9 +123,10 @@ pub fn compile(text: &str, generation: u64) -> Result<Compiled, Vec<ConfigError>
     };
     let mut expand_errors = Vec::new();
     expand_tree(&mut root, "", &mut expand_errors);
-    for e in expand_errors {
-        errors.push(e.path, e.message);
+    for e in &expand_errors {
+        errors.push(e.path.clone(), e.message.clone());
     }
+    errors.unexpanded = expand_errors.into_iter().map(|e| e.path).collect();
     let Value::Mapping(mut top) = root else {
         errors.push(
             "",

@@ -1,15 +1,514 @@
-//! The command line: check, version, run's exit codes.
+//! The command line: `check`'s reports, `run`'s exit codes, `version`, `demo`,
+//! `protect`, and the files shipped in conf/ and systemd/.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::*;
+
+/// The repository root: where `conf/` and `systemd/` live.
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Writes `yaml` to a temp dir and runs `gatewarden <command> -c FILE` there with
+/// `env` set; returns the output and its stdout and stderr as text.
+fn with_config(command: &str, yaml: &str, env: &[(&str, &str)]) -> (Output, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("g.yaml"), yaml).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args([command, "-c", "g.yaml"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gatewarden");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("gatewarden {command} did not exit in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stdout, stderr)
+}
+
+/// The line of `report` about `path`, which must also carry `(line N)`.
+fn problem<'a>(report: &'a str, path: &str, line: usize) -> &'a str {
+    let found = report
+        .lines()
+        .find(|l| {
+            l.trim_start()
+                .starts_with(&format!("{path} (line {line}):"))
+        })
+        .unwrap_or_else(|| panic!("no problem reported at `{path} (line {line})` in:\n{report}"));
+    found
+}
 
 #[test]
 fn check_accepts_a_good_config_and_counts_it() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("g.yaml"), simple_config("127.0.0.1:9".parse().unwrap(), "")
+    std::fs::write(
+        dir.path().join("g.yaml"),
+        simple_config("127.0.0.1:9".parse().unwrap(), "")
             .replace("{listen}", "127.0.0.1:8080")
-            .replace("{admin}", "127.0.0.1:9091")).unwrap();
+            .replace("{admin}", "127.0.0.1:9091"),
+    )
+    .unwrap();
     let out = run_cli(&["check", "-c", "g.yaml"], dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("ok: 1 routes, 1 upstreams, 0 plugins"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ok: 1 routes, 1 upstreams, 0 plugins"),
+        "{stdout}"
+    );
+}
+
+/// One file with six unrelated mistakes: all of them come back in one run, each with
+/// its key path and line, so a user fixes the file in one pass.
+const BROKEN: &str = "\
+listeners:
+  - address: 127.0.0.1:1
+    tsl: {}
+upstreams:
+  app:
+    backends: [127.0.0.1:9]
+    health_check: { kind: http, intervl: 5s }
+  from_env:
+    backends: ['${env:GW_CLI_TEST_SURELY_UNSET}']
+  from_file:
+    backends: ['127.0.0.1:${file:/nonexistent/gatewarden-cli-test/port}']
+routes:
+  - name: r
+    access: publik
+    upstream: app
+  - name: r2
+    match: { path_prefix: /two }
+    upstream: ghost
+    access: public
+";
+
+#[test]
+fn check_reports_every_problem_at_once_with_path_and_line() {
+    let (out, stdout, stderr) = with_config("check", BROKEN, &[]);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        !stdout.contains("ok:"),
+        "a broken file must not be called ok: {stdout}"
+    );
+    assert!(stderr.contains("6 problems"), "{stderr}");
+    problem(&stderr, "listeners[0].tsl", 3);
+    problem(&stderr, "upstreams.app.health_check.intervl", 7);
+    problem(&stderr, "upstreams.from_env.backends[0]", 9);
+    problem(&stderr, "upstreams.from_file.backends[0]", 11);
+    assert!(problem(&stderr, "routes[0].access", 14).contains("publik"));
+    assert!(problem(&stderr, "routes[1].upstream", 18).contains("ghost"));
+}
+
+#[test]
+fn check_names_an_unknown_nested_key_by_its_path() {
+    let (out, _, stderr) = with_config("check", BROKEN, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let line = problem(&stderr, "upstreams.app.health_check.intervl", 7);
+    assert!(line.contains("unknown field `intervl`"), "{line}");
+    // The message says what would have been accepted.
+    assert!(line.contains("interval"), "{line}");
+}
+
+#[test]
+fn check_names_a_missing_environment_variable() {
+    let (out, _, stderr) = with_config("check", BROKEN, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let line = problem(&stderr, "upstreams.from_env.backends[0]", 9);
+    assert!(line.contains("GW_CLI_TEST_SURELY_UNSET"), "{line}");
+    // Reported once, as a missing variable, not again as a bad address.
+    assert_eq!(
+        stderr.matches("upstreams.from_env.backends[0]").count(),
+        1,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_names_a_missing_file() {
+    let (out, _, stderr) = with_config("check", BROKEN, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let line = problem(&stderr, "upstreams.from_file.backends[0]", 11);
+    assert!(
+        line.contains("/nonexistent/gatewarden-cli-test/port"),
+        "{line}"
+    );
+    assert_eq!(
+        stderr.matches("upstreams.from_file.backends[0]").count(),
+        1,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_gives_the_line_of_invalid_yaml() {
+    let yaml = "upstreams:\n  app: { backends: [127.0.0.1:9] }\nroutes: [\n  - name: x\n";
+    let (out, stdout, stderr) = with_config("check", yaml, &[]);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("not valid YAML"), "{stderr}");
+    assert!(
+        stderr.lines().any(|l| l.trim_start().starts_with("line ")),
+        "no line number in:\n{stderr}"
+    );
+}
+
+#[test]
+fn check_never_prints_secrets_it_expanded() {
+    let secret = "sk-Qx7-s3cr";
+    // An admin key that is too short, and a header value that is not a valid template
+    // (the stray `}`): both are errors about values that came from the environment.
+    let yaml = "\
+listeners: [{ address: '127.0.0.1:2' }]
+admin: { address: '127.0.0.1:1', api_key: '${env:GW_CLI_TEST_SECRET}' }
+upstreams:
+  app: { backends: ['127.0.0.1:9'] }
+plugins:
+  inject:
+    type: headers
+    request: { set: { Authorization: 'Bearer ${env:GW_CLI_TEST_SECRET}}' } }
+routes:
+  - { name: app, access: public, upstream: app, plugins: [inject] }
+";
+    let (out, stdout, stderr) = with_config("check", yaml, &[("GW_CLI_TEST_SECRET", secret)]);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("admin.api_key"), "{stderr}");
+    assert!(stderr.contains("plugins.inject"), "{stderr}");
+    assert!(
+        !stdout.contains(secret) && !stderr.contains(secret),
+        "secret printed:\n{stdout}{stderr}"
+    );
+}
+
+#[test]
+fn check_without_a_file_argument_uses_conf_gatewarden_yaml() {
+    let out = run_cli(&["check"], &repo());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("ok: "), "{stdout}");
+}
+
+#[test]
+fn run_with_a_bad_config_exits_2_prints_the_problems_and_serves_nothing() {
+    let port = free_port();
+    let yaml = BROKEN.replace("127.0.0.1:1\n", &format!("127.0.0.1:{port}\n"));
+    let (out, stdout, stderr) = with_config("run", &yaml, &[]);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    problem(&stderr, "routes[0].access", 14);
+    problem(&stderr, "listeners[0].tsl", 3);
+    assert!(
+        TcpStream::connect_timeout(&loopback(port), Duration::from_millis(500)).is_err(),
+        "something listens on the port of a config that was refused"
+    );
+}
+
+#[test]
+fn version_prints_the_version() {
+    let out = run_cli(&["version"], &repo());
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!("gatewarden {}", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn demo_serves_a_page_json_echo_sse_and_websocket_echo() {
+    let (listen, admin) = (loopback(free_port()), loopback(free_port()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = Process::spawn(
+        &[
+            "demo",
+            "--listen",
+            &listen.to_string(),
+            "--admin",
+            &admin.to_string(),
+        ],
+        dir.path(),
+    );
+    demo.wait_healthy(admin);
+    demo.wait_healthy(listen);
+    assert!(
+        demo.output().contains(&format!("http://{listen}/")),
+        "demo should print its URL:\n{}",
+        demo.output()
+    );
+
+    let page = get(listen, "/", &["Accept: text/html"]);
+    assert_eq!(page.status, 200);
+    assert!(
+        page.header("content-type")
+            .is_some_and(|t| t.starts_with("text/html")),
+        "{page:?}"
+    );
+    assert!(String::from_utf8_lossy(&page.body).contains("Gatewarden demo"));
+    assert!(page.header("x-request-id").is_some(), "{page:?}");
+
+    let echo = get(listen, "/echo?x=1", &[]);
+    assert_eq!(echo.status, 200);
+    let json = echo.json();
+    assert_eq!(json["method"], "GET");
+    assert_eq!(json["path"], "/echo");
+    assert_eq!(json["query"], "x=1");
+
+    let sse = get(listen, "/sse?n=2&interval_ms=100", &[]);
+    assert_eq!(sse.status, 200);
+    assert_eq!(sse.header("content-type"), Some("text/event-stream"));
+    let events = String::from_utf8_lossy(&sse.body);
+    assert_eq!(events.matches("data: ").count(), 2, "{events}");
+    assert!(events.contains(r#"data: {"n": 2}"#), "{events}");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let reply = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(15), async {
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{listen}/ws"))
+                .await
+                .expect("websocket handshake through the demo gateway");
+            ws.send(Message::text("hello gatewarden")).await.unwrap();
+            loop {
+                match ws.next().await.expect("stream ended").unwrap() {
+                    Message::Text(t) => break t.to_string(),
+                    Message::Binary(_) => panic!("binary reply to a text frame"),
+                    _ => continue,
+                }
+            }
+        })
+        .await
+        .expect("websocket echo timed out")
+    });
+    assert_eq!(reply, "hello gatewarden");
+}
+
+#[test]
+fn protect_puts_a_loopback_app_behind_the_gateway() {
+    let upstreams = Upstreams::start(1);
+    let app = upstreams.addr(0);
+    let listen = loopback(free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Process::spawn(
+        &[
+            "protect",
+            &format!("http://{app}"),
+            "--listen",
+            &listen.to_string(),
+        ],
+        dir.path(),
+    );
+    gw.wait_healthy(listen);
+    let resp = get(listen, "/echo/through", &[]);
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(served_by(&resp), app.port());
+    assert_eq!(resp.json()["path"], "/echo/through");
+    assert!(resp.header("x-request-id").is_some(), "{resp:?}");
+}
+
+#[test]
+fn protect_refuses_a_non_loopback_listener() {
+    let port = free_port();
+    let out = run_cli(
+        &[
+            "protect",
+            "http://127.0.0.1:9",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+        ],
+        &repo(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("loopback"), "no explanation: {stderr}");
+    assert!(
+        TcpStream::connect_timeout(&loopback(port), Duration::from_millis(500)).is_err(),
+        "protect listened although it refused"
+    );
+}
+
+#[test]
+fn protect_refuses_urls_that_are_not_http() {
+    let out = run_cli(&["protect", "ftp://x"], &repo());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("http://"), "{stderr}");
+}
+
+/// The YAML files shipped in conf/.
+fn shipped_configs() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("conf"))
+        .expect("conf/ exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_shipped_config_passes_check_without_warnings() {
+    let files = shipped_configs();
+    let names: Vec<_> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for expected in [
+        "gatewarden.yaml",
+        "open-webui.yaml",
+        "litellm.yaml",
+        "grafana.yaml",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "conf/{expected} missing: {names:?}"
+        );
+    }
+    for file in &files {
+        let out = run_cli(&["check", "-c", &file.display().to_string()], &repo());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{} fails check:\n{stdout}{stderr}",
+            file.display()
+        );
+        assert!(stdout.contains("ok: "), "{}: {stdout}", file.display());
+        assert!(
+            !stdout.contains("warning:"),
+            "{} has warnings:\n{stdout}",
+            file.display()
+        );
+    }
+}
+
+/// `type: NAME` in the active (uncommented) part of a YAML file.
+fn plugin_types_used(yaml: &str) -> Vec<String> {
+    yaml.lines()
+        .map(|l| l.split(" #").next().unwrap_or(""))
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .flat_map(|l| l.match_indices("type:").map(move |(i, _)| &l[i + 5..]))
+        .filter_map(|rest| {
+            let name: String = rest
+                .trim_start()
+                .trim_start_matches(['"', '\''])
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            (!name.is_empty()).then_some(name)
+        })
+        .collect()
+}
+
+#[test]
+fn every_plugin_type_appears_in_a_shipped_config() {
+    let mut used = Vec::new();
+    for file in shipped_configs() {
+        used.extend(plugin_types_used(&std::fs::read_to_string(&file).unwrap()));
+    }
+    let missing: Vec<_> = gatewarden_plugins::PLUGIN_TYPES
+        .iter()
+        .filter(|t| !used.iter().any(|u| u == *t))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "plugin types without an example in conf/*.yaml: {missing:?}"
+    );
+    assert!(
+        plugin_types_used("  a: { type: headers }\n  # type: ip_filter\n  b: 1 # type: nope\n")
+            == ["headers"],
+        "the scan must ignore commented-out examples"
+    );
+}
+
+/// The unit file, with its directives as (key, value) pairs.
+fn unit_directives(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with(';'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+#[test]
+fn systemd_unit_is_hardened_and_verifies() {
+    let path = repo().join("systemd/gatewarden.service");
+    let text = std::fs::read_to_string(&path).expect("systemd/gatewarden.service");
+    let directives = unit_directives(&text);
+    let has = |key: &str, value: &str| directives.iter().any(|(k, v)| k == key && v == value);
+    for (key, value) in [
+        ("User", "gatewarden"),
+        (
+            "ExecStartPre",
+            "/usr/local/bin/gatewarden check -c /etc/gatewarden/gatewarden.yaml",
+        ),
+        (
+            "ExecStart",
+            "/usr/local/bin/gatewarden run -c /etc/gatewarden/gatewarden.yaml",
+        ),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        ("AmbientCapabilities", "CAP_NET_BIND_SERVICE"),
+        ("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE"),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+    ] {
+        assert!(has(key, value), "{key}={value} missing from the unit");
+    }
+
+    let verify = Command::new("systemd-analyze").arg("--version").output();
+    if !verify.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipping `systemd-analyze verify`: systemd-analyze is not installed");
+        return;
+    }
+    // verify insists that the binaries exist, so point the unit at the one under test.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("gatewarden.service");
+    std::fs::write(&copy, text.replace("/usr/local/bin/gatewarden", BIN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("run systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify: {stderr}");
+    // Unknown or misspelt keys are only warnings ("ignoring"), which would silently
+    // drop a hardening setting.
+    assert!(
+        stderr.trim().is_empty(),
+        "systemd-analyze verify complains:\n{stderr}"
+    );
 }

@@ -51,7 +51,10 @@ impl Gateway {
         let config = dir.path().join("gatewarden.yaml");
         std::fs::write(&config, &yaml).unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.arg("run").arg("-c").arg(&config).current_dir(dir.path());
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&config)
+            .current_dir(dir.path());
         cmd.env("RUST_LOG", "warn");
         for (k, v) in env {
             cmd.env(k, v);
@@ -63,8 +66,14 @@ impl Gateway {
             .expect("start gatewarden");
         let output = Arc::new(Mutex::new(String::new()));
         for stream in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -95,10 +104,15 @@ impl Gateway {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("gatewarden exited with {status}:\n{}", self.output());
             }
-            if let Ok(resp) = raw(probe, "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n") {
-                if resp.status == 200 {
-                    return;
-                }
+            // Pingora binds each service on its own thread: the admin listener may be up
+            // before the proxy listener, so wait for both.
+            let healthy = raw(
+                probe,
+                "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            )
+            .is_ok_and(|resp| resp.status == 200);
+            if healthy && TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok() {
+                return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -120,7 +134,10 @@ impl Gateway {
 
     /// Sends a signal to the process (`"HUP"`, `"TERM"`...).
     pub fn signal(&self, name: &str) {
-        let _ = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status();
     }
 
     pub fn pid(&self) -> u32 {
@@ -174,7 +191,8 @@ impl RawResponse {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 }
 
@@ -209,7 +227,12 @@ pub fn raw_bytes(addr: SocketAddr, request: &[u8]) -> std::io::Result<RawRespons
             headers.push((n.trim().to_string(), v.trim().to_string()));
         }
     }
-    let find = |name: &str| headers.iter().find(|(n, _): &&(String, String)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _): &&(String, String)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
     let mut body = Vec::new();
     if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
         body.resize(len, 0);
@@ -229,7 +252,11 @@ pub fn raw_bytes(addr: SocketAddr, request: &[u8]) -> std::io::Result<RawRespons
     } else if status != 204 && status != 304 {
         let _ = reader.read_to_end(&mut body);
     }
-    Ok(RawResponse { status, headers, body })
+    Ok(RawResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// GET `path` with extra header lines (each `Name: value`).
@@ -266,7 +293,11 @@ impl Upstreams {
             .build()
             .unwrap();
         let servers = (0..n)
-            .map(|_| runtime.block_on(DemoUpstream::start("127.0.0.1:0")).expect("upstream"))
+            .map(|_| {
+                runtime
+                    .block_on(DemoUpstream::start("127.0.0.1:0"))
+                    .expect("upstream")
+            })
             .collect();
         Upstreams { runtime, servers }
     }
@@ -296,4 +327,277 @@ routes:
     upstream: app
 {extra}"
     )
+}
+
+/// One request as a [`RecordingUpstream`] saw it.
+#[derive(Debug, Clone, Default)]
+pub struct Recorded {
+    /// The request line as sent, e.g. `GET /a/b?q=1 HTTP/1.1`.
+    pub request_line: String,
+    /// Header lines in arrival order, names spelled as sent.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes received, whether or not the body completed.
+    pub body_bytes: usize,
+    /// The first 64 KiB of the body.
+    pub body: Vec<u8>,
+    /// The whole body (per Content-Length, or up to the last chunk) arrived.
+    pub complete: bool,
+    /// The connection is over: answered, closed or cut by the gateway.
+    pub ended: bool,
+}
+
+impl Recorded {
+    /// The request-target: path and query exactly as they reached the upstream.
+    pub fn target(&self) -> &str {
+        self.request_line.split(' ').nth(1).unwrap_or("")
+    }
+}
+
+/// A bare HTTP/1.1 upstream on plain threads that records every connection and request
+/// head byte for byte, so tests can prove what did (or did not) reach an upstream. It
+/// answers each complete request with 200, `x-demo-upstream: <port>` (so [`served_by`]
+/// works) and the request-target as the body, then closes the connection.
+pub struct RecordingUpstream {
+    pub addr: SocketAddr,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RecordingUpstream {
+    pub fn start() -> RecordingUpstream {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind recording upstream");
+        let addr = listener.local_addr().expect("local addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, r, s) = (connections.clone(), requests.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if s.load(Ordering::Acquire) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                c.fetch_add(1, Ordering::AcqRel);
+                let r = r.clone();
+                std::thread::spawn(move || record_one(stream, &r, addr.port()));
+            }
+        });
+        RecordingUpstream {
+            addr,
+            connections,
+            requests,
+            stop,
+        }
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Requests whose head arrived so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for RecordingUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        // Wakes the accept loop so it sees the flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
+fn record_one(stream: TcpStream, log: &Mutex<Vec<Recorded>>, port: u16) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let index = {
+        let mut log = log.lock().unwrap();
+        log.push(Recorded {
+            request_line: line.trim_end().to_string(),
+            ..Recorded::default()
+        });
+        log.len() - 1
+    };
+    let update = |f: &mut dyn FnMut(&mut Recorded)| f(&mut log.lock().unwrap()[index]);
+    let answered = (|| -> std::io::Result<()> {
+        let mut headers = Vec::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((n, v)) = l.split_once(':') {
+                headers.push((n.to_string(), v.trim().to_string()));
+            }
+        }
+        let find = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        let chunked =
+            find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let length = find("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        update(&mut |r| r.headers = headers.clone());
+        let read_exactly =
+            |reader: &mut BufReader<TcpStream>, mut n: usize| -> std::io::Result<()> {
+                let mut buf = [0u8; 8192];
+                while n > 0 {
+                    let got = reader.read(&mut buf[..n.min(8192)])?;
+                    if got == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                    update(&mut |r| {
+                        r.body_bytes += got;
+                        let room = (64usize << 10).saturating_sub(r.body.len());
+                        r.body.extend_from_slice(&buf[..got.min(room)]);
+                    });
+                    n -= got;
+                }
+                Ok(())
+            };
+        if chunked {
+            loop {
+                line.clear();
+                reader.read_line(&mut line)?;
+                let size_text = line.trim().split(';').next().unwrap_or("");
+                let size = usize::from_str_radix(size_text, 16).map_err(std::io::Error::other)?;
+                if size == 0 {
+                    // Trailers, then the blank line that ends the message.
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line)? == 0 || line.trim_end().is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                read_exactly(&mut reader, size)?;
+                line.clear();
+                reader.read_line(&mut line)?;
+            }
+        } else {
+            read_exactly(&mut reader, length)?;
+        }
+        update(&mut |r| r.complete = true);
+        let target = log.lock().unwrap()[index].target().to_string();
+        write!(
+            writer,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-demo-upstream: {port}\r\nconnection: close\r\n\r\n{target}",
+            target.len()
+        )?;
+        writer.flush()
+    })();
+    if let Err(e) = answered {
+        log::debug!("recording upstream :{port}: {e}");
+    }
+    update(&mut |r| r.ended = true);
+}
+
+/// Polls `check` every 25 ms until it holds; panics with `what` after `timeout`.
+/// Polls `check` until it holds; returns how long that took. Panics after `timeout`.
+pub fn poll_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    start.elapsed()
+}
+
+/// A gatewarden started with any arguments (`demo`, `protect`...); killed on drop.
+pub struct Process {
+    child: Child,
+    output: Arc<Mutex<String>>,
+}
+
+impl Process {
+    pub fn spawn(args: &[&str], dir: &Path) -> Process {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .current_dir(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start gatewarden");
+        let output = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    output.lock().unwrap().push_str(&(line + "\n"));
+                }
+            });
+        }
+        Process { child, output }
+    }
+
+    /// Waits until `GET /healthz` on `addr` answers 200; panics with the output if the
+    /// process exits or 20 s pass.
+    pub fn wait_healthy(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("gatewarden exited with {status}:\n{}", self.output());
+            }
+            if let Ok(resp) = raw(
+                addr,
+                "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            ) {
+                if resp.status == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "gatewarden did not become ready on {addr}:\n{}",
+            self.output()
+        );
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,796 @@
+//! Always-on proxy behaviour: forwarding headers, the `headers` and `ip_filter` plugins,
+//! body limits, `/healthz`, `/metrics`, reload, and `${env:}` in a config.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+/// Every value of header `name` in a demo upstream's `/echo` answer, in order.
+fn echoed(echo: &Value, name: &str) -> Vec<String> {
+    echo["headers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not an /echo answer: {echo}"))
+        .iter()
+        .filter(|pair| {
+            pair[0]
+                .as_str()
+                .is_some_and(|n| n.eq_ignore_ascii_case(name))
+        })
+        .map(|pair| pair[1].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// GET `path` with header lines given verbatim (odd spellings and duplicates survive).
+fn get_with(gw: &Gateway, path: &str, host: &str, headers: &[&str]) -> RawResponse {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    raw(gw.addr, &req).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+fn assert_json_error(resp: &RawResponse, status: u16) {
+    assert_eq!(resp.status, status, "{resp:?}");
+    assert_eq!(
+        resp.header("content-type"),
+        Some("application/json"),
+        "{resp:?}"
+    );
+    let body = resp.json();
+    assert_eq!(body["status"], status, "{body}");
+    assert!(body["error"].is_string(), "{body}");
+}
+
+fn is_request_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Forwarding headers an attacker would like the upstream to believe.
+const SPOOFED: &[&str] = &[
+    "X-Forwarded-For: 6.6.6.6",
+    "x-FORWARDED-for: 7.7.7.7, 8.8.8.8",
+    "X-Forwarded-Proto: https",
+    "X-FORWARDED-HOST: evil.example",
+    "x-forwarded-host: evil2.example",
+    "X-Real-IP: 6.6.6.6",
+    "x-real-ip: 7.7.7.7",
+    "X-Request-Id: 0123456789abcdef0123456789abcdef",
+    "x-REQUEST-id: attacker-chosen",
+    "Forwarded: for=6.6.6.6;proto=https;host=evil.example",
+    "FORWARDED: for=7.7.7.7",
+    "X-Original-URL: /admin",
+    "x-original-url: /admin/keys",
+    "X-Rewrite-URL: /admin",
+    "X-REWRITE-URL: /admin/keys",
+];
+
+#[test]
+fn forwarding_headers_from_an_untrusted_peer_are_replaced() {
+    let ups = Upstreams::start(1);
+    let gw = Gateway::start_with(&simple_config(ups.addr(0), ""), &[]);
+    let resp = get_with(&gw, "/echo", "app.test:8080", SPOOFED);
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let echo = resp.json();
+    assert_eq!(echoed(&echo, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(echoed(&echo, "x-real-ip"), ["127.0.0.1"]);
+    assert_eq!(echoed(&echo, "x-forwarded-proto"), ["http"]);
+    assert_eq!(echoed(&echo, "x-forwarded-host"), ["app.test:8080"]);
+    for gone in ["forwarded", "x-original-url", "x-rewrite-url"] {
+        assert_eq!(
+            echoed(&echo, gone),
+            Vec::<String>::new(),
+            "{gone} reached the upstream"
+        );
+    }
+    let ids = echoed(&echo, "x-request-id");
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert!(is_request_id(&ids[0]), "{ids:?}");
+    assert_eq!(
+        resp.header("x-request-id"),
+        Some(ids[0].as_str()),
+        "the client's id differs from the upstream's"
+    );
+
+    // Every request gets its own id, also on the gateway's own answers.
+    let again = get_with(&gw, "/echo", "app.test", SPOOFED);
+    let id2 = again.header("x-request-id").unwrap_or_default().to_string();
+    assert!(is_request_id(&id2) && id2 != ids[0], "{id2} vs {}", ids[0]);
+    let refused = get_with(&gw, "/%2e%2e/x", "app.test", SPOOFED);
+    assert_eq!(refused.status, 400);
+    assert!(
+        refused.header("x-request-id").is_some_and(is_request_id),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_trusted_proxy_is_believed() {
+    let ups = Upstreams::start(1);
+    let gw = Gateway::start_with(
+        &simple_config(ups.addr(0), "trusted_proxies: [127.0.0.0/8]\n"),
+        &[],
+    );
+    let resp = get_with(
+        &gw,
+        "/echo",
+        "app.test",
+        &[
+            "X-Forwarded-For: 6.6.6.6, 203.0.113.7",
+            "x-forwarded-for: 127.0.0.5",
+            "X-Forwarded-Proto: https",
+            "X-Forwarded-Host: chat.example.com",
+            "X-Request-Id: trace-abc-123",
+        ],
+    );
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let echo = resp.json();
+    // 127.0.0.5 is another trusted proxy, so the client is the next address to its left;
+    // the peer is appended to the chain rather than replacing it.
+    assert_eq!(echoed(&echo, "x-real-ip"), ["203.0.113.7"]);
+    assert_eq!(
+        echoed(&echo, "x-forwarded-for"),
+        ["6.6.6.6, 203.0.113.7, 127.0.0.5, 127.0.0.1"]
+    );
+    assert_eq!(echoed(&echo, "x-forwarded-proto"), ["https"]);
+    assert_eq!(echoed(&echo, "x-forwarded-host"), ["chat.example.com"]);
+    assert_eq!(echoed(&echo, "x-request-id"), ["trace-abc-123"]);
+    assert_eq!(resp.header("x-request-id"), Some("trace-abc-123"));
+
+    // A request id that could break a log line is not taken over.
+    let resp = get_with(&gw, "/echo", "app.test", &["X-Request-Id: a b"]);
+    let ids = echoed(&resp.json(), "x-request-id");
+    assert!(ids.len() == 1 && is_request_id(&ids[0]), "{ids:?}");
+    // Without X-Forwarded-For the trusted peer itself is the client.
+    assert_eq!(echoed(&resp.json(), "x-real-ip"), ["127.0.0.1"]);
+}
+
+#[test]
+fn the_headers_plugin_sets_and_removes_headers_both_ways() {
+    let ups = Upstreams::start(1);
+    let yaml = format!(
+        "listeners: [{{ address: '{{listen}}' }}]
+admin: {{ address: '{{admin}}' }}
+upstreams:
+  app: {{ backends: ['{}'] }}
+plugins:
+  stamp:
+    type: headers
+    request:
+      set: {{ X-Client-IP: '{{client_ip}}', X-Trace: 'id={{request_id}}', X-Webauth-User: gateway }}
+      remove: [X-Debug, Cookie]
+    response:
+      set: {{ X-Frame-Options: DENY }}
+      remove: [X-Demo-Upstream]
+routes:
+  - {{ name: stamped, access: public, upstream: app, plugins: [stamp] }}
+  - {{ name: plain, access: public, upstream: app, match: {{ path_prefix: /plain }} }}
+",
+        ups.addr(0)
+    );
+    let gw = Gateway::start_with(&yaml, &[]);
+    let spoof = [
+        "x-client-ip: 6.6.6.6",
+        "X-CLIENT-IP: 7.7.7.7",
+        "X-Client-Ip: 8.8.8.8",
+        "x-webauth-user: admin",
+        "X-WEBAUTH-USER: root",
+        "X-Trace: id=forged",
+        "X-Debug: 1",
+        "x-DEBUG: 2",
+        "Cookie: session=secret",
+        "X-Kept: yes",
+    ];
+    let resp = get_with(&gw, "/echo", "localhost", &spoof);
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let echo = resp.json();
+    let id = resp
+        .header("x-request-id")
+        .expect("x-request-id")
+        .to_string();
+    assert_eq!(echoed(&echo, "x-client-ip"), ["127.0.0.1"]);
+    assert_eq!(echoed(&echo, "x-trace"), [format!("id={id}")]);
+    assert_eq!(echoed(&echo, "x-webauth-user"), ["gateway"]);
+    assert_eq!(echoed(&echo, "x-debug"), Vec::<String>::new());
+    assert_eq!(echoed(&echo, "cookie"), Vec::<String>::new());
+    assert_eq!(echoed(&echo, "x-kept"), ["yes"]);
+    let frame: Vec<_> = resp
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("x-frame-options"))
+        .collect();
+    assert_eq!(frame.len(), 1, "{resp:?}");
+    assert_eq!(frame[0].1, "DENY");
+    assert!(resp.header("x-demo-upstream").is_none(), "{resp:?}");
+
+    // The same request on a route without the plugin: the headers are the client's.
+    let plain = get_with(&gw, "/plain", "localhost", &["X-Debug: 1"]);
+    assert_eq!(plain.status, 404, "the demo upstream has no /plain");
+    assert!(
+        plain.header("x-demo-upstream").is_some() && plain.header("x-frame-options").is_none(),
+        "{plain:?}"
+    );
+}
+
+#[test]
+fn ip_filter_refuses_before_the_upstream_and_cannot_be_spoofed() {
+    let up = RecordingUpstream::start();
+    let yaml = format!(
+        "listeners: [{{ address: '{{listen}}' }}]
+admin: {{ address: '{{admin}}' }}
+upstreams:
+  app: {{ backends: ['{}'] }}
+plugins:
+  no_local: {{ type: ip_filter, deny: [127.0.0.0/8] }}
+  local_only: {{ type: ip_filter, allow: [127.0.0.1] }}
+  office: {{ type: ip_filter, allow: [203.0.113.0/24] }}
+routes:
+  - {{ name: denied, access: public, upstream: app, plugins: [no_local], match: {{ path_prefix: /denied }} }}
+  - {{ name: allowed, access: public, upstream: app, plugins: [local_only], match: {{ path_prefix: /allowed }} }}
+  - {{ name: office, access: public, upstream: app, plugins: [office], match: {{ path_prefix: /office }} }}
+",
+        up.addr
+    );
+    let gw = Gateway::start_with(&yaml, &[]);
+    assert_json_error(&get_with(&gw, "/denied", "localhost", &[]), 403);
+    // From an untrusted peer, claiming an office address changes nothing.
+    let spoofed = get_with(
+        &gw,
+        "/office",
+        "localhost",
+        &[
+            "X-Forwarded-For: 203.0.113.5",
+            "X-Real-IP: 203.0.113.5",
+            "Forwarded: for=203.0.113.5",
+        ],
+    );
+    assert_json_error(&spoofed, 403);
+    assert_eq!(
+        up.connections(),
+        0,
+        "a refused request reached the upstream: {:?}",
+        up.requests()
+    );
+
+    let allowed = get_with(&gw, "/allowed/x", "localhost", &[]);
+    assert_eq!(allowed.status, 200, "{allowed:?}");
+    assert_eq!(allowed.body, b"/allowed/x");
+    assert_eq!(up.connections(), 1);
+}
+
+#[test]
+fn ip_filter_uses_the_client_derived_through_trusted_proxies() {
+    let up = RecordingUpstream::start();
+    let yaml = format!(
+        "listeners: [{{ address: '{{listen}}' }}]
+admin: {{ address: '{{admin}}' }}
+trusted_proxies: [127.0.0.0/8]
+upstreams:
+  app: {{ backends: ['{}'] }}
+plugins:
+  block: {{ type: ip_filter, deny: [198.51.100.0/24] }}
+  office: {{ type: ip_filter, allow: [203.0.113.0/24] }}
+global_plugins: [block]
+routes:
+  - {{ name: app, access: public, upstream: app }}
+  - {{ name: office, access: public, upstream: app, plugins: [office], match: {{ path_prefix: /office }} }}
+",
+        up.addr
+    );
+    let gw = Gateway::start_with(&yaml, &[]);
+    let status = |path: &str, xff: Option<&str>| {
+        let header = xff.map(|v| format!("X-Forwarded-For: {v}"));
+        let headers: Vec<&str> = header.iter().map(String::as_str).collect();
+        get_with(&gw, path, "localhost", &headers).status
+    };
+    assert_eq!(status("/", Some("198.51.100.9")), 403);
+    assert_eq!(status("/", Some("203.0.113.5, 198.51.100.9")), 403);
+    assert_eq!(
+        status("/office", Some("198.51.100.9")),
+        403,
+        "deny runs globally, before the route's allow list"
+    );
+    assert_eq!(
+        status("/office", None),
+        403,
+        "the proxy itself is not in the office range"
+    );
+    assert_eq!(up.connections(), 0, "{:?}", up.requests());
+    // Only the right-most untrusted address counts: what the client wrote to its left is noise.
+    assert_eq!(status("/", Some("198.51.100.9, 203.0.113.5")), 200);
+    assert_eq!(status("/office", Some("203.0.113.5")), 200);
+    assert_eq!(status("/", None), 200);
+    assert_eq!(up.connections(), 3);
+}
+
+fn limits_config(backend: std::net::SocketAddr) -> String {
+    format!(
+        "listeners: [{{ address: '{{listen}}' }}]
+admin: {{ address: '{{admin}}' }}
+max_request_body: 1KiB
+upstreams:
+  app: {{ backends: ['{backend}'] }}
+routes:
+  - {{ name: small, access: public, upstream: app }}
+  - {{ name: big, access: public, upstream: app, max_request_body: 4KiB, match: {{ path_prefix: /big }} }}
+"
+    )
+}
+
+fn post_head(path: &str, framing: &str) -> String {
+    format!("POST {path} HTTP/1.1\r\nHost: localhost\r\n{framing}\r\nConnection: close\r\n\r\n")
+}
+
+#[test]
+fn a_declared_body_over_the_limit_is_413_before_any_upstream_connection() {
+    let up = RecordingUpstream::start();
+    let gw = Gateway::start_with(&limits_config(up.addr), &[]);
+    // Only the head is sent: the gateway must answer without waiting for the body.
+    for (path, len) in [
+        ("/upload", 1025),
+        ("/upload", 1 << 30),
+        ("/big/upload", 4097),
+    ] {
+        let resp = raw(gw.addr, &post_head(path, &format!("Content-Length: {len}")))
+            .unwrap_or_else(|e| panic!("{path} {len}: {e}"));
+        assert_json_error(&resp, 413);
+    }
+    // curl sends large uploads with `Expect: 100-continue`: refuse instead of inviting the body.
+    let expect = post_head("/upload", "Content-Length: 5000\r\nExpect: 100-continue");
+    assert_json_error(&raw(gw.addr, &expect).unwrap(), 413);
+    assert_eq!(
+        up.connections(),
+        0,
+        "the upstream was contacted: {:?}",
+        up.requests()
+    );
+
+    let body = vec![b'x'; 1024];
+    let mut req = post_head("/upload", "Content-Length: 1024").into_bytes();
+    req.extend_from_slice(&body);
+    let resp = raw_bytes(gw.addr, &req).unwrap();
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let body = vec![b'y'; 3000];
+    let mut req = post_head("/big/upload", "Content-Length: 3000").into_bytes();
+    req.extend_from_slice(&body);
+    let resp = raw_bytes(gw.addr, &req).unwrap();
+    assert_eq!(resp.status, 200, "the route's own limit applies: {resp:?}");
+    let seen = up.requests();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        seen[0].complete && seen[0].body == vec![b'x'; 1024],
+        "{:?}",
+        seen[0]
+    );
+    assert!(seen[1].complete && seen[1].body == body, "{:?}", seen[1]);
+}
+
+fn chunk(data: &[u8]) -> Vec<u8> {
+    [format!("{:x}\r\n", data.len()).as_bytes(), data, b"\r\n"].concat()
+}
+
+#[test]
+fn a_chunked_body_over_the_limit_is_cut_off() {
+    let up = RecordingUpstream::start();
+    let gw = Gateway::start_with(&limits_config(up.addr), &[]);
+    let requests_to = |target: &str| -> Vec<Recorded> {
+        up.requests()
+            .into_iter()
+            .filter(|r| r.target() == target)
+            .collect()
+    };
+
+    // Two 800-byte chunks cross the 1 KiB limit; the final chunk is never sent, so the
+    // gateway can only answer because it counted, not because the body ended.
+    let mut req = post_head("/upload/whole", "Transfer-Encoding: chunked").into_bytes();
+    req.extend(chunk(&[b'a'; 800]));
+    req.extend(chunk(&[b'b'; 800]));
+    let resp = raw_bytes(gw.addr, &req).expect("an answer before the body ended");
+    assert_json_error(&resp, 413);
+
+    // Streamed: the first chunk reaches the upstream while the client is still sending,
+    // and the chunk that crosses the limit ends the request.
+    let mut conn = TcpStream::connect(gw.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut first = post_head("/upload/streamed", "Transfer-Encoding: chunked").into_bytes();
+    first.extend(chunk(&[b'c'; 800]));
+    conn.write_all(&first).unwrap();
+    poll_until(
+        "the first chunk to reach the upstream",
+        Duration::from_secs(10),
+        || {
+            requests_to("/upload/streamed")
+                .first()
+                .is_some_and(|r| r.body_bytes == 800)
+        },
+    );
+    conn.write_all(&chunk(&[b'd'; 800])).unwrap();
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    poll_until(
+        "the streamed upstream request to be aborted",
+        Duration::from_secs(10),
+        || requests_to("/upload/streamed")[0].ended,
+    );
+    let streamed = requests_to("/upload/streamed");
+    assert_eq!(streamed.len(), 1, "{streamed:?}");
+    assert!(
+        !streamed[0].complete && streamed[0].body_bytes == 800,
+        "{streamed:?}"
+    );
+
+    // Under the limit, a chunked body arrives intact.
+    let mut req = post_head("/big/upload", "Transfer-Encoding: chunked").into_bytes();
+    let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    for part in data.chunks(700) {
+        req.extend(chunk(part));
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let resp = raw_bytes(gw.addr, &req).unwrap();
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let intact = requests_to("/big/upload");
+    assert!(
+        intact.len() == 1 && intact[0].complete && intact[0].body == data,
+        "{intact:?}"
+    );
+
+    // Whether or not the gateway had opened an upstream request for the first upload,
+    // no more than the limit went through and that request is over.
+    poll_until(
+        "the first upstream request, if any, to be aborted",
+        Duration::from_secs(10),
+        || requests_to("/upload/whole").iter().all(|r| r.ended),
+    );
+    for r in requests_to("/upload/whole") {
+        assert!(!r.complete && r.body_bytes <= 1024, "{r:?}");
+    }
+}
+
+#[test]
+fn the_demo_echo_sees_a_body_under_the_limit_intact() {
+    let ups = Upstreams::start(1);
+    let gw = Gateway::start_with(&limits_config(ups.addr(0)), &[]);
+    let body: String = (0..1000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let req = format!("{}{body}", post_head("/echo", "Content-Length: 1000"));
+    let resp = raw(gw.addr, &req).unwrap();
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let echo = resp.json();
+    assert_eq!(echo["body_len"], 1000);
+    assert_eq!(echo["body"], body);
+}
+
+fn health_json(resp: &RawResponse) -> Value {
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(
+        resp.header("content-type"),
+        Some("application/json"),
+        "{resp:?}"
+    );
+    resp.json()
+}
+
+#[test]
+fn healthz_answers_on_both_listeners_and_can_be_turned_off() {
+    let ups = Upstreams::start(1);
+    let gw = Gateway::start_with(&simple_config(ups.addr(0), ""), &[]);
+    let expected = serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION"), "config_generation": 1 });
+    for addr in [gw.addr, gw.admin] {
+        let body = health_json(&get(addr, "/healthz", &[]));
+        assert_eq!(body, expected, "on {addr}");
+    }
+    // Answered by the gateway, not forwarded.
+    assert!(get(gw.addr, "/healthz", &[])
+        .header("x-demo-upstream")
+        .is_none());
+
+    let off = Gateway::start_with(&simple_config(ups.addr(0), "health_path: null\n"), &[]);
+    let resp = get(off.addr, "/healthz", &[]);
+    assert_eq!(
+        served_by(&resp),
+        ups.addr(0).port(),
+        "with health_path: null, /healthz is routed like any path"
+    );
+    assert_eq!(resp.status, 404, "the demo upstream has no /healthz");
+    assert_eq!(
+        health_json(&get(off.admin, "/healthz", &[])),
+        expected,
+        "the admin listener keeps /healthz"
+    );
+}
+
+/// The value of the sample of `name` whose labels include every pair of `labels`.
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (label_text, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        labels
+            .iter()
+            .all(|(k, v)| {
+                label_text
+                    .split(',')
+                    .any(|pair| pair == format!("{k}=\"{v}\""))
+            })
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
+}
+
+fn metrics_text(gw: &Gateway) -> String {
+    let resp = get(gw.admin, "/metrics", &[]);
+    assert_eq!(resp.status, 200, "{resp:?}");
+    String::from_utf8(resp.body).expect("metrics are text")
+}
+
+#[test]
+fn metrics_count_requests_upstream_responses_and_backend_health() {
+    let ups = Upstreams::start(1);
+    let backend = ups.addr(0).to_string();
+    let gw = Gateway::start_with(&simple_config(ups.addr(0), ""), &[]);
+    for path in ["/echo", "/echo", "/status/503", "/%2e%2e/"] {
+        get(gw.addr, path, &[]);
+    }
+    // Pingora counts a request in its logging phase, after the client has the answer.
+    let mut text = String::new();
+    poll_until(
+        "all four requests to be counted",
+        Duration::from_secs(5),
+        || {
+            text = metrics_text(&gw);
+            let count = |status| sample(&text, "gatewarden_requests_total", &[("status", status)]);
+            count("200") == Some(2.0) && count("503") == Some(1.0) && count("400") == Some(1.0)
+        },
+    );
+    let has = |name: &str, labels: &[(&str, &str)]| {
+        sample(&text, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in:\n{text}"))
+    };
+
+    assert_eq!(
+        has(
+            "gatewarden_requests_total",
+            &[("route", "app"), ("status", "200")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        has(
+            "gatewarden_requests_total",
+            &[("route", "app"), ("status", "503")]
+        ),
+        1.0
+    );
+    assert_eq!(has("gatewarden_requests_total", &[("status", "400")]), 1.0);
+    assert_eq!(
+        has(
+            "gatewarden_request_duration_seconds_count",
+            &[("route", "app")]
+        ),
+        3.0
+    );
+    assert!(
+        has(
+            "gatewarden_request_duration_seconds_bucket",
+            &[("route", "app"), ("le", "+Inf")]
+        ) >= 3.0
+    );
+    assert_eq!(
+        has(
+            "gatewarden_upstream_requests_total",
+            &[
+                ("upstream", "app"),
+                ("backend", &backend),
+                ("status", "200")
+            ]
+        ),
+        2.0
+    );
+    assert_eq!(
+        has(
+            "gatewarden_upstream_requests_total",
+            &[
+                ("upstream", "app"),
+                ("backend", &backend),
+                ("status", "503")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        has(
+            "gatewarden_backend_healthy",
+            &[("upstream", "app"), ("backend", &backend)]
+        ),
+        1.0
+    );
+    assert!(
+        text.contains("# TYPE gatewarden_inflight_requests gauge"),
+        "{text}"
+    );
+    // Public routes never count auth failures, and nothing here rate-limits.
+    assert!(!text.contains("gatewarden_auth_failures_total{"), "{text}");
+    assert!(!text.contains("gatewarden_rate_limited_total{"), "{text}");
+    // Nothing is in flight once the answers are out; a leak would show as a stuck gauge.
+    poll_until(
+        "gatewarden_inflight_requests to drop to 0",
+        Duration::from_secs(5),
+        || sample(&metrics_text(&gw), "gatewarden_inflight_requests", &[]) == Some(0.0),
+    );
+}
+
+const ADMIN_KEY: &str = "reload-key-0123456789abcdef";
+
+/// A config with public routes `/a` (to `a`) plus one extra route per `(prefix, upstream)`.
+fn reload_config(
+    listen: &str,
+    admin: &str,
+    a: &str,
+    b: &str,
+    extra_routes: &[(&str, &str)],
+) -> String {
+    let mut yaml = format!(
+        "listeners: [{{ address: '{listen}' }}]
+admin: {{ address: '{admin}', api_key: '{ADMIN_KEY}' }}
+upstreams:
+  a: {{ backends: ['{a}'] }}
+  b: {{ backends: ['{b}'] }}
+routes:
+  - {{ name: a, access: public, upstream: a, match: {{ path_prefix: /a }} }}
+"
+    );
+    for (prefix, upstream) in extra_routes {
+        yaml.push_str(&format!(
+            "  - {{ name: 'r{prefix}', access: public, upstream: {upstream}, match: {{ path_prefix: '{prefix}' }} }}\n"
+        ));
+    }
+    yaml
+}
+
+fn generation(gw: &Gateway) -> u64 {
+    health_json(&get(gw.admin, "/healthz", &[]))["config_generation"]
+        .as_u64()
+        .expect("a generation")
+}
+
+fn admin_post(gw: &Gateway, path: &str, key: Option<&str>) -> RawResponse {
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let req = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    raw(gw.admin, &req).unwrap_or_else(|e| panic!("POST {path}: {e}"))
+}
+
+#[test]
+fn reload_by_sighup_and_admin_api_keeps_the_old_config_on_errors() {
+    let ups = Upstreams::start(2);
+    let (a, b) = (ups.addr(0).to_string(), ups.addr(1).to_string());
+    let gw = Gateway::start_with(&reload_config("{listen}", "{admin}", &a, &b, &[]), &[]);
+    let (listen, admin) = (gw.addr.to_string(), gw.admin.to_string());
+    assert_eq!(generation(&gw), 1);
+    assert_eq!(get(gw.addr, "/b/echo", &[]).status, 404);
+
+    std::fs::write(
+        &gw.config,
+        reload_config(&listen, &admin, &a, &b, &[("/b", "b")]),
+    )
+    .unwrap();
+    gw.signal("HUP");
+    poll_until("generation 2 after SIGHUP", Duration::from_secs(10), || {
+        generation(&gw) == 2
+    });
+    assert_eq!(served_by(&get(gw.addr, "/b/echo", &[])), ups.addr(1).port());
+    assert_eq!(served_by(&get(gw.addr, "/a", &[])), ups.addr(0).port());
+    assert_eq!(
+        health_json(&get(gw.addr, "/healthz", &[]))["config_generation"],
+        2
+    );
+
+    // A broken file: the old config stays in force, and the failure is counted.
+    std::fs::write(
+        &gw.config,
+        reload_config(&listen, &admin, &a, &b, &[("/b", "b")]) + "bogus_key: 1\n",
+    )
+    .unwrap();
+    gw.signal("HUP");
+    poll_until(
+        "a failed reload to be counted",
+        Duration::from_secs(10),
+        || {
+            sample(
+                &metrics_text(&gw),
+                "gatewarden_config_reloads_total",
+                &[("result", "error")],
+            ) == Some(1.0)
+        },
+    );
+    assert_eq!(generation(&gw), 2);
+    assert_eq!(served_by(&get(gw.addr, "/b/echo", &[])), ups.addr(1).port());
+    assert_eq!(
+        sample(
+            &metrics_text(&gw),
+            "gatewarden_config_reloads_total",
+            &[("result", "ok")]
+        ),
+        Some(1.0)
+    );
+
+    // The admin API needs the key, and reports a rejected file.
+    for key in [None, Some("reload-key-0123456789abcdeX"), Some("")] {
+        let resp = admin_post(&gw, "/admin/reload", key);
+        assert_json_error(&resp, 401);
+        assert_eq!(resp.header("www-authenticate"), Some("Bearer"));
+    }
+    let rejected = admin_post(&gw, "/admin/reload", Some(ADMIN_KEY));
+    assert_eq!(rejected.status, 422, "{rejected:?}");
+    assert!(
+        rejected.json()["problems"]
+            .to_string()
+            .contains("bogus_key"),
+        "{rejected:?}"
+    );
+    assert_eq!(generation(&gw), 2);
+
+    std::fs::write(
+        &gw.config,
+        reload_config(&listen, &admin, &a, &b, &[("/b", "b"), ("/c", "a")]),
+    )
+    .unwrap();
+    let resp = admin_post(&gw, "/admin/reload", Some(ADMIN_KEY));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.json()["config_generation"], 3);
+    assert_eq!(generation(&gw), 3);
+    assert_eq!(served_by(&get(gw.addr, "/c", &[])), ups.addr(0).port());
+    assert_eq!(served_by(&get(gw.addr, "/b/echo", &[])), ups.addr(1).port());
+}
+
+#[test]
+fn env_references_expand_and_a_missing_one_is_named() {
+    let ups = Upstreams::start(2);
+    let yaml = "listeners: [{ address: '{listen}' }]
+admin: { address: '{admin}' }
+upstreams:
+  whole: { backends: ['${env:GW_IT_WHOLE_BACKEND}'] }
+  part: { backends: ['127.0.0.1:${env:GW_IT_PART_PORT}'] }
+routes:
+  - { name: whole, access: public, upstream: whole }
+  - { name: part, access: public, upstream: part, match: { path_prefix: /part } }
+";
+    let port = ups.addr(1).port().to_string();
+    let gw = Gateway::start_with(
+        yaml,
+        &[
+            ("GW_IT_WHOLE_BACKEND", &ups.addr(0).to_string()),
+            ("GW_IT_PART_PORT", &port),
+        ],
+    );
+    assert_eq!(served_by(&get(gw.addr, "/echo", &[])), ups.addr(0).port());
+    assert_eq!(served_by(&get(gw.addr, "/part", &[])), ups.addr(1).port());
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = yaml
+        .replace("{listen}", "127.0.0.1:8080")
+        .replace("{admin}", "127.0.0.1:9091")
+        .replace("GW_IT_PART_PORT", "GW_IT_NEVER_SET_0F3A");
+    std::fs::write(dir.path().join("g.yaml"), missing).unwrap();
+    let out = run_cli(&["check", "-c", "g.yaml"], dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("GW_IT_NEVER_SET_0F3A"), "{stderr}");
+    assert!(stderr.contains("upstreams.part.backends[0]"), "{stderr}");
+    // GW_IT_WHOLE_BACKEND is not set for `check` either: every problem is reported at once.
+    assert!(stderr.contains("GW_IT_WHOLE_BACKEND"), "{stderr}");
+}

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Installs what building and testing gatewarden needs on Debian 12, from Debian's own
+# packages only. Idempotent: packages already installed are not touched, and when
+# nothing is missing no network is used at all.
+#
+#   bash scripts/setup.sh            # build + test dependencies
+#   bash scripts/setup.sh --bench    # also wrk, nginx, haproxy (and linux-perf if available)
+set -euo pipefail
+
+bench=0
+for arg in "$@"; do
+    case "$arg" in
+        --bench) bench=1 ;;
+        -h|--help)
+            sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "setup.sh: unknown argument $arg (use --bench or --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+# cmake and a C toolchain build Pingora's vendored dependencies; libssl-dev and
+# pkg-config its OpenSSL binding; redis-server runs the Redis-backed tests; curl is for
+# trying the gateway by hand.
+packages=(build-essential cmake pkg-config libssl-dev redis-server curl)
+if [ "$bench" = 1 ]; then
+    packages+=(wrk nginx haproxy)
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+    sudo=()
+elif command -v sudo >/dev/null 2>&1; then
+    sudo=(sudo)
+else
+    sudo=()
+fi
+
+installed() {
+    [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = "installed" ]
+}
+
+missing=()
+for p in "${packages[@]}"; do
+    installed "$p" || missing+=("$p")
+done
+want_perf=0
+if [ "$bench" = 1 ] && ! installed linux-perf; then
+    want_perf=1
+fi
+
+if [ "${#missing[@]}" -gt 0 ] || [ "$want_perf" = 1 ]; then
+    if [ "$(id -u)" -ne 0 ] && [ "${#sudo[@]}" -eq 0 ]; then
+        echo "setup.sh: missing ${missing[*]}; run as root or install sudo" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" apt-get update -q
+    # linux-perf is not in every Debian mirror or architecture; skip it quietly if absent.
+    if [ "$want_perf" = 1 ] && apt-cache show linux-perf >/dev/null 2>&1; then
+        missing+=(linux-perf)
+    fi
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "setup.sh: installing ${missing[*]}"
+        "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+else
+    echo "setup.sh: all packages present (${packages[*]})"
+fi
+
+# Rust itself does not come from apt: Debian 12's rustc is older than the 1.82 this
+# project needs. rustup (or any install of Rust >= 1.82 with rustfmt and clippy) works.
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup.sh: cargo not found; install Rust >= 1.82 with rustfmt and clippy (e.g. via rustup)" >&2
+    exit 1
+fi
+for tool in rustfmt cargo-clippy; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "setup.sh: $tool not found; add it (rustup component add ${tool#cargo-})" >&2
+        exit 1
+    fi
+done
+echo "setup.sh: $(cargo --version)"
