@@ -8,6 +8,8 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::reload::State;
+use gatewarden_plugins::keys::{self, KeyRecord, KeysError, KeysFile, NewKey};
+use gatewarden_plugins::Role;
 
 pub struct AdminApp {
     pub state: Arc<State>,
@@ -50,6 +52,122 @@ fn presented_key(session: &ServerSession) -> Option<&[u8]> {
     scheme
         .eq_ignore_ascii_case(b"bearer")
         .then(|| token.trim_ascii())
+}
+
+/// Reads a small JSON body; `None` when over 64 KiB.
+async fn read_body(session: &mut ServerSession) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = session.read_request_body().await {
+        if body.len() + chunk.len() > 64 * 1024 {
+            return None;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Some(body)
+}
+
+/// A key as the API shows it: never the hash.
+fn key_json(k: &KeyRecord, last_used: Option<&chrono::DateTime<chrono::Utc>>) -> serde_json::Value {
+    serde_json::json!({
+        "id": k.id,
+        "name": k.name,
+        "prefix": k.prefix,
+        "role": k.role.as_str(),
+        "subject": k.subject,
+        "created_at": k.created_at,
+        "expires_at": k.expires_at,
+        "last_used_at": last_used,
+        "status": k.status(chrono::Utc::now()),
+    })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKeyRequest {
+    name: String,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    subject: Option<String>,
+    /// A lifetime such as `30d`.
+    #[serde(default)]
+    expires: Option<String>,
+}
+
+/// `GET /admin/keys`, `POST /admin/keys`, `DELETE /admin/keys/{id or prefix}`.
+fn keys_api(
+    file: &std::path::Path,
+    method: &http::Method,
+    rest: &str,
+    body: &[u8],
+) -> Response<Vec<u8>> {
+    match (method, rest) {
+        (&http::Method::GET, "" | "/") => match KeysFile::load(file) {
+            Ok(f) => {
+                let used = keys::load_last_used(file);
+                let list: Vec<_> = f
+                    .keys
+                    .iter()
+                    .map(|k| key_json(k, used.get(&k.id)))
+                    .collect();
+                json(StatusCode::OK, serde_json::json!({ "keys": list }))
+            }
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        },
+        (&http::Method::POST, "" | "/") => {
+            let req: NewKeyRequest = match serde_json::from_slice(body) {
+                Ok(r) => r,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}")),
+            };
+            let role = match req.role.as_deref().map_or(Some(Role::User), Role::parse) {
+                Some(r) => r,
+                None => return error(StatusCode::BAD_REQUEST, "role must be user or admin"),
+            };
+            let expires_at = match req
+                .expires
+                .as_deref()
+                .map(crate::config::units::parse_duration)
+            {
+                None => None,
+                Some(Ok(d)) => match chrono::Duration::from_std(d) {
+                    Ok(d) => Some(chrono::Utc::now() + d),
+                    Err(_) => return error(StatusCode::BAD_REQUEST, "expires is too long"),
+                },
+                Some(Err(e)) => return error(StatusCode::BAD_REQUEST, &format!("expires: {e}")),
+            };
+            if req.name.trim().is_empty() {
+                return error(StatusCode::BAD_REQUEST, "name must not be empty");
+            }
+            let new = NewKey {
+                name: req.name,
+                role,
+                subject: req.subject,
+                expires_at,
+            };
+            match keys::create_key(file, new) {
+                Ok((record, plaintext)) => {
+                    let mut body = key_json(&record, None);
+                    body["key"] = serde_json::Value::String(plaintext);
+                    json(StatusCode::CREATED, body)
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        }
+        (&http::Method::DELETE, id) if id.len() > 1 => match keys::revoke_key(file, &id[1..]) {
+            Ok(record) => json(StatusCode::OK, key_json(&record, None)),
+            Err(KeysError::LastAdmin) => {
+                error(StatusCode::CONFLICT, &KeysError::LastAdmin.to_string())
+            }
+            Err(e @ (KeysError::NotFound(_) | KeysError::Ambiguous(_))) => {
+                error(StatusCode::NOT_FOUND, &e.to_string())
+            }
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        },
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use GET or POST /admin/keys, DELETE /admin/keys/{id}",
+        ),
+    }
 }
 
 #[async_trait]
@@ -96,6 +214,31 @@ impl ServeHttp for AdminApp {
                     }
                 }
                 match (method, p) {
+                    (http::Method::GET, "/admin/config") => {
+                        json(StatusCode::OK, snapshot.masked_config.clone())
+                    }
+                    (method, p) if p == "/admin/keys" || p.starts_with("/admin/keys/") => {
+                        let file = match snapshot.keys_files.as_slice() {
+                            [one] => one.clone(),
+                            [] => return error(StatusCode::NOT_FOUND, "no api_key plugin with a keys_file is configured"),
+                            _ => return error(StatusCode::CONFLICT, "several keys files are configured; manage them with `gatewarden key`"),
+                        };
+                        let body = match read_body(session).await {
+                            Some(b) => b,
+                            None => {
+                                return error(
+                                    StatusCode::PAYLOAD_TOO_LARGE,
+                                    "request body too large",
+                                )
+                            }
+                        };
+                        keys_api(
+                            &file,
+                            &method,
+                            p.strip_prefix("/admin/keys").unwrap_or(""),
+                            &body,
+                        )
+                    }
                     (http::Method::POST, "/admin/reload") => match self.state.reload() {
                         Ok(generation) => json(
                             StatusCode::OK,

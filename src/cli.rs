@@ -213,6 +213,10 @@ fn demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let credentials = match Credentials::mint() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let yaml = format!(
         "
 listeners: [{{ address: '{listen}' }}]
@@ -222,22 +226,31 @@ upstreams:
     backends: ['{upstream}']
     health_check: {{ kind: http, path: /health, interval: 5s }}
 plugins:
+  pin:
+    type: pin_gate
+    pin_hash: '{pin_hash}'
+    secret: '{secret}'
   stamp:
     type: headers
-    request: {{ set: {{ X-Gatewarden-Client: '{{client_ip}}' }} }}
+    request: {{ set: {{ X-Gatewarden-User: '{{identity.subject}}', X-Gatewarden-Client: '{{client_ip}}' }} }}
     response: {{ set: {{ X-Frame-Options: DENY }} }}
 routes:
   - name: demo
-    access: public
+    access: user
     upstream: demo
-    plugins: [stamp]
-"
+    plugins: [pin, stamp]
+",
+        pin_hash = credentials.pin_hash,
+        secret = credentials.secret,
     );
     let compiled = match builtin(&yaml) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    println!("gatewarden demo: open http://{listen}/ (demo app on {upstream}; all routes public in this build)");
+    println!(
+        "gatewarden demo: open http://{listen}/ and sign in with PIN {} (demo app on {upstream})",
+        credentials.pin
+    );
     serve(compiled, None, RunFlags::default())
 }
 
@@ -264,13 +277,29 @@ fn protect(url: &str, listen: SocketAddr) -> ExitCode {
     } else {
         format!("{authority}:{}", if tls { 443 } else { 80 })
     };
-    if !listen.ip().is_loopback() {
-        eprintln!(
-            "error: protect on a non-loopback address ({listen}) needs an access token and PIN, which arrive with the identity plugins; listen on 127.0.0.1 for now"
-        );
-        return ExitCode::from(2);
-    }
+    // On loopback only this machine can reach the app, as it already could. Anywhere
+    // else, nothing passes without the minted token or PIN.
+    let exposed = !listen.ip().is_loopback();
+    let credentials = if exposed {
+        match Credentials::mint() {
+            Ok(c) => Some(c),
+            Err(code) => return code,
+        }
+    } else {
+        None
+    };
     let tls_line = if tls { "tls: true" } else { "tls: false" };
+    let (plugins, access, chain) = match &credentials {
+        Some(c) => (
+            format!(
+                "plugins:\n  token: {{ type: api_key, admin_key: '{}' }}\n  pin: {{ type: pin_gate, pin_hash: '{}', secret: '{}' }}\n",
+                c.token, c.pin_hash, c.secret
+            ),
+            "user",
+            "[token, pin]",
+        ),
+        None => (String::new(), "public", "[]"),
+    };
     let yaml = format!(
         "
 listeners: [{{ address: '{listen}' }}]
@@ -278,17 +307,28 @@ upstreams:
   app:
     backends: ['{backend}']
     {tls_line}
-routes:
+{plugins}routes:
   - name: app
-    access: public
+    access: {access}
     upstream: app
+    plugins: {chain}
 "
     );
     let compiled = match builtin(&yaml) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    println!("gatewarden: protecting {url} at http://{listen}/ (loopback only)");
+    match &credentials {
+        Some(c) => {
+            println!("gatewarden: protecting {url} at http://{listen}/");
+            println!("  API clients: Authorization: Bearer {}", c.token);
+            println!("  browsers:    sign in with PIN {}", c.pin);
+            println!("  these are shown once and not stored anywhere");
+        }
+        None => {
+            println!("gatewarden: protecting {url} at http://{listen}/ (loopback only, no login)")
+        }
+    }
     serve(compiled, None, RunFlags::default())
 }
 
@@ -296,12 +336,20 @@ fn key(action: KeyAction) -> ExitCode {
     use gatewarden_plugins::keys::{self, KeysFile, NewKey};
     use gatewarden_plugins::Role;
     let result: Result<(), String> = match action {
-        KeyAction::New { file, name, role, subject, expires } => (|| {
-            let role = Role::parse(&role).ok_or_else(|| format!("unknown role {role:?}; use user or admin"))?;
+        KeyAction::New {
+            file,
+            name,
+            role,
+            subject,
+            expires,
+        } => (|| {
+            let role = Role::parse(&role)
+                .ok_or_else(|| format!("unknown role {role:?}; use user or admin"))?;
             let expires_at = match expires {
                 Some(text) => {
                     let d = config::units::parse_duration(&text)?;
-                    let d = chrono::Duration::from_std(d).map_err(|_| format!("{text:?} is too long"))?;
+                    let d = chrono::Duration::from_std(d)
+                        .map_err(|_| format!("{text:?} is too long"))?;
                     Some(chrono::Utc::now() + d)
                 }
                 None => None,
@@ -309,15 +357,26 @@ fn key(action: KeyAction) -> ExitCode {
             if name.trim().is_empty() {
                 return Err("--name must not be empty".into());
             }
-            let (record, plaintext) =
-                keys::create_key(&file, NewKey { name, role, subject, expires_at }).map_err(|e| e.to_string())?;
+            let (record, plaintext) = keys::create_key(
+                &file,
+                NewKey {
+                    name,
+                    role,
+                    subject,
+                    expires_at,
+                },
+            )
+            .map_err(|e| e.to_string())?;
             eprintln!(
                 "created key {} ({}, role {}, subject {}){}; it is shown once, store it now:",
                 record.id,
                 record.prefix,
                 record.role.as_str(),
                 record.subject,
-                record.expires_at.map(|e| format!(", expires {}", e.to_rfc3339())).unwrap_or_default()
+                record
+                    .expires_at
+                    .map(|e| format!(", expires {}", e.to_rfc3339()))
+                    .unwrap_or_default()
             );
             println!("{plaintext}");
             Ok(())
@@ -325,8 +384,13 @@ fn key(action: KeyAction) -> ExitCode {
         KeyAction::List { file } => KeysFile::load(&file).map_err(|e| e.to_string()).map(|f| {
             let used = keys::load_last_used(&file);
             let now = chrono::Utc::now();
-            let fmt = |t: Option<chrono::DateTime<chrono::Utc>>| t.map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string());
-            println!("{:<11} {:<16} {:<10} {:<6} {:<16} {:<16} {:<16} {:<16} STATUS", "ID", "NAME", "PREFIX", "ROLE", "SUBJECT", "CREATED", "EXPIRES", "LAST USED");
+            let fmt = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string())
+            };
+            println!(
+                "{:<11} {:<16} {:<10} {:<6} {:<16} {:<16} {:<16} {:<16} STATUS",
+                "ID", "NAME", "PREFIX", "ROLE", "SUBJECT", "CREATED", "EXPIRES", "LAST USED"
+            );
             for k in &f.keys {
                 println!(
                     "{:<11} {:<16} {:<10} {:<6} {:<16} {:<16} {:<16} {:<16} {}",
@@ -342,9 +406,11 @@ fn key(action: KeyAction) -> ExitCode {
                 );
             }
         }),
-        KeyAction::Revoke { file, key } => keys::revoke_key(&file, &key).map_err(|e| e.to_string()).map(|k| {
-            println!("revoked {} ({}, {})", k.id, k.prefix, k.name);
-        }),
+        KeyAction::Revoke { file, key } => keys::revoke_key(&file, &key)
+            .map_err(|e| e.to_string())
+            .map(|k| {
+                println!("revoked {} ({}, {})", k.id, k.prefix, k.name);
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -371,5 +437,35 @@ fn hash_pin() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// A random access token, PIN and session secret for the zero-config commands.
+struct Credentials {
+    token: String,
+    pin: String,
+    pin_hash: String,
+    secret: String,
+}
+
+impl Credentials {
+    fn mint() -> Result<Credentials, ExitCode> {
+        use gatewarden_plugins::keys;
+        // Eight digits from base62 noise: keep only digits until there are enough.
+        let mut pin = String::new();
+        while pin.len() < 8 {
+            pin.extend(keys::random_base62(32).chars().filter(char::is_ascii_digit));
+        }
+        pin.truncate(8);
+        let pin_hash = gatewarden_plugins::pin_gate::hash_pin(&pin).map_err(|e| {
+            eprintln!("error: cannot hash the PIN: {e}");
+            ExitCode::from(2)
+        })?;
+        Ok(Credentials {
+            token: keys::generate_key(),
+            pin,
+            pin_hash,
+            secret: keys::random_base62(48),
+        })
     }
 }

@@ -258,7 +258,12 @@ impl Router {
     /// this host whose chain has a plugin claiming it.
     pub fn endpoint(&self, host: &str, path: &str) -> Option<Arc<dyn gatewarden_plugins::Plugin>> {
         let claims = |r: &Arc<Route>| r.chain.plugins.iter().find(|p| p.serves(path)).cloned();
-        if let Some(p) = self.routes.iter().find(|r| r.matches(host, path, &http::Method::GET)).and_then(claims) {
+        if let Some(p) = self
+            .routes
+            .iter()
+            .find(|r| r.matches(host, path, &http::Method::GET))
+            .and_then(claims)
+        {
             return Some(p);
         }
         self.routes

@@ -92,7 +92,9 @@ impl Table {
     fn from_file(file: &KeysFile, previous: Option<&Table>) -> Table {
         let mut by_digest = HashMap::with_capacity(file.keys.len());
         for k in &file.keys {
-            let Some(digest) = keys::parse_stored_hash(&k.hash) else { continue };
+            let Some(digest) = keys::parse_stored_hash(&k.hash) else {
+                continue;
+            };
             // Carry last-use over a reload so it is not lost before the next flush.
             let last_used = previous
                 .and_then(|p| p.by_digest.get(&digest))
@@ -178,7 +180,10 @@ impl ApiKey {
         }
         Ok(ApiKey {
             store,
-            admin_digest: config.admin_key.as_deref().map(|k| keys::digest(k.as_bytes())),
+            admin_digest: config
+                .admin_key
+                .as_deref()
+                .map(|k| keys::digest(k.as_bytes())),
             admin_subject: Arc::from("admin"),
             bearer: config.sources.contains(&Source::Bearer),
             x_api_key: config.sources.contains(&Source::XApiKey),
@@ -215,7 +220,11 @@ impl ApiKey {
         let digest = keys::digest(token);
         if let Some(admin) = &self.admin_digest {
             if constant_time_eq(&digest, admin) {
-                return Ok(Identity { subject: self.admin_subject.clone(), role: Role::Admin, method: "api_key" });
+                return Ok(Identity {
+                    subject: self.admin_subject.clone(),
+                    role: Role::Admin,
+                    method: "api_key",
+                });
             }
         }
         let table = self.store.table.load();
@@ -232,7 +241,11 @@ impl ApiKey {
         if entry.last_used.swap(secs, Ordering::Relaxed) != secs {
             self.store.dirty.store(true, Ordering::Relaxed);
         }
-        Ok(Identity { subject: entry.subject.clone(), role: entry.role, method: "api_key" })
+        Ok(Identity {
+            subject: entry.subject.clone(),
+            role: entry.role,
+            method: "api_key",
+        })
     }
 }
 
@@ -243,39 +256,53 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 /// Watches the keys file and writes last-use times, until the plugin is dropped.
 fn spawn_watcher(store: Weak<Store>) {
-    let spawned = std::thread::Builder::new().name("gw-keys-watch".into()).spawn(move || {
-        let mut stamp = store.upgrade().and_then(|s| s.path.as_deref().and_then(file_stamp));
-        let mut since_flush = Duration::ZERO;
-        loop {
-            std::thread::sleep(WATCH_INTERVAL);
-            let Some(store) = store.upgrade() else { return };
-            let Some(path) = store.path.as_deref() else { return };
-            let now = file_stamp(path);
-            if now != stamp {
-                stamp = now;
-                match KeysFile::load(path) {
-                    Ok(file) => {
-                        let table = Table::from_file(&file, Some(&store.table.load()));
-                        log::info!("keys file {} reloaded: {} keys", path.display(), table.by_digest.len());
-                        store.table.store(Arc::new(table));
+    let spawned = std::thread::Builder::new()
+        .name("gw-keys-watch".into())
+        .spawn(move || {
+            let mut stamp = store
+                .upgrade()
+                .and_then(|s| s.path.as_deref().and_then(file_stamp));
+            let mut since_flush = Duration::ZERO;
+            loop {
+                std::thread::sleep(WATCH_INTERVAL);
+                let Some(store) = store.upgrade() else { return };
+                let Some(path) = store.path.as_deref() else {
+                    return;
+                };
+                let now = file_stamp(path);
+                if now != stamp {
+                    stamp = now;
+                    match KeysFile::load(path) {
+                        Ok(file) => {
+                            let table = Table::from_file(&file, Some(&store.table.load()));
+                            log::info!(
+                                "keys file {} reloaded: {} keys",
+                                path.display(),
+                                table.by_digest.len()
+                            );
+                            store.table.store(Arc::new(table));
+                        }
+                        Err(e) => log::error!(
+                            "keys file changed but cannot be used, keeping the previous keys: {e}"
+                        ),
                     }
-                    Err(e) => log::error!("keys file changed but cannot be used, keeping the previous keys: {e}"),
+                }
+                since_flush += WATCH_INTERVAL;
+                if since_flush >= FLUSH_INTERVAL {
+                    since_flush = Duration::ZERO;
+                    flush_last_used(&store);
                 }
             }
-            since_flush += WATCH_INTERVAL;
-            if since_flush >= FLUSH_INTERVAL {
-                since_flush = Duration::ZERO;
-                flush_last_used(&store);
-            }
-        }
-    });
+        });
     if let Err(e) = spawned {
         log::error!("cannot start the keys file watcher; key changes need a reload: {e}");
     }
 }
 
 fn flush_last_used(store: &Store) {
-    let Some(path) = store.path.as_deref() else { return };
+    let Some(path) = store.path.as_deref() else {
+        return;
+    };
     if !store.dirty.swap(false, Ordering::Relaxed) {
         return;
     }
@@ -291,7 +318,10 @@ fn flush_last_used(store: &Store) {
         })
         .collect();
     if let Err(e) = keys::record_last_used(path, &updates) {
-        log::warn!("cannot record key last-use times next to {}: {e}", path.display());
+        log::warn!(
+            "cannot record key last-use times next to {}: {e}",
+            path.display()
+        );
     }
 }
 
@@ -307,11 +337,18 @@ impl Plugin for ApiKey {
     }
 
     fn hooks(&self) -> Hooks {
-        Hooks { request: true, ..Hooks::default() }
+        Hooks {
+            request: true,
+            ..Hooks::default()
+        }
     }
 
     fn is_identity(&self) -> bool {
         true
+    }
+
+    fn keys_file(&self) -> Option<&Path> {
+        self.store.path.as_deref()
     }
 
     fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
@@ -333,10 +370,10 @@ impl Plugin for ApiKey {
             }
             Err(reason) => {
                 ctx.auth_failure = Some("invalid_api_key");
-                RequestFlow::reply(
-                    Reply::error(401, reason)
-                        .with_header(http::header::WWW_AUTHENTICATE, "Bearer error=\"invalid_token\""),
-                )
+                RequestFlow::reply(Reply::error(401, reason).with_header(
+                    http::header::WWW_AUTHENTICATE,
+                    "Bearer error=\"invalid_token\"",
+                ))
             }
         }
     }
@@ -349,7 +386,11 @@ mod tests {
     use crate::{RequestId, Verdict};
 
     fn ctx() -> Ctx {
-        Ctx::new("127.0.0.1".parse().unwrap(), RequestId::from_random(1), false)
+        Ctx::new(
+            "127.0.0.1".parse().unwrap(),
+            RequestId::from_random(1),
+            false,
+        )
     }
 
     fn run(p: &ApiKey, headers: &[(&str, &str)]) -> (Result<Option<Identity>, u16>, RequestHeader) {
@@ -372,8 +413,26 @@ mod tests {
     fn setup() -> (tempfile::TempDir, PathBuf, String, String) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.yaml");
-        let (_, user) = create_key(&path, NewKey { name: "u".into(), role: Role::User, subject: Some("alice".into()), expires_at: None }).unwrap();
-        let (_, admin) = create_key(&path, NewKey { name: "a".into(), role: Role::Admin, subject: None, expires_at: None }).unwrap();
+        let (_, user) = create_key(
+            &path,
+            NewKey {
+                name: "u".into(),
+                role: Role::User,
+                subject: Some("alice".into()),
+                expires_at: None,
+            },
+        )
+        .unwrap();
+        let (_, admin) = create_key(
+            &path,
+            NewKey {
+                name: "a".into(),
+                role: Role::Admin,
+                subject: None,
+                expires_at: None,
+            },
+        )
+        .unwrap();
         (dir, path, user, admin)
     }
 
@@ -408,9 +467,19 @@ mod tests {
         let p = plugin(&path);
         let mut wrong = user.clone();
         wrong.replace_range(20..21, if &user[20..21] == "A" { "B" } else { "A" });
-        assert_eq!(run(&p, &[("Authorization", &format!("Bearer {wrong}"))]).0.unwrap_err(), 401);
+        assert_eq!(
+            run(&p, &[("Authorization", &format!("Bearer {wrong}"))])
+                .0
+                .unwrap_err(),
+            401
+        );
         assert_eq!(run(&p, &[("X-API-Key", "nonsense")]).0.unwrap_err(), 401);
-        assert_eq!(run(&p, &[("Authorization", "Bearer not-a-key")]).0.unwrap_err(), 401);
+        assert_eq!(
+            run(&p, &[("Authorization", "Bearer not-a-key")])
+                .0
+                .unwrap_err(),
+            401
+        );
         revoke_key(&path, &user[..9]).unwrap();
         let p = plugin(&path);
         assert_eq!(run(&p, &[("X-API-Key", &user)]).0.unwrap_err(), 401);
@@ -421,8 +490,18 @@ mod tests {
         let (_d, path, _, _) = setup();
         let p = plugin(&path);
         assert_eq!(run(&p, &[]).0.unwrap(), None);
-        assert_eq!(run(&p, &[("Authorization", "Bearer aaa.bbb.ccc")]).0.unwrap(), None);
-        assert_eq!(run(&p, &[("Authorization", "Basic dXNlcjpwYXNz")]).0.unwrap(), None);
+        assert_eq!(
+            run(&p, &[("Authorization", "Bearer aaa.bbb.ccc")])
+                .0
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            run(&p, &[("Authorization", "Basic dXNlcjpwYXNz")])
+                .0
+                .unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -430,8 +509,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.yaml");
         let past = Utc::now() - chrono::Duration::seconds(5);
-        let (_, key) = create_key(&path, NewKey { name: "old".into(), role: Role::User, subject: None, expires_at: Some(past) }).unwrap();
-        assert_eq!(run(&plugin(&path), &[("X-API-Key", &key)]).0.unwrap_err(), 401);
+        let (_, key) = create_key(
+            &path,
+            NewKey {
+                name: "old".into(),
+                role: Role::User,
+                subject: None,
+                expires_at: Some(past),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            run(&plugin(&path), &[("X-API-Key", &key)]).0.unwrap_err(),
+            401
+        );
     }
 
     #[test]
@@ -439,7 +530,9 @@ mod tests {
         let cfg = |yaml: &str| serde_yaml_ng::from_str::<ApiKeyConfig>(yaml);
         assert!(ApiKey::new(cfg("{}").unwrap()).is_err());
         assert!(ApiKey::new(cfg("{ admin_key: short }").unwrap()).is_err());
-        let err = ApiKey::new(cfg("{ keys_file: /nonexistent/keys.yaml }").unwrap()).err().unwrap();
+        let err = ApiKey::new(cfg("{ keys_file: /nonexistent/keys.yaml }").unwrap())
+            .err()
+            .unwrap();
         assert!(err.contains("key new"), "{err}");
         assert!(cfg("{ admin_key: x, sources: [query] }").is_err());
     }

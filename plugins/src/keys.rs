@@ -69,7 +69,9 @@ pub fn generate_key() -> String {
 pub fn looks_like_key(text: &[u8]) -> bool {
     text.len() == KEY_PREFIX.len() + KEY_BODY_LEN
         && text.starts_with(KEY_PREFIX.as_bytes())
-        && text[KEY_PREFIX.len()..].iter().all(u8::is_ascii_alphanumeric)
+        && text[KEY_PREFIX.len()..]
+            .iter()
+            .all(u8::is_ascii_alphanumeric)
 }
 
 /// The SHA-256 of a key.
@@ -96,7 +98,9 @@ fn role_to_str<S: serde::Serializer>(role: &Role, s: S) -> Result<S::Ok, S::Erro
 
 fn role_from_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Role, D::Error> {
     let text = String::deserialize(d)?;
-    Role::parse(&text).ok_or_else(|| serde::de::Error::custom(format!("unknown role {text:?}; use user or admin")))
+    Role::parse(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!("unknown role {text:?}; use user or admin"))
+    })
 }
 
 /// One key as stored.
@@ -146,9 +150,15 @@ pub struct KeysFile {
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a valid keys file: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("no key with id or prefix {0:?}")]
@@ -165,9 +175,17 @@ impl KeysFile {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(KeysFile::default()),
-            Err(source) => return Err(KeysError::Read { path: path.into(), source }),
+            Err(source) => {
+                return Err(KeysError::Read {
+                    path: path.into(),
+                    source,
+                })
+            }
         };
-        Self::parse(&text).map_err(|message| KeysError::Invalid { path: path.into(), message })
+        Self::parse(&text).map_err(|message| KeysError::Invalid {
+            path: path.into(),
+            message,
+        })
     }
 
     /// Parses and validates keys-file text.
@@ -179,7 +197,10 @@ impl KeysFile {
         let mut ids = std::collections::HashSet::new();
         for (i, k) in file.keys.iter().enumerate() {
             if parse_stored_hash(&k.hash).is_none() {
-                return Err(format!("keys[{i}] ({}): hash must be sha256:<64 hex digits>", k.id));
+                return Err(format!(
+                    "keys[{i}] ({}): hash must be sha256:<64 hex digits>",
+                    k.id
+                ));
             }
             if !ids.insert(&k.id) {
                 return Err(format!("keys[{i}]: id {:?} is used twice", k.id));
@@ -194,7 +215,10 @@ impl KeysFile {
             path: path.into(),
             source: std::io::Error::other(e),
         })?;
-        write_atomic(path, text.as_bytes()).map_err(|source| KeysError::Write { path: path.into(), source })
+        write_atomic(path, text.as_bytes()).map_err(|source| KeysError::Write {
+            path: path.into(),
+            source,
+        })
     }
 
     /// Active admin keys other than `except`.
@@ -232,7 +256,10 @@ impl KeysFile {
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("keys");
     let tmp = dir.join(format!(".{name}.tmp.{}", random_base62(8)));
     let result = (|| {
@@ -271,8 +298,14 @@ impl FileLock {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|source| KeysError::Write { path: lock_path.clone(), source })?;
-        file.lock().map_err(|source| KeysError::Write { path: lock_path, source })?;
+            .map_err(|source| KeysError::Write {
+                path: lock_path.clone(),
+                source,
+            })?;
+        file.lock().map_err(|source| KeysError::Write {
+            path: lock_path,
+            source,
+        })?;
         Ok(FileLock(file))
     }
 }
@@ -285,7 +318,10 @@ impl Drop for FileLock {
 
 /// `<file>.<ext>` next to the keys file.
 pub fn sidecar(keys_file: &Path, ext: &str) -> PathBuf {
-    let mut name = keys_file.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = keys_file
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".{ext}"));
     keys_file.with_file_name(name)
 }
@@ -327,7 +363,8 @@ pub fn revoke_key(path: &Path, id_or_prefix: &str) -> Result<KeyRecord, KeysErro
     let i = file.find(id_or_prefix)?;
     let now = Utc::now();
     let key = &file.keys[i];
-    if key.role == Role::Admin && key.is_active(now) && file.other_active_admins(&key.id, now) == 0 {
+    if key.role == Role::Admin && key.is_active(now) && file.other_active_admins(&key.id, now) == 0
+    {
         return Err(KeysError::LastAdmin);
     }
     file.keys[i].disabled = true;
@@ -344,7 +381,10 @@ pub fn load_last_used(keys_file: &Path) -> BTreeMap<String, DateTime<Utc>> {
 }
 
 /// Merges `updates` into the last-use file (keeping the later time of each key).
-pub fn record_last_used(keys_file: &Path, updates: &BTreeMap<String, DateTime<Utc>>) -> std::io::Result<()> {
+pub fn record_last_used(
+    keys_file: &Path,
+    updates: &BTreeMap<String, DateTime<Utc>>,
+) -> std::io::Result<()> {
     let mut all = load_last_used(keys_file);
     for (id, at) in updates {
         let slot = all.entry(id.clone()).or_insert(*at);
@@ -374,14 +414,22 @@ mod tests {
     fn create_list_revoke_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.yaml");
-        let new = |name: &str, role| NewKey { name: name.into(), role, subject: None, expires_at: None };
+        let new = |name: &str, role| NewKey {
+            name: name.into(),
+            role,
+            subject: None,
+            expires_at: None,
+        };
         let (admin, plain) = create_key(&path, new("ops", Role::Admin)).unwrap();
         assert_eq!(admin.hash, hash_for_storage(&plain));
         assert!(plain.starts_with(&admin.prefix));
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains(&plain), "the plaintext must never be stored");
         let (user, _) = create_key(&path, new("laptop", Role::User)).unwrap();
-        assert!(matches!(revoke_key(&path, &admin.id), Err(KeysError::LastAdmin)));
+        assert!(matches!(
+            revoke_key(&path, &admin.id),
+            Err(KeysError::LastAdmin)
+        ));
         let revoked = revoke_key(&path, &user.prefix).unwrap();
         assert!(revoked.disabled);
         let file = KeysFile::load(&path).unwrap();
@@ -392,7 +440,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
     }
 
@@ -411,7 +462,11 @@ mod tests {
         let t1: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
         let t2: DateTime<Utc> = "2026-02-01T00:00:00Z".parse().unwrap();
         record_last_used(&path, &BTreeMap::from([("a".to_string(), t2)])).unwrap();
-        record_last_used(&path, &BTreeMap::from([("a".to_string(), t1), ("b".to_string(), t1)])).unwrap();
+        record_last_used(
+            &path,
+            &BTreeMap::from([("a".to_string(), t1), ("b".to_string(), t1)]),
+        )
+        .unwrap();
         let used = load_last_used(&path);
         assert_eq!(used["a"], t2);
         assert_eq!(used["b"], t1);

@@ -7,16 +7,16 @@
 #![forbid(unsafe_code)]
 
 mod ctx;
+pub mod keys;
 mod plugin;
 pub mod registry;
 mod reply;
 pub mod template;
 pub mod units;
-pub mod keys;
 
+pub mod api_key;
 pub mod headers;
 pub mod ip_filter;
-pub mod api_key;
 pub mod pin_gate;
 pub mod session;
 pub mod totp;

@@ -102,7 +102,11 @@ pub struct LockoutConfig {
 
 impl Default for LockoutConfig {
     fn default() -> Self {
-        LockoutConfig { max_failures: default_failures(), window: default_window(), ban: default_ban() }
+        LockoutConfig {
+            max_failures: default_failures(),
+            window: default_window(),
+            ban: default_ban(),
+        }
     }
 }
 
@@ -159,14 +163,27 @@ impl Lockout {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if clients.len() >= MAX_TRACKED && !clients.contains_key(&ip) {
             let window = self.window.max(self.ban);
-            clients.retain(|_, a| now.duration_since(a.first_failure) < window || a.banned_until.is_some_and(|u| u > now));
+            clients.retain(|_, a| {
+                now.duration_since(a.first_failure) < window
+                    || a.banned_until.is_some_and(|u| u > now)
+            });
             if clients.len() >= MAX_TRACKED {
                 clients.clear();
             }
         }
-        let a = clients.entry(ip).or_insert(Attempts { first_failure: now, failures: 0, banned_until: None });
-        if now.duration_since(a.first_failure) > self.window || a.banned_until.is_some_and(|u| u <= now) {
-            *a = Attempts { first_failure: now, failures: 0, banned_until: None };
+        let a = clients.entry(ip).or_insert(Attempts {
+            first_failure: now,
+            failures: 0,
+            banned_until: None,
+        });
+        if now.duration_since(a.first_failure) > self.window
+            || a.banned_until.is_some_and(|u| u <= now)
+        {
+            *a = Attempts {
+                first_failure: now,
+                failures: 0,
+                banned_until: None,
+            };
         }
         a.failures += 1;
         if a.failures >= self.max_failures {
@@ -177,7 +194,10 @@ impl Lockout {
     }
 
     fn succeed(&self, ip: IpAddr) {
-        self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&ip);
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ip);
     }
 }
 
@@ -196,14 +216,22 @@ pub struct PinGate {
 
 impl PinGate {
     pub fn new(config: PinGateConfig) -> Result<Self, String> {
-        let parsed = PasswordHash::new(&config.pin_hash)
-            .map_err(|_| "`pin_hash` is not an argon2 hash; make one with `gatewarden hash-pin`".to_string())?;
+        let parsed = PasswordHash::new(&config.pin_hash).map_err(|_| {
+            "`pin_hash` is not an argon2 hash; make one with `gatewarden hash-pin`".to_string()
+        })?;
         if parsed.algorithm.as_str() != "argon2id" {
             return Err("`pin_hash` must be argon2id (from `gatewarden hash-pin`)".into());
         }
         let ttl = parse_duration(&config.session_ttl).map_err(|e| format!("session_ttl: {e}"))?;
-        let sessions = SessionKeys::new(&config.secret, &config.previous_secrets, ttl, &config.cookie_name, config.secure_cookie)?;
-        let role = Role::parse(&config.role).ok_or_else(|| format!("role: unknown role {:?}; use user or admin", config.role))?;
+        let sessions = SessionKeys::new(
+            &config.secret,
+            &config.previous_secrets,
+            ttl,
+            &config.cookie_name,
+            config.secure_cookie,
+        )?;
+        let role = Role::parse(&config.role)
+            .ok_or_else(|| format!("role: unknown role {:?}; use user or admin", config.role))?;
         let totp = match &config.totp_secret {
             Some(s) => Some(
                 crate::totp::decode_base32(s)
@@ -250,23 +278,36 @@ impl PinGate {
     }
 
     fn locked(&self, next: &str, seconds: u64) -> Reply {
-        let message = format!("Too many attempts. Try again in {} minutes.", seconds.div_ceil(60));
+        let message = format!(
+            "Too many attempts. Try again in {} minutes.",
+            seconds.div_ceil(60)
+        );
         self.page(429, next, Some(&message))
             .with_header(http::header::RETRY_AFTER, &seconds.to_string())
     }
 
     fn totp_ok(&self, code: &str) -> bool {
-        let Some(secret) = &self.totp else { return true };
-        let Some(step) = crate::totp::matching_step(secret, code, session::now_secs()) else { return false };
+        let Some(secret) = &self.totp else {
+            return true;
+        };
+        let Some(step) = crate::totp::matching_step(secret, code, session::now_secs()) else {
+            return false;
+        };
         // Accept each step once: only a step later than the last accepted one passes.
         self.totp_last_step
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| (step > last).then_some(step))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                (step > last).then_some(step)
+            })
             .is_ok()
     }
 
     async fn login(&self, https: bool, client: IpAddr, body: Bytes) -> Reply {
         let form = session::parse_form(&body);
-        let field = |name: &str| form.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str());
+        let field = |name: &str| {
+            form.iter()
+                .find(|(n, _)| n == name)
+                .map_or("", |(_, v)| v.as_str())
+        };
         let next = session::safe_next(field("next")).to_string();
         if let Some(seconds) = self.lockout.banned_for(client, Instant::now()) {
             return self.locked(&next, seconds);
@@ -275,7 +316,11 @@ impl PinGate {
         let hash = self.pin_hash.clone();
         // argon2 takes tens of milliseconds of CPU: keep it off the proxy's threads.
         let pin_ok = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash).is_ok_and(|h| Argon2::default().verify_password(pin.as_bytes(), &h).is_ok())
+            PasswordHash::new(&hash).is_ok_and(|h| {
+                Argon2::default()
+                    .verify_password(pin.as_bytes(), &h)
+                    .is_ok()
+            })
         })
         .await
         .unwrap_or(false);
@@ -285,14 +330,21 @@ impl PinGate {
             if let Some(seconds) = self.lockout.fail(client, Instant::now()) {
                 return self.locked(&next, seconds);
             }
-            let message = if self.totp.is_some() { "Wrong PIN or code." } else { "Wrong PIN." };
+            let message = if self.totp.is_some() {
+                "Wrong PIN or code."
+            } else {
+                "Wrong PIN."
+            };
             return self.page(401, &next, Some(message));
         }
         self.lockout.succeed(client);
         match self.sessions.issue(&self.subject, self.role, "pin") {
             Ok(token) => Reply::error(303, "logged in")
                 .with_header(http::header::LOCATION, &next)
-                .with_header(http::header::SET_COOKIE, &self.sessions.set_cookie(&token, https)),
+                .with_header(
+                    http::header::SET_COOKIE,
+                    &self.sessions.set_cookie(&token, https),
+                ),
             Err(e) => {
                 log::error!("cannot sign a session: {e}");
                 Reply::error(500, "cannot create a session")
@@ -303,7 +355,11 @@ impl PinGate {
 
 /// True when an `Origin` header names another site than the request's `Host`.
 fn cross_origin(req: &RequestHeader) -> bool {
-    let Some(origin) = req.headers.get(http::header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+    let Some(origin) = req
+        .headers
+        .get(http::header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+    else {
         return false;
     };
     let host = req
@@ -322,7 +378,10 @@ impl Plugin for PinGate {
     }
 
     fn hooks(&self) -> Hooks {
-        Hooks { request: true, ..Hooks::default() }
+        Hooks {
+            request: true,
+            ..Hooks::default()
+        }
     }
 
     fn is_identity(&self) -> bool {
@@ -337,12 +396,20 @@ impl Plugin for PinGate {
         path == LOGIN_PATH || path == LOGOUT_PATH
     }
 
-    fn serve<'a>(&'a self, req: &'a RequestHeader, body: Bytes, ctx: &'a mut Ctx) -> RequestFlow<'a> {
+    fn serve<'a>(
+        &'a self,
+        req: &'a RequestHeader,
+        body: Bytes,
+        ctx: &'a mut Ctx,
+    ) -> RequestFlow<'a> {
         let path = req.uri.path();
         let method = &req.method;
         if path == LOGOUT_PATH {
             if *method != http::Method::POST {
-                return RequestFlow::reply(Reply::error(405, "use POST to log out").with_header(http::header::ALLOW, "POST"));
+                return RequestFlow::reply(
+                    Reply::error(405, "use POST to log out")
+                        .with_header(http::header::ALLOW, "POST"),
+                );
             }
             if cross_origin(req) {
                 return RequestFlow::reply(Reply::error(403, "cross-origin logout refused"));
@@ -350,13 +417,20 @@ impl Plugin for PinGate {
             return RequestFlow::reply(
                 Reply::error(303, "logged out")
                     .with_header(http::header::LOCATION, LOGIN_PATH)
-                    .with_header(http::header::SET_COOKIE, &self.sessions.clear_cookie(ctx.https)),
+                    .with_header(
+                        http::header::SET_COOKIE,
+                        &self.sessions.clear_cookie(ctx.https),
+                    ),
             );
         }
         let query_next = req
             .uri
             .query()
-            .and_then(|q| session::parse_form(q.as_bytes()).into_iter().find(|(n, _)| n == "next"))
+            .and_then(|q| {
+                session::parse_form(q.as_bytes())
+                    .into_iter()
+                    .find(|(n, _)| n == "next")
+            })
             .map(|(_, v)| v)
             .unwrap_or_default();
         match *method {
@@ -372,9 +446,14 @@ impl Plugin for PinGate {
                     return RequestFlow::reply(Reply::error(403, "cross-origin login refused"));
                 }
                 let (https, client) = (ctx.https, ctx.client_ip);
-                RequestFlow::Wait(Box::pin(async move { Verdict::Reply(self.login(https, client, body).await) }))
+                RequestFlow::Wait(Box::pin(async move {
+                    Verdict::Reply(self.login(https, client, body).await)
+                }))
             }
-            _ => RequestFlow::reply(Reply::error(405, "method not allowed").with_header(http::header::ALLOW, "GET, POST")),
+            _ => RequestFlow::reply(
+                Reply::error(405, "method not allowed")
+                    .with_header(http::header::ALLOW, "GET, POST"),
+            ),
         }
     }
 
@@ -387,21 +466,31 @@ impl Plugin for PinGate {
                 if ctx.identity.is_none() {
                     ctx.identity = Some(identity);
                 }
+                self.sessions.strip_cookie(req, ctx.https);
                 RequestFlow::CONTINUE
             }
             Err(e) => {
-                ctx.auth_failure = Some(if e == SessionError::Expired { "session_expired" } else { "invalid_session" });
+                ctx.auth_failure = Some(if e == SessionError::Expired {
+                    "session_expired"
+                } else {
+                    "invalid_session"
+                });
                 let clear = self.sessions.clear_cookie(ctx.https);
                 let navigation = req.method == http::Method::GET
-                    && req.headers.get(http::header::ACCEPT).is_some_and(|a| a.as_bytes().windows(9).any(|w| w == b"text/html"));
+                    && req
+                        .headers
+                        .get(http::header::ACCEPT)
+                        .is_some_and(|a| a.as_bytes().windows(9).any(|w| w == b"text/html"));
                 // A bad session is never anonymous: browsers go back to the login page,
                 // other clients get 401.
                 let reply = if navigation {
                     let next = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
                     let location = format!("{LOGIN_PATH}?next={}", encode_query(next));
-                    Reply::error(302, "session expired or invalid").with_header(http::header::LOCATION, &location)
+                    Reply::error(302, "session expired or invalid")
+                        .with_header(http::header::LOCATION, &location)
                 } else {
-                    Reply::error(401, "session expired or invalid").with_header(http::header::WWW_AUTHENTICATE, "Bearer")
+                    Reply::error(401, "session expired or invalid")
+                        .with_header(http::header::WWW_AUTHENTICATE, "Bearer")
                 };
                 RequestFlow::reply(reply.with_header(http::header::SET_COOKIE, &clear))
             }
@@ -438,7 +527,9 @@ fn escape_html(text: &str) -> String {
 }
 
 fn login_page(next: &str, message: Option<&str>, with_totp: bool, extra_css: &str) -> String {
-    let message = message.map_or(String::new(), |m| format!("<p class=\"error\" role=\"alert\">{}</p>", escape_html(m)));
+    let message = message.map_or(String::new(), |m| {
+        format!("<p class=\"error\" role=\"alert\">{}</p>", escape_html(m))
+    });
     let totp = if with_totp {
         "<label for=\"totp\">Authenticator code</label>\n      <input id=\"totp\" name=\"totp\" inputmode=\"numeric\" pattern=\"[0-9]{6}\" autocomplete=\"one-time-code\" maxlength=\"6\" required>"
     } else {
@@ -502,17 +593,36 @@ mod tests {
     }
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
     }
 
     #[test]
     fn the_right_pin_gets_a_session_cookie_and_a_safe_redirect() {
         let g = gate("");
-        let r = block_on(g.login(false, ip(1), Bytes::from("pin=1234&next=%2F%2Fevil.example")));
+        let r = block_on(g.login(
+            false,
+            ip(1),
+            Bytes::from("pin=1234&next=%2F%2Fevil.example"),
+        ));
         assert_eq!(r.status, 303);
-        let location = r.headers.iter().find(|(n, _)| n == http::header::LOCATION).unwrap();
+        let location = r
+            .headers
+            .iter()
+            .find(|(n, _)| n == http::header::LOCATION)
+            .unwrap();
         assert_eq!(location.1, "/");
-        let cookie = r.headers.iter().find(|(n, _)| n == http::header::SET_COOKIE).unwrap().1.to_str().unwrap().to_string();
+        let cookie = r
+            .headers
+            .iter()
+            .find(|(n, _)| n == http::header::SET_COOKIE)
+            .unwrap()
+            .1
+            .to_str()
+            .unwrap()
+            .to_string();
         let token = cookie.split(';').next().unwrap().split_once('=').unwrap().1;
         assert_eq!(&*g.sessions.verify(token).unwrap().subject, "pin");
     }
@@ -521,22 +631,46 @@ mod tests {
     fn lockout_bans_an_address_even_for_the_right_pin_and_spares_others() {
         let g = gate("");
         for _ in 0..2 {
-            assert_eq!(block_on(g.login(false, ip(2), Bytes::from("pin=0000"))).status, 401);
+            assert_eq!(
+                block_on(g.login(false, ip(2), Bytes::from("pin=0000"))).status,
+                401
+            );
         }
         let banned = block_on(g.login(false, ip(2), Bytes::from("pin=0000")));
         assert_eq!(banned.status, 429);
-        assert!(banned.headers.iter().any(|(n, v)| n == http::header::RETRY_AFTER && v == "60"));
-        assert_eq!(block_on(g.login(false, ip(2), Bytes::from("pin=1234"))).status, 429);
-        assert_eq!(block_on(g.login(false, ip(3), Bytes::from("pin=1234"))).status, 303);
+        assert!(banned
+            .headers
+            .iter()
+            .any(|(n, v)| n == http::header::RETRY_AFTER && v == "60"));
+        assert_eq!(
+            block_on(g.login(false, ip(2), Bytes::from("pin=1234"))).status,
+            429
+        );
+        assert_eq!(
+            block_on(g.login(false, ip(3), Bytes::from("pin=1234"))).status,
+            303
+        );
     }
 
     #[test]
     fn totp_codes_work_once() {
         let g = gate(", totp_secret: GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ");
-        let code = format!("{:06}", crate::totp::code(b"12345678901234567890", session::now_secs() / 30));
-        assert_eq!(block_on(g.login(false, ip(4), Bytes::from("pin=1234"))).status, 401);
-        assert_eq!(block_on(g.login(false, ip(4), Bytes::from(format!("pin=1234&totp={code}")))).status, 303);
-        assert_eq!(block_on(g.login(false, ip(4), Bytes::from(format!("pin=1234&totp={code}")))).status, 401);
+        let code = format!(
+            "{:06}",
+            crate::totp::code(b"12345678901234567890", session::now_secs() / 30)
+        );
+        assert_eq!(
+            block_on(g.login(false, ip(4), Bytes::from("pin=1234"))).status,
+            401
+        );
+        assert_eq!(
+            block_on(g.login(false, ip(4), Bytes::from(format!("pin=1234&totp={code}")))).status,
+            303
+        );
+        assert_eq!(
+            block_on(g.login(false, ip(4), Bytes::from(format!("pin=1234&totp={code}")))).status,
+            401
+        );
     }
 
     #[test]
@@ -550,7 +684,8 @@ mod tests {
     fn bad_or_expired_sessions_are_never_anonymous() {
         let g = gate("");
         let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
-        req.append_header("Cookie", "gatewarden=forged.token.value").unwrap();
+        req.append_header("Cookie", "gatewarden=forged.token.value")
+            .unwrap();
         req.append_header("Accept", "application/json").unwrap();
         let mut ctx = Ctx::new(ip(5), RequestId::from_random(0), false);
         let status = match g.on_request(&mut req, &mut ctx) {
@@ -563,10 +698,14 @@ mod tests {
     #[test]
     fn settings_are_validated() {
         let bad = |yaml: &str| PinGate::new(serde_yaml_ng::from_str(yaml).unwrap()).is_err();
-        assert!(bad("{ pin_hash: plain, secret: '0123456789abcdef0123456789abcdef' }"));
+        assert!(bad(
+            "{ pin_hash: plain, secret: '0123456789abcdef0123456789abcdef' }"
+        ));
         let hash = hash_pin("1").unwrap();
         assert!(bad(&format!("{{ pin_hash: '{hash}', secret: short }}")));
-        assert!(bad(&format!("{{ pin_hash: '{hash}', secret: '0123456789abcdef0123456789abcdef', role: root }}")));
+        assert!(bad(&format!(
+            "{{ pin_hash: '{hash}', secret: '0123456789abcdef0123456789abcdef', role: root }}"
+        )));
         assert!(bad(&format!("{{ pin_hash: '{hash}', secret: '0123456789abcdef0123456789abcdef', totp_secret: '!!' }}")));
     }
 }

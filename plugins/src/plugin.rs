@@ -85,6 +85,11 @@ pub trait Plugin: Send + Sync + 'static {
         false
     }
 
+    /// The keys file this plugin reads, which the admin API manages.
+    fn keys_file(&self) -> Option<&std::path::Path> {
+        None
+    }
+
     /// True when this plugin answers `path` itself (a login form, a logout, an OIDC
     /// callback under `/.gatewarden/`). The core then reads the request body (up to
     /// 16 KiB) and calls [`Plugin::serve`] instead of proxying.
@@ -93,7 +98,12 @@ pub trait Plugin: Send + Sync + 'static {
     }
 
     /// Answers a path claimed by [`Plugin::serves`].
-    fn serve<'a>(&'a self, _req: &'a RequestHeader, _body: Bytes, _ctx: &'a mut Ctx) -> RequestFlow<'a> {
+    fn serve<'a>(
+        &'a self,
+        _req: &'a RequestHeader,
+        _body: Bytes,
+        _ctx: &'a mut Ctx,
+    ) -> RequestFlow<'a> {
         RequestFlow::reply(Reply::error(404, "not found"))
     }
 

@@ -54,14 +54,26 @@ pub enum SessionError {
 }
 
 impl SessionKeys {
-    pub fn new(secret: &str, previous: &[String], ttl: Duration, cookie_name: &str, secure: SecureCookie) -> Result<Self, String> {
+    pub fn new(
+        secret: &str,
+        previous: &[String],
+        ttl: Duration,
+        cookie_name: &str,
+        secure: SecureCookie,
+    ) -> Result<Self, String> {
         if secret.len() < MIN_SECRET_LEN {
             return Err(format!("`secret` must be at least {MIN_SECRET_LEN} bytes"));
         }
         if let Some(short) = previous.iter().position(|s| s.len() < MIN_SECRET_LEN) {
-            return Err(format!("previous_secrets[{short}] must be at least {MIN_SECRET_LEN} bytes"));
+            return Err(format!(
+                "previous_secrets[{short}] must be at least {MIN_SECRET_LEN} bytes"
+            ));
         }
-        if cookie_name.is_empty() || !cookie_name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        if cookie_name.is_empty()
+            || !cookie_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
             return Err("`cookie_name` may use letters, digits, '-' and '_' only".into());
         }
         let mut validation = Validation::new(Algorithm::HS256);
@@ -110,7 +122,8 @@ impl SessionKeys {
             iat: now,
             exp: now + self.ttl.as_secs(),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.signing).map_err(|e| e.to_string())
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.signing)
+            .map_err(|e| e.to_string())
     }
 
     /// Verifies a session token; expiry is checked here, on the server.
@@ -120,13 +133,23 @@ impl SessionKeys {
             match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
                 Ok(data) => {
                     let role = Role::parse(&data.claims.role).ok_or(SessionError::Invalid)?;
-                    return Ok(Identity { subject: Arc::from(data.claims.sub), role, method: "session" });
+                    return Ok(Identity {
+                        subject: Arc::from(data.claims.sub),
+                        role,
+                        method: "session",
+                    });
                 }
-                Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => expired = true,
+                Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
+                    expired = true
+                }
                 Err(_) => {}
             }
         }
-        Err(if expired { SessionError::Expired } else { SessionError::Invalid })
+        Err(if expired {
+            SessionError::Expired
+        } else {
+            SessionError::Invalid
+        })
     }
 
     /// The `Set-Cookie` value that stores `token`.
@@ -152,6 +175,28 @@ impl SessionKeys {
             .max_age(cookie::time::Duration::ZERO)
             .build()
             .to_string()
+    }
+
+    /// Removes the session cookie from the request, keeping every other cookie, so the
+    /// upstream never sees (and can never replay) the gateway's session.
+    pub fn strip_cookie(&self, req: &mut crate::RequestHeader, https: bool) {
+        let name = self.cookie_name(https);
+        let kept: Vec<String> = req
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .map(str::trim)
+            .filter(|pair| {
+                !pair.is_empty() && pair.split_once('=').map_or(*pair, |(n, _)| n) != name
+            })
+            .map(str::to_string)
+            .collect();
+        req.remove_header(&http::header::COOKIE);
+        if !kept.is_empty() {
+            let _ = req.insert_header(http::header::COOKIE, kept.join("; "));
+        }
     }
 
     /// The session token in the request's cookies, if any.
@@ -190,7 +235,9 @@ pub fn safe_next(next: &str) -> &str {
     // Decode once and look again: `/%2f%2fevil` must not become `//evil` downstream.
     let decoded = percent_decode(next);
     let d = decoded.as_bytes();
-    if matches!(d.get(1), Some(b'/') | Some(b'\\')) || d.iter().any(|b| *b < 0x20 || *b == 0x7f || *b == b'\\') {
+    if matches!(d.get(1), Some(b'/') | Some(b'\\'))
+        || d.iter().any(|b| *b < 0x20 || *b == 0x7f || *b == b'\\')
+    {
         return "/";
     }
     next
@@ -204,7 +251,9 @@ pub fn percent_decode(text: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
                 match hex {
                     Some(v) => {
                         out.push(v);
@@ -248,7 +297,14 @@ mod tests {
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn keys(previous: &[String]) -> SessionKeys {
-        SessionKeys::new(SECRET, previous, Duration::from_secs(60), "gatewarden", SecureCookie::Auto).unwrap()
+        SessionKeys::new(
+            SECRET,
+            previous,
+            Duration::from_secs(60),
+            "gatewarden",
+            SecureCookie::Auto,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -262,24 +318,46 @@ mod tests {
         assert_eq!(k.verify(&forged_payload), Err(SessionError::Invalid));
         let mut sig = parts[2].to_string();
         sig.replace_range(0..1, if &sig[0..1] == "A" { "B" } else { "A" });
-        assert_eq!(k.verify(&format!("{}.{}.{}", parts[0], parts[1], sig)), Err(SessionError::Invalid));
-        assert_eq!(k.verify(&format!("{}.{}.{}", parts[0], parts[1], &parts[2][..10])), Err(SessionError::Invalid));
+        assert_eq!(
+            k.verify(&format!("{}.{}.{}", parts[0], parts[1], sig)),
+            Err(SessionError::Invalid)
+        );
+        assert_eq!(
+            k.verify(&format!("{}.{}.{}", parts[0], parts[1], &parts[2][..10])),
+            Err(SessionError::Invalid)
+        );
         assert_eq!(k.verify("garbage"), Err(SessionError::Invalid));
     }
 
     #[test]
     fn previous_secrets_verify_but_never_sign() {
-        let old = SessionKeys::new("an-old-secret-that-is-long-enough!!", &[], Duration::from_secs(60), "gatewarden", SecureCookie::Auto).unwrap();
+        let old = SessionKeys::new(
+            "an-old-secret-that-is-long-enough!!",
+            &[],
+            Duration::from_secs(60),
+            "gatewarden",
+            SecureCookie::Auto,
+        )
+        .unwrap();
         let token = old.issue("pin", Role::User, "pin").unwrap();
         let rotated = keys(&["an-old-secret-that-is-long-enough!!".to_string()]);
         assert!(rotated.verify(&token).is_ok());
         assert!(keys(&[]).verify(&token).is_err());
-        assert!(old.verify(&rotated.issue("pin", Role::User, "pin").unwrap()).is_err());
+        assert!(old
+            .verify(&rotated.issue("pin", Role::User, "pin").unwrap())
+            .is_err());
     }
 
     #[test]
     fn expired_sessions_are_refused() {
-        let k = SessionKeys::new(SECRET, &[], Duration::ZERO, "gatewarden", SecureCookie::Auto).unwrap();
+        let k = SessionKeys::new(
+            SECRET,
+            &[],
+            Duration::ZERO,
+            "gatewarden",
+            SecureCookie::Auto,
+        )
+        .unwrap();
         let token = k.issue("pin", Role::User, "pin").unwrap();
         std::thread::sleep(Duration::from_millis(1100));
         assert_eq!(k.verify(&token), Err(SessionError::Expired));
@@ -295,8 +373,26 @@ mod tests {
         }
         assert!(!plain.contains("Secure"));
         let tls = k.set_cookie("t", true);
-        assert!(tls.starts_with("__Host-gatewarden=t") && tls.contains("Secure"), "{tls}");
+        assert!(
+            tls.starts_with("__Host-gatewarden=t") && tls.contains("Secure"),
+            "{tls}"
+        );
         assert!(SessionKeys::new("short", &[], Duration::ZERO, "g", SecureCookie::Auto).is_err());
+    }
+
+    #[test]
+    fn only_the_session_cookie_is_stripped() {
+        let k = keys(&[]);
+        let mut req = crate::RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("Cookie", "a=1; gatewarden=tok").unwrap();
+        req.append_header("Cookie", "b=2").unwrap();
+        assert_eq!(k.token_from(&req, false), Some("tok"));
+        k.strip_cookie(&mut req, false);
+        assert_eq!(req.headers.get("cookie").unwrap(), "a=1; b=2");
+        let mut only = crate::RequestHeader::build("GET", b"/", None).unwrap();
+        only.append_header("Cookie", "gatewarden=tok").unwrap();
+        k.strip_cookie(&mut only, false);
+        assert!(only.headers.get("cookie").is_none());
     }
 
     #[test]

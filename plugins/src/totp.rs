@@ -36,14 +36,23 @@ pub fn code(secret: &[u8], step: u64) -> u32 {
     mac.update(&step.to_be_bytes());
     let digest = mac.finalize().into_bytes();
     let offset = (digest[19] & 0x0f) as usize;
-    let value = u32::from_be_bytes([digest[offset] & 0x7f, digest[offset + 1], digest[offset + 2], digest[offset + 3]]);
+    let value = u32::from_be_bytes([
+        digest[offset] & 0x7f,
+        digest[offset + 1],
+        digest[offset + 2],
+        digest[offset + 3],
+    ]);
     value % 1_000_000
 }
 
 /// The time step a code entered at `unix_seconds` matches, trying the steps before and
 /// after too (clock drift); `None` when none matches.
 pub fn matching_step(secret: &[u8], entered: &str, unix_seconds: u64) -> Option<u64> {
-    let entered: u32 = entered.trim().parse().ok().filter(|_| entered.trim().len() == 6)?;
+    let entered: u32 = entered
+        .trim()
+        .parse()
+        .ok()
+        .filter(|_| entered.trim().len() == 6)?;
     let now = unix_seconds / STEP_SECONDS;
     [now, now.saturating_sub(1), now + 1]
         .into_iter()
@@ -66,8 +75,14 @@ mod tests {
 
     #[test]
     fn base32_decodes_like_authenticator_apps() {
-        assert_eq!(decode_base32("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ").unwrap(), b"12345678901234567890");
-        assert_eq!(decode_base32("gezd gnbv").unwrap(), decode_base32("GEZDGNBV").unwrap());
+        assert_eq!(
+            decode_base32("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ").unwrap(),
+            b"12345678901234567890"
+        );
+        assert_eq!(
+            decode_base32("gezd gnbv").unwrap(),
+            decode_base32("GEZDGNBV").unwrap()
+        );
         assert!(decode_base32("not base32!").is_none());
     }
 

@@ -44,6 +44,10 @@ pub struct Snapshot {
     pub plugin_count: usize,
     pub redis_url: Option<String>,
     pub admin_api_key: Option<String>,
+    /// The config as written, secrets masked, for `GET /admin/config`.
+    pub masked_config: serde_json::Value,
+    /// Keys files of the identity plugins, for the admin keys API.
+    pub keys_files: Vec<std::path::PathBuf>,
 }
 
 /// A compiled config file: the reloadable snapshot, the process-level settings that
@@ -121,6 +125,7 @@ pub fn compile(text: &str, generation: u64) -> Result<Compiled, Vec<ConfigError>
             }]);
         }
     };
+    let masked_config = super::mask::masked(&root);
     let mut expand_errors = Vec::new();
     expand_tree(&mut root, "", &mut expand_errors);
     for e in &expand_errors {
@@ -386,6 +391,12 @@ pub fn compile(text: &str, generation: u64) -> Result<Compiled, Vec<ConfigError>
         return Err(errors.list);
     }
     let plugin_count = plugins.len();
+    let mut keys_files: Vec<std::path::PathBuf> = plugins
+        .values()
+        .filter_map(|p| p.keys_file().map(Into::into))
+        .collect();
+    keys_files.sort();
+    keys_files.dedup();
     Ok(Compiled {
         snapshot: Snapshot {
             generation,
@@ -396,6 +407,8 @@ pub fn compile(text: &str, generation: u64) -> Result<Compiled, Vec<ConfigError>
             plugin_count,
             redis_url,
             admin_api_key: admin.as_ref().and_then(|a| a.api_key.clone()),
+            masked_config,
+            keys_files,
         },
         listeners,
         admin,

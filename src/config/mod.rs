@@ -5,6 +5,7 @@ pub mod compile;
 mod expand;
 pub mod file;
 mod lines;
+pub mod mask;
 pub mod units;
 
 use std::fmt;
