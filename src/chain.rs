@@ -6,6 +6,8 @@ use gatewarden_plugins::{Hooks, Plugin};
 
 pub struct Chain {
     pub plugins: Vec<Arc<dyn Plugin>>,
+    /// Each plugin's name under `plugins:`, for metrics and logs.
+    pub names: Vec<Arc<str>>,
     /// The union of every plugin's hooks.
     pub hooks: Hooks,
     /// How many plugins run their request hook before the core checks access: all
@@ -18,7 +20,8 @@ pub struct Chain {
 }
 
 impl Chain {
-    pub fn new(plugins: Vec<Arc<dyn Plugin>>) -> Self {
+    pub fn new(named: Vec<(Arc<str>, Arc<dyn Plugin>)>) -> Self {
+        let (names, plugins): (Vec<_>, Vec<_>) = named.into_iter().unzip();
         let hooks = plugins
             .iter()
             .fold(Hooks::default(), |acc, p| acc.union(p.hooks()));
@@ -29,6 +32,7 @@ impl Chain {
             has_login_page: plugins.iter().any(|p| p.has_login_page()),
             has_identity: last_identity.is_some(),
             plugins,
+            names,
         }
     }
 }

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub backend_healthy: IntGaugeVec,
     pub config_reloads: IntCounterVec,
     pub inflight: IntGauge,
+    pub redis_errors: IntCounter,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -73,6 +74,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         &["upstream", "backend"],
     )?;
     registry.register(Box::new(backend_healthy.clone()))?;
+    let redis_errors = IntCounter::new(
+        "gatewarden_redis_errors_total",
+        "Failed Redis commands (timeouts, refused connections, errors).",
+    )?;
+    registry.register(Box::new(redis_errors.clone()))?;
     let inflight = IntGauge::new("gatewarden_inflight_requests", "Requests being served now.")?;
     registry.register(Box::new(inflight.clone()))?;
     Ok(Metrics {
@@ -85,6 +91,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         backend_healthy,
         config_reloads,
         inflight,
+        redis_errors,
     })
 }
 
@@ -101,6 +108,11 @@ pub fn metrics() -> &'static Metrics {
 /// The Prometheus text exposition of every metric.
 pub fn render() -> Vec<u8> {
     let mut out = Vec::with_capacity(8192);
+    // Plugins count Redis errors in an atomic of their own; publish it here.
+    let m = metrics();
+    let redis = gatewarden_plugins::redis_store::error_count();
+    m.redis_errors
+        .inc_by(redis.saturating_sub(m.redis_errors.get()));
     let families = metrics().registry.gather();
     if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
         log::warn!("cannot encode metrics: {e}");
@@ -157,6 +169,13 @@ impl RouteMetrics {
             auth_failures: m.auth_failures.clone(),
             route: route.clone(),
         }
+    }
+
+    pub fn rate_limited(&self, plugin: &str) {
+        metrics()
+            .rate_limited
+            .with_label_values(&[&self.route, plugin])
+            .inc();
     }
 
     pub fn auth_failure(&self, reason: &str) {

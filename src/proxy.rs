@@ -211,6 +211,9 @@ async fn run_request_hooks(route: &Route, req: &mut RequestHeader, ctx: &mut Ctx
                 if let Some(reason) = ctx.auth_failure {
                     route.metrics.auth_failure(reason);
                 }
+                if ctx.rate_limited {
+                    route.metrics.rate_limited(&chain.names[i]);
+                }
                 return Some(reply);
             }
         }
@@ -350,6 +353,7 @@ impl ProxyHttp for Gateway {
         }
 
         ctx.snapshot = Some(snapshot);
+        ctx.plugin.route = Some(route.name.clone());
         let refusal = run_request_hooks(&route, session.req_header_mut(), &mut ctx.plugin).await;
         ctx.route = Some(route);
         match refusal {

@@ -40,7 +40,7 @@ impl State {
             return Err("this gateway runs a built-in config; there is no file to reload".into());
         };
         let generation = self.generation.load(Ordering::Acquire) + 1;
-        match config::load(path, generation) {
+        match config::load_with(path, generation, Some(&self.current())) {
             Ok(compiled) => {
                 for w in &compiled.warnings {
                     log::warn!("{w}");

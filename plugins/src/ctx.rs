@@ -101,6 +101,14 @@ pub struct Ctx {
     pub identity: Option<Identity>,
     /// Why a credential was refused, for `gatewarden_auth_failures_total{reason}`.
     pub auth_failure: Option<&'static str>,
+    /// The matched route's name (set by the core).
+    pub route: Option<Arc<str>>,
+    /// The tightest rate limit seen, for the `RateLimit-*` response headers.
+    pub rate_limit: Option<crate::rate_limit::RateLimitInfo>,
+    /// Set when a limit refused the request, for `gatewarden_rate_limited_total`.
+    pub rate_limited: bool,
+    /// Concurrency slots held until the request ends.
+    pub inflight_slots: Vec<crate::rate_limit::InflightSlot>,
 }
 
 impl Ctx {
@@ -111,6 +119,10 @@ impl Ctx {
             https,
             identity: None,
             auth_failure: None,
+            route: None,
+            rate_limit: None,
+            rate_limited: false,
+            inflight_slots: Vec::new(),
         }
     }
 }

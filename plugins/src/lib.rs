@@ -15,9 +15,12 @@ pub mod template;
 pub mod units;
 
 pub mod api_key;
+pub mod gcra;
 pub mod headers;
 pub mod ip_filter;
 pub mod pin_gate;
+pub mod rate_limit;
+pub mod redis_store;
 pub mod session;
 pub mod totp;
 

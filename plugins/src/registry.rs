@@ -12,6 +12,10 @@ use crate::Plugin;
 pub struct BuildEnv {
     /// Directory that relative file paths in plugin settings are resolved against.
     pub base_dir: PathBuf,
+    /// The plugin's name under `plugins:`; names its shared state (Redis keys).
+    pub name: String,
+    /// The top-level `redis:` connection, when configured.
+    pub redis: Option<Arc<crate::redis_store::RedisHandle>>,
 }
 
 /// Why a plugin could not be built; shown to the user with the plugin's config path.
@@ -43,10 +47,16 @@ const REGISTRY: &[(&str, Constructor)] = &[
     ("pin_gate", |v, _| {
         Ok(Arc::new(crate::pin_gate::PinGate::new(settings(v)?)?))
     }),
+    ("rate_limit", |v, env| {
+        Ok(Arc::new(crate::rate_limit::RateLimit::new(
+            settings(v)?,
+            env,
+        )?))
+    }),
 ];
 
 /// Every plugin type this build knows, in registry order.
-pub const PLUGIN_TYPES: &[&str] = &["headers", "ip_filter", "api_key", "pin_gate"];
+pub const PLUGIN_TYPES: &[&str] = &["headers", "ip_filter", "api_key", "pin_gate", "rate_limit"];
 
 /// Builds a plugin of type `type_name` from its settings (the YAML block without `type`).
 pub fn build(

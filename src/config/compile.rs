@@ -48,6 +48,9 @@ pub struct Snapshot {
     pub masked_config: serde_json::Value,
     /// Keys files of the identity plugins, for the admin keys API.
     pub keys_files: Vec<std::path::PathBuf>,
+    /// Every plugin instance by name, kept for the next reload.
+    pub plugins: BTreeMap<String, BuiltPlugin>,
+    pub redis: Option<Arc<gatewarden_plugins::redis_store::RedisHandle>>,
 }
 
 /// A compiled config file: the reloadable snapshot, the process-level settings that
@@ -61,6 +64,8 @@ pub struct Compiled {
 }
 
 pub const DEFAULT_MAX_BODY: u64 = 10 << 20;
+/// Connect and command timeout for Redis: short, so a sick Redis costs little.
+const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
 pub const DEFAULT_LISTENER: &str = "127.0.0.1:8080";
 
 /// Collects errors; every error is placed at a path and looked up in the line index.
@@ -107,6 +112,40 @@ impl Errors<'_> {
 
 /// Compiles a config file's text. `generation` numbers this config for `/healthz`.
 pub fn compile(text: &str, generation: u64) -> Result<Compiled, Vec<ConfigError>> {
+    compile_with(text, generation, None)
+}
+
+/// A plugin instance with the fingerprint of the settings it was built from.
+#[derive(Clone)]
+pub struct BuiltPlugin {
+    fingerprint: [u8; 32],
+    pub plugin: Arc<dyn Plugin>,
+}
+
+/// Fingerprint of a plugin's type and expanded settings; equal fingerprints mean the
+/// previous instance (with its counters, lockouts, in-flight slots) can be kept.
+fn fingerprint(type_name: &str, settings: &Value, redis_url: Option<&str>) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(type_name.as_bytes());
+    h.update([0]);
+    h.update(
+        serde_yaml_ng::to_string(settings)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    h.update([0]);
+    h.update(redis_url.unwrap_or("").as_bytes());
+    h.finalize().into()
+}
+
+/// Like [`compile`], reusing from `previous` every plugin whose settings did not
+/// change, so that reloads keep rate-limit state and lockouts.
+pub fn compile_with(
+    text: &str,
+    generation: u64,
+    previous: Option<&Snapshot>,
+) -> Result<Compiled, Vec<ConfigError>> {
     let index = LineIndex::new(text);
     let mut errors = Errors {
         index: &index,
@@ -263,10 +302,28 @@ pub fn compile(text: &str, generation: u64) -> Result<Compiled, Vec<ConfigError>
     }
 
     // Plugins.
-    let env = BuildEnv {
+    let redis = match (&redis_url, previous) {
+        (Some(url), Some(prev)) if prev.redis_url.as_deref() == Some(url.as_str()) => {
+            prev.redis.clone()
+        }
+        (Some(url), _) => {
+            match gatewarden_plugins::redis_store::RedisHandle::new(url, REDIS_TIMEOUT) {
+                Ok(h) => Some(Arc::new(h)),
+                Err(e) => {
+                    errors.push("redis.url", e);
+                    None
+                }
+            }
+        }
+        (None, _) => None,
+    };
+    let mut env = BuildEnv {
         base_dir: std::env::current_dir().unwrap_or_default(),
+        name: String::new(),
+        redis: redis.clone(),
     };
     let mut plugins: BTreeMap<String, Arc<dyn Plugin>> = BTreeMap::new();
+    let mut built: BTreeMap<String, BuiltPlugin> = BTreeMap::new();
     let mut declared_plugins = BTreeSet::new();
     if let Some(map) = mapping(take("plugins"), "plugins", &mut errors) {
         for (key, value) in map {
@@ -290,9 +347,27 @@ pub fn compile(text: &str, generation: u64) -> Result<Compiled, Vec<ConfigError>
                     continue;
                 }
             };
-            match gatewarden_plugins::build(&type_name, Value::Mapping(block), &env) {
+            let settings = Value::Mapping(block);
+            let print = fingerprint(&type_name, &settings, redis_url.as_deref());
+            if let Some(old) = previous
+                .and_then(|p| p.plugins.get(&name))
+                .filter(|old| old.fingerprint == print)
+            {
+                plugins.insert(name.clone(), old.plugin.clone());
+                built.insert(name, old.clone());
+                continue;
+            }
+            env.name = name.clone();
+            match gatewarden_plugins::build(&type_name, settings, &env) {
                 Ok(p) => {
-                    plugins.insert(name, p);
+                    plugins.insert(name.clone(), p.clone());
+                    built.insert(
+                        name,
+                        BuiltPlugin {
+                            fingerprint: print,
+                            plugin: p,
+                        },
+                    );
                 }
                 Err(e) => errors.push(format!("{path} (type: {type_name})"), e.to_string()),
             }
@@ -383,9 +458,6 @@ pub fn compile(text: &str, generation: u64) -> Result<Compiled, Vec<ConfigError>
             warnings.push(format!("plugins.{name}: not used by any route"));
         }
     }
-    if redis_url.is_some() {
-        warnings.push("redis: no plugin of this build uses it yet".into());
-    }
 
     if !errors.list.is_empty() {
         return Err(errors.list);
@@ -409,6 +481,8 @@ pub fn compile(text: &str, generation: u64) -> Result<Compiled, Vec<ConfigError>
             admin_api_key: admin.as_ref().and_then(|a| a.api_key.clone()),
             masked_config,
             keys_files,
+            plugins: built,
+            redis,
         },
         listeners,
         admin,
@@ -574,12 +648,12 @@ fn compile_route(
     let mut chain = Vec::new();
     for name in global {
         if let Some(p) = plugins.get(name) {
-            chain.push(p.clone());
+            chain.push((Arc::from(name.as_str()), p.clone()));
         }
     }
     for (i, name) in section.plugins.iter().enumerate() {
         match plugins.get(name) {
-            Some(p) => chain.push(p.clone()),
+            Some(p) => chain.push((Arc::from(name.as_str()), p.clone())),
             None if declared_plugins.contains(name) => {} // already reported under plugins:
             None => errors.push(
                 format!("{path}.plugins[{i}]"),

@@ -71,6 +71,15 @@ impl std::error::Error for ConfigErrors {}
 
 /// Reads and compiles a config file.
 pub fn load(path: &Path, generation: u64) -> Result<Compiled, ConfigErrors> {
+    load_with(path, generation, None)
+}
+
+/// Reads and compiles a config file, keeping unchanged plugins of `previous`.
+pub fn load_with(
+    path: &Path,
+    generation: u64,
+    previous: Option<&Snapshot>,
+) -> Result<Compiled, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
         file: path.to_path_buf(),
         errors: vec![ConfigError::at(
@@ -78,7 +87,7 @@ pub fn load(path: &Path, generation: u64) -> Result<Compiled, ConfigErrors> {
             format!("cannot read the config file: {e}"),
         )],
     })?;
-    compile(&text, generation).map_err(|errors| ConfigErrors {
+    compile::compile_with(&text, generation, previous).map_err(|errors| ConfigErrors {
         file: path.to_path_buf(),
         errors,
     })

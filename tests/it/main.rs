@@ -6,4 +6,5 @@ mod harness;
 mod cli;
 mod proxying;
 mod routing;
+mod traffic;
 mod upstreams;

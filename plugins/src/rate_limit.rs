@@ -1,0 +1,488 @@
+//! `rate_limit`: requests per key over time, and concurrent requests per key.
+//!
+//! ```yaml
+//! plugins:
+//!   per_ip:
+//!     type: rate_limit
+//!     key: client_ip          # client_ip | identity | header:NAME | route
+//!     rate: 20/s              # N/s, N/min or N/h
+//!     burst: 40               # at once, before the rate applies (default: N)
+//!     max_in_flight: 8        # optional: concurrent requests per key, long streams included
+//!     backend: local          # local | redis (the top-level `redis:` block)
+//!     on_backend_error: allow # allow | deny, while Redis is unreachable
+//! ```
+//!
+//! The algorithm is GCRA, a token bucket with `burst` tokens refilled at `rate`: a key may
+//! send `burst` requests at once, then one per `1/rate`. Over any stretch of time T a key
+//! gets at most `burst + rate × T` requests. Every response of the route carries
+//! `RateLimit-Limit` (the burst), `RateLimit-Remaining` and `RateLimit-Reset` (seconds
+//! until the bucket is full); a 429 also carries `Retry-After`.
+//!
+//! `key: identity` limits per caller (subject); requests without identity fall back to
+//! the client address, as do `header:` keys whose header is missing, so that leaving a
+//! header out never lands a client in one shared bucket.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::HeaderName;
+use serde::Deserialize;
+
+use crate::gcra::{self, Decision, Gcra, LocalTable};
+use crate::redis_store::{self, RedisHandle};
+use crate::{
+    BuildEnv, Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, ResponseHeader, Verdict,
+};
+
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// What the `RateLimit-*` headers of this response say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitInfo {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_secs: u64,
+}
+
+/// Settings of a `rate_limit` plugin.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// What is limited: `client_ip` (default), `identity`, `header:NAME` or `route`.
+    #[serde(default = "default_key")]
+    pub key: String,
+    /// `N/s`, `N/min` or `N/h`.
+    pub rate: Option<String>,
+    /// Requests allowed at once (default: N of the rate).
+    pub burst: Option<u64>,
+    /// Concurrent requests per key, streams included.
+    pub max_in_flight: Option<u32>,
+    /// `local` (default) or `redis`.
+    #[serde(default)]
+    pub backend: Backend,
+    /// What to do while Redis is unreachable: `allow` (default) or `deny` (503).
+    #[serde(default)]
+    pub on_backend_error: OnError,
+}
+
+fn default_key() -> String {
+    "client_ip".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeyKind {
+    ClientIp,
+    Identity,
+    Header(HeaderName),
+    Route,
+}
+
+/// Parses `20/s`, `100/min`, `1000/h`.
+pub fn parse_rate(text: &str) -> Result<(u64, Duration), String> {
+    let (n, unit) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a rate like 20/s, 100/min or 1000/h"))?;
+    let n: u64 = n
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?}: the count must be a positive integer"))?;
+    let period = match unit.trim() {
+        "s" | "sec" => Duration::from_secs(1),
+        "m" | "min" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        other => return Err(format!("{text:?}: unknown unit {other:?}; use s, min or h")),
+    };
+    Ok((n, period))
+}
+
+/// Concurrent requests per key.
+#[derive(Default)]
+struct InflightTable {
+    counts: Mutex<HashMap<u64, u32>>,
+}
+
+/// A held concurrency slot; gives it back when the request's context is dropped,
+/// whether the response completed, failed or the client went away.
+pub struct InflightSlot {
+    table: Arc<InflightTable>,
+    key: u64,
+}
+
+impl std::fmt::Debug for InflightSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InflightSlot")
+    }
+}
+
+impl Drop for InflightSlot {
+    fn drop(&mut self) {
+        let mut counts = self.table.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The runtime form of a `rate_limit` plugin.
+pub struct RateLimit {
+    key: KeyKind,
+    gcra: Option<Gcra>,
+    max_in_flight: Option<u32>,
+    local: LocalTable,
+    inflight: Arc<InflightTable>,
+    redis: Option<(Arc<RedisHandle>, redis::Script, String)>,
+    on_error: OnError,
+}
+
+impl RateLimit {
+    pub fn new(config: RateLimitConfig, env: &BuildEnv) -> Result<Self, String> {
+        let key = match config.key.as_str() {
+            "client_ip" => KeyKind::ClientIp,
+            "identity" => KeyKind::Identity,
+            "route" => KeyKind::Route,
+            other => match other.strip_prefix("header:") {
+                Some(name) => KeyKind::Header(
+                    HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|_| format!("key: {name:?} is not a header name"))?,
+                ),
+                None => {
+                    return Err(format!(
+                        "unknown key {other:?}; use client_ip, identity, header:NAME or route"
+                    ))
+                }
+            },
+        };
+        let gcra = match &config.rate {
+            Some(rate) => {
+                let (n, period) = parse_rate(rate).map_err(|e| format!("rate: {e}"))?;
+                Some(Gcra::new(n, period, config.burst.unwrap_or(n)))
+            }
+            None if config.burst.is_some() => return Err("`burst` needs a `rate`".into()),
+            None => None,
+        };
+        if gcra.is_none() && config.max_in_flight.is_none() {
+            return Err("set `rate`, `max_in_flight`, or both".into());
+        }
+        if config.max_in_flight == Some(0) {
+            return Err("max_in_flight must be at least 1".into());
+        }
+        let redis = match config.backend {
+            Backend::Local => None,
+            Backend::Redis => {
+                let handle = env
+                    .redis
+                    .clone()
+                    .ok_or("`backend: redis` needs the top-level `redis:` block")?;
+                Some((
+                    handle,
+                    redis::Script::new(gcra::REDIS_SCRIPT),
+                    format!("gw:rl:{}:", env.name),
+                ))
+            }
+        };
+        Ok(RateLimit {
+            key,
+            gcra,
+            max_in_flight: config.max_in_flight,
+            local: LocalTable::default(),
+            inflight: Arc::new(InflightTable::default()),
+            redis,
+            on_error: config.on_backend_error,
+        })
+    }
+
+    /// The key's bytes for this request, written into `buf` when they must be built.
+    /// The first byte separates the kinds, so an identity never shares an address's bucket.
+    fn key_bytes<'a>(
+        &self,
+        req: &'a RequestHeader,
+        ctx: &'a Ctx,
+        buf: &'a mut [u8; 17],
+    ) -> &'a [u8] {
+        let ip = |buf: &'a mut [u8; 17]| -> &'a [u8] {
+            buf[0] = b'i';
+            buf[1..].copy_from_slice(&match ctx.client_ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                IpAddr::V6(v6) => v6.octets(),
+            });
+            &buf[..]
+        };
+        match &self.key {
+            KeyKind::ClientIp => ip(buf),
+            KeyKind::Identity => match &ctx.identity {
+                Some(id) => id.subject.as_bytes(),
+                None => ip(buf),
+            },
+            KeyKind::Header(name) => match req.headers.get(name) {
+                Some(v) if !v.is_empty() => v.as_bytes(),
+                _ => ip(buf),
+            },
+            KeyKind::Route => ctx.route.as_deref().map_or(b"" as &[u8], str::as_bytes),
+        }
+    }
+
+    fn take_slot(&self, key: u64, ctx: &mut Ctx) -> bool {
+        let Some(max) = self.max_in_flight else {
+            return true;
+        };
+        let mut counts = self
+            .inflight
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(key).or_insert(0);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        drop(counts);
+        ctx.inflight_slots.push(InflightSlot {
+            table: self.inflight.clone(),
+            key,
+        });
+        true
+    }
+
+    /// Records the decision for the response headers; the tightest limit of a chain wins.
+    fn note(&self, gcra: &Gcra, d: &Decision, ctx: &mut Ctx) {
+        let info = RateLimitInfo {
+            limit: gcra.burst(),
+            remaining: d.remaining,
+            reset_secs: d.reset.as_secs_f64().ceil() as u64,
+        };
+        if ctx
+            .rate_limit
+            .is_none_or(|prev| info.remaining < prev.remaining)
+        {
+            ctx.rate_limit = Some(info);
+        }
+    }
+
+    fn refuse(&self, retry_after: Duration, ctx: &mut Ctx) -> Reply {
+        ctx.rate_limited = true;
+        let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        let mut reply = Reply::error(429, "rate limit exceeded")
+            .with_header(http::header::RETRY_AFTER, &secs.to_string());
+        if let Some(info) = ctx.rate_limit {
+            reply = add_headers(reply, info);
+        }
+        reply
+    }
+}
+
+fn add_headers(reply: Reply, info: RateLimitInfo) -> Reply {
+    reply
+        .with_header(RATELIMIT_LIMIT.clone(), &info.limit.to_string())
+        .with_header(RATELIMIT_REMAINING.clone(), &info.remaining.to_string())
+        .with_header(RATELIMIT_RESET.clone(), &info.reset_secs.to_string())
+}
+
+fn hex_key(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(bytes)[..16])
+}
+
+impl Plugin for RateLimit {
+    fn type_name(&self) -> &'static str {
+        "rate_limit"
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            request: true,
+            response: self.gcra.is_some(),
+            ..Hooks::default()
+        }
+    }
+
+    fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
+        let mut buf = [0u8; 17];
+        let bytes = self.key_bytes(req, ctx, &mut buf);
+        let key = self.local.hash(bytes);
+        let redis_key = self
+            .redis
+            .as_ref()
+            .map(|(_, _, prefix)| format!("{prefix}{}", hex_key(bytes)));
+        if !self.take_slot(key, ctx) {
+            ctx.rate_limited = true;
+            return RequestFlow::reply(
+                Reply::error(429, "too many concurrent requests")
+                    .with_header(http::header::RETRY_AFTER, "1"),
+            );
+        }
+        let Some(gcra) = &self.gcra else {
+            return RequestFlow::CONTINUE;
+        };
+        let Some((handle, script, _)) = &self.redis else {
+            let d = self.local.spend(gcra, key, 1);
+            self.note(gcra, &d, ctx);
+            return if d.allowed {
+                RequestFlow::CONTINUE
+            } else {
+                RequestFlow::reply(self.refuse(d.retry_after, ctx))
+            };
+        };
+        let redis_key = redis_key.unwrap_or_default();
+        RequestFlow::Wait(Box::pin(async move {
+            let args = [
+                (gcra.interval_ns() / 1000).max(1) as i64,
+                (gcra.tolerance_ns() / 1000) as i64,
+                1,
+                0,
+            ];
+            match handle
+                .run::<Vec<i64>>(script, &[&redis_key], &args)
+                .await
+                .map(|r| gcra::decision_from_redis(&r))
+            {
+                Ok(Some(d)) => {
+                    self.note(gcra, &d, ctx);
+                    if d.allowed {
+                        Verdict::Continue
+                    } else {
+                        Verdict::Reply(self.refuse(d.retry_after, ctx))
+                    }
+                }
+                Ok(None) => backend_failed(self.on_error, "unexpected script reply"),
+                Err(e) => backend_failed(self.on_error, &e),
+            }
+        }))
+    }
+
+    fn on_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) {
+        if let Some(info) = ctx.rate_limit {
+            let _ = resp.insert_header(RATELIMIT_LIMIT.clone(), info.limit);
+            let _ = resp.insert_header(RATELIMIT_REMAINING.clone(), info.remaining);
+            let _ = resp.insert_header(RATELIMIT_RESET.clone(), info.reset_secs);
+        }
+    }
+}
+
+fn backend_failed(on_error: OnError, error: &str) -> Verdict {
+    redis_store::report_error("rate limit", &error);
+    match on_error {
+        OnError::Allow => Verdict::Continue,
+        OnError::Deny => Verdict::Reply(
+            Reply::error(503, "rate limiter unavailable")
+                .with_header(http::header::RETRY_AFTER, "1"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Identity, RequestId, Role};
+
+    fn plugin(yaml: &str) -> RateLimit {
+        RateLimit::new(serde_yaml_ng::from_str(yaml).unwrap(), &BuildEnv::default()).unwrap()
+    }
+
+    fn ctx(ip: &str) -> Ctx {
+        Ctx::new(ip.parse().unwrap(), RequestId::from_random(0), false)
+    }
+
+    fn status(p: &RateLimit, c: &mut Ctx, headers: &[(&str, &str)]) -> u16 {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for (n, v) in headers {
+            req.append_header(n.to_string(), *v).unwrap();
+        }
+        let status = match p.on_request(&mut req, c) {
+            RequestFlow::Done(Verdict::Continue) => 200,
+            RequestFlow::Done(Verdict::Reply(r)) => r.status,
+            RequestFlow::Wait(_) => 0,
+        };
+        status
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("20/s").unwrap(), (20, Duration::from_secs(1)));
+        assert_eq!(parse_rate("5/min").unwrap(), (5, Duration::from_secs(60)));
+        assert_eq!(
+            parse_rate("100/h").unwrap(),
+            (100, Duration::from_secs(3600))
+        );
+        for bad in ["20", "0/s", "x/s", "20/day"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn limits_per_client_ip_with_headers() {
+        let p = plugin("{ rate: 2/min, burst: 2 }");
+        let mut c = ctx("192.0.2.1");
+        assert_eq!(status(&p, &mut c, &[]), 200);
+        assert_eq!(c.rate_limit.unwrap().remaining, 1);
+        assert_eq!(status(&p, &mut ctx("192.0.2.1"), &[]), 200);
+        let mut c = ctx("192.0.2.1");
+        assert_eq!(status(&p, &mut c, &[]), 429);
+        assert!(c.rate_limited);
+        assert_eq!(status(&p, &mut ctx("192.0.2.2"), &[]), 200);
+    }
+
+    #[test]
+    fn identity_and_header_keys_fall_back_to_the_address() {
+        let p = plugin("{ key: identity, rate: 1/min }");
+        let mut alice = ctx("192.0.2.1");
+        alice.identity = Some(Identity {
+            subject: Arc::from("alice"),
+            role: Role::User,
+            method: "t",
+        });
+        assert_eq!(status(&p, &mut alice, &[]), 200);
+        // Same address, no identity: its own bucket.
+        assert_eq!(status(&p, &mut ctx("192.0.2.1"), &[]), 200);
+        let h = plugin("{ key: 'header:X-Tenant', rate: 1/min }");
+        assert_eq!(status(&h, &mut ctx("192.0.2.9"), &[("X-Tenant", "a")]), 200);
+        assert_eq!(status(&h, &mut ctx("192.0.2.8"), &[("X-Tenant", "a")]), 429);
+        assert_eq!(status(&h, &mut ctx("192.0.2.8"), &[]), 200);
+    }
+
+    #[test]
+    fn in_flight_slots_are_released_when_the_request_ends() {
+        let p = plugin("{ max_in_flight: 1 }");
+        let mut first = ctx("192.0.2.1");
+        assert_eq!(status(&p, &mut first, &[]), 200);
+        assert_eq!(status(&p, &mut ctx("192.0.2.1"), &[]), 429);
+        drop(first);
+        assert_eq!(status(&p, &mut ctx("192.0.2.1"), &[]), 200);
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let bad = |yaml: &str| {
+            RateLimit::new(serde_yaml_ng::from_str(yaml).unwrap(), &BuildEnv::default()).is_err()
+        };
+        assert!(bad("{}"));
+        assert!(bad("{ rate: 1/s, backend: redis }"));
+        assert!(bad("{ key: ip, rate: 1/s }"));
+        assert!(bad("{ burst: 3 }"));
+        assert!(bad("{ max_in_flight: 0 }"));
+    }
+}

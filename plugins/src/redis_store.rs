@@ -1,0 +1,106 @@
+//! The shared Redis (or Valkey) connection handed to plugins that keep state across
+//! replicas. A few multiplexed connections, each reconnecting by itself, opened on
+//! first use; every command has a short timeout so a slow Redis cannot stall requests.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::OnceCell;
+
+/// Connections kept open; each one multiplexes many requests.
+const POOL_SIZE: usize = 4;
+
+static ERRORS: AtomicU64 = AtomicU64::new(0);
+static LAST_LOG: AtomicU64 = AtomicU64::new(0);
+
+/// Redis errors since start, for `gatewarden_redis_errors_total`.
+pub fn error_count() -> u64 {
+    ERRORS.load(Ordering::Relaxed)
+}
+
+/// Counts an error and logs it, at most once every 10 seconds.
+pub fn report_error(what: &str, error: &dyn std::fmt::Display) {
+    ERRORS.fetch_add(1, Ordering::Relaxed);
+    let now = crate::session::now_secs();
+    let last = LAST_LOG.load(Ordering::Relaxed);
+    if now >= last + 10
+        && LAST_LOG
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        log::warn!(
+            "redis: {what}: {error} (further errors counted in gatewarden_redis_errors_total)"
+        );
+    }
+}
+
+/// A handle on the configured Redis.
+pub struct RedisHandle {
+    client: redis::Client,
+    pool: Vec<OnceCell<ConnectionManager>>,
+    next: AtomicUsize,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("RedisHandle").finish_non_exhaustive()
+    }
+}
+
+impl RedisHandle {
+    /// Parses the URL; nothing connects until the first command.
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
+        let client =
+            redis::Client::open(url).map_err(|e| format!("invalid redis url ({:?})", e.kind()))?;
+        Ok(RedisHandle {
+            client,
+            pool: (0..POOL_SIZE).map(|_| OnceCell::new()).collect(),
+            next: AtomicUsize::new(0),
+            timeout,
+        })
+    }
+
+    /// A connection from the pool, opened on first use.
+    pub async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        let slot = &self.pool[self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len()];
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let manager = slot
+            .get_or_try_init(|| async {
+                ConnectionManager::new_with_config(self.client.clone(), config).await
+            })
+            .await?;
+        Ok(manager.clone())
+    }
+
+    /// Runs `script` with a deadline; any failure is an error the caller decides on.
+    pub async fn run<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        keys: &[&str],
+        args: &[i64],
+    ) -> Result<T, String> {
+        let work = async {
+            let mut conn = self.connection().await?;
+            let mut invocation = script.prepare_invoke();
+            for k in keys {
+                invocation.key(*k);
+            }
+            for a in args {
+                invocation.arg(*a);
+            }
+            invocation.invoke_async::<T>(&mut conn).await
+        };
+        match tokio::time::timeout(self.timeout * 2, work).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+}
