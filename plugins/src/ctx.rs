@@ -109,6 +109,8 @@ pub struct Ctx {
     pub rate_limited: bool,
     /// Concurrency slots held until the request ends.
     pub inflight_slots: Vec<crate::rate_limit::InflightSlot>,
+    /// Token counting of an `llm_budget` plugin.
+    pub llm_budget: Option<crate::llm_budget::BudgetState>,
 }
 
 impl Ctx {
@@ -123,6 +125,7 @@ impl Ctx {
             rate_limit: None,
             rate_limited: false,
             inflight_slots: Vec::new(),
+            llm_budget: None,
         }
     }
 }

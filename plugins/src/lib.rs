@@ -18,6 +18,7 @@ pub mod api_key;
 pub mod gcra;
 pub mod headers;
 pub mod ip_filter;
+pub mod llm_budget;
 pub mod pin_gate;
 pub mod rate_limit;
 pub mod redis_store;

@@ -89,12 +89,65 @@ pub enum OnError {
     Deny,
 }
 
+/// Whose bucket a request falls in; shared by the traffic plugins.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum KeyKind {
+pub enum KeySource {
     ClientIp,
     Identity,
     Header(HeaderName),
     Route,
+}
+
+impl KeySource {
+    pub fn parse(text: &str) -> Result<KeySource, String> {
+        Ok(match text {
+            "client_ip" => KeySource::ClientIp,
+            "identity" => KeySource::Identity,
+            "route" => KeySource::Route,
+            other => match other.strip_prefix("header:") {
+                Some(name) => KeySource::Header(
+                    HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|_| format!("key: {name:?} is not a header name"))?,
+                ),
+                None => {
+                    return Err(format!(
+                        "unknown key {other:?}; use client_ip, identity, header:NAME or route"
+                    ))
+                }
+            },
+        })
+    }
+
+    /// The key's bytes for this request, written into `buf` when they must be built.
+    /// The first byte separates the kinds, so an identity never shares an address's
+    /// bucket; a missing identity or header falls back to the client address.
+    pub fn bytes<'a>(
+        &self,
+        req: &'a RequestHeader,
+        ctx: &'a Ctx,
+        buf: &'a mut [u8; 17],
+    ) -> &'a [u8] {
+        let ip = |buf: &'a mut [u8; 17]| -> &'a [u8] {
+            buf[0] = b'i';
+            buf[1..].copy_from_slice(&match ctx.client_ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                IpAddr::V6(v6) => v6.octets(),
+            });
+            &buf[..]
+        };
+        match self {
+            KeySource::ClientIp => ip(buf),
+            KeySource::Identity => match &ctx.identity {
+                Some(id) => id.subject.as_bytes(),
+                None => ip(buf),
+            },
+            KeySource::Header(name) => match req.headers.get(name) {
+                Some(v) if !v.is_empty() => v.as_bytes(),
+                _ => ip(buf),
+            },
+            KeySource::Route => ctx.route.as_deref().map_or(b"" as &[u8], str::as_bytes),
+        }
+    }
 }
 
 /// Parses `20/s`, `100/min`, `1000/h`.
@@ -150,7 +203,7 @@ impl Drop for InflightSlot {
 
 /// The runtime form of a `rate_limit` plugin.
 pub struct RateLimit {
-    key: KeyKind,
+    key: KeySource,
     gcra: Option<Gcra>,
     max_in_flight: Option<u32>,
     local: LocalTable,
@@ -161,22 +214,7 @@ pub struct RateLimit {
 
 impl RateLimit {
     pub fn new(config: RateLimitConfig, env: &BuildEnv) -> Result<Self, String> {
-        let key = match config.key.as_str() {
-            "client_ip" => KeyKind::ClientIp,
-            "identity" => KeyKind::Identity,
-            "route" => KeyKind::Route,
-            other => match other.strip_prefix("header:") {
-                Some(name) => KeyKind::Header(
-                    HeaderName::from_bytes(name.as_bytes())
-                        .map_err(|_| format!("key: {name:?} is not a header name"))?,
-                ),
-                None => {
-                    return Err(format!(
-                        "unknown key {other:?}; use client_ip, identity, header:NAME or route"
-                    ))
-                }
-            },
-        };
+        let key = KeySource::parse(&config.key)?;
         let gcra = match &config.rate {
             Some(rate) => {
                 let (n, period) = parse_rate(rate).map_err(|e| format!("rate: {e}"))?;
@@ -214,36 +252,6 @@ impl RateLimit {
             redis,
             on_error: config.on_backend_error,
         })
-    }
-
-    /// The key's bytes for this request, written into `buf` when they must be built.
-    /// The first byte separates the kinds, so an identity never shares an address's bucket.
-    fn key_bytes<'a>(
-        &self,
-        req: &'a RequestHeader,
-        ctx: &'a Ctx,
-        buf: &'a mut [u8; 17],
-    ) -> &'a [u8] {
-        let ip = |buf: &'a mut [u8; 17]| -> &'a [u8] {
-            buf[0] = b'i';
-            buf[1..].copy_from_slice(&match ctx.client_ip {
-                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-                IpAddr::V6(v6) => v6.octets(),
-            });
-            &buf[..]
-        };
-        match &self.key {
-            KeyKind::ClientIp => ip(buf),
-            KeyKind::Identity => match &ctx.identity {
-                Some(id) => id.subject.as_bytes(),
-                None => ip(buf),
-            },
-            KeyKind::Header(name) => match req.headers.get(name) {
-                Some(v) if !v.is_empty() => v.as_bytes(),
-                _ => ip(buf),
-            },
-            KeyKind::Route => ctx.route.as_deref().map_or(b"" as &[u8], str::as_bytes),
-        }
     }
 
     fn take_slot(&self, key: u64, ctx: &mut Ctx) -> bool {
@@ -302,7 +310,8 @@ fn add_headers(reply: Reply, info: RateLimitInfo) -> Reply {
         .with_header(RATELIMIT_RESET.clone(), &info.reset_secs.to_string())
 }
 
-fn hex_key(bytes: &[u8]) -> String {
+/// A fixed-length Redis key part for any key bytes.
+pub fn hex_key(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(&sha2::Sha256::digest(bytes)[..16])
 }
@@ -322,7 +331,7 @@ impl Plugin for RateLimit {
 
     fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
         let mut buf = [0u8; 17];
-        let bytes = self.key_bytes(req, ctx, &mut buf);
+        let bytes = self.key.bytes(req, ctx, &mut buf);
         let key = self.local.hash(bytes);
         let redis_key = self
             .redis
@@ -383,7 +392,8 @@ impl Plugin for RateLimit {
     }
 }
 
-fn backend_failed(on_error: OnError, error: &str) -> Verdict {
+/// The verdict while Redis is unreachable.
+pub fn backend_failed(on_error: OnError, error: &str) -> Verdict {
     redis_store::report_error("rate limit", &error);
     match on_error {
         OnError::Allow => Verdict::Continue,

@@ -53,10 +53,23 @@ const REGISTRY: &[(&str, Constructor)] = &[
             env,
         )?))
     }),
+    ("llm_budget", |v, env| {
+        Ok(Arc::new(crate::llm_budget::LlmBudget::new(
+            settings(v)?,
+            env,
+        )?))
+    }),
 ];
 
 /// Every plugin type this build knows, in registry order.
-pub const PLUGIN_TYPES: &[&str] = &["headers", "ip_filter", "api_key", "pin_gate", "rate_limit"];
+pub const PLUGIN_TYPES: &[&str] = &[
+    "headers",
+    "ip_filter",
+    "api_key",
+    "pin_gate",
+    "rate_limit",
+    "llm_budget",
+];
 
 /// Builds a plugin of type `type_name` from its settings (the YAML block without `type`).
 pub fn build(

@@ -272,3 +272,102 @@ fn limiter_state_survives_a_reload_that_keeps_its_settings() {
     });
     assert_eq!(get(gw.addr, "/echo", &[]).status, 200);
 }
+
+/// An OpenAI-style upstream: `/json` answers a completion with usage, `/sse` streams
+/// chunks whose last one carries usage. Each answer costs `tokens`.
+fn llm_upstream(tokens: u64) -> SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                let sse = line.contains("/sse");
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let mut out = stream;
+                if sse {
+                    let _ = out.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n");
+                    let _ = out
+                        .write_all(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+                    let _ = out.write_all(format!("data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":1,\"total_tokens\":{tokens}}}}}\n\ndata: [DONE]\n\n").as_bytes());
+                } else {
+                    let body = format!("{{\"id\":\"c\",\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":{tokens}}}}}");
+                    let _ = out.write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).as_bytes());
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn budget_config(upstream: SocketAddr, backend: &str, extra: &str) -> String {
+    limited_config(
+        upstream,
+        &format!("{{ type: llm_budget, key: 'header:X-User', tokens_per_minute: 100, backend: {backend} }}"),
+        extra,
+    )
+}
+
+#[test]
+fn a_token_budget_is_spent_by_plain_and_streamed_completions() {
+    let gw = Gateway::start(&budget_config(llm_upstream(60), "local", ""));
+    for path in ["/json", "/sse"] {
+        let user = format!("X-User: {path}");
+        // 60 tokens: under budget; 120: spent; the next request waits for the window.
+        assert_eq!(get(gw.addr, path, &[&user]).status, 200);
+        assert_eq!(get(gw.addr, path, &[&user]).status, 200);
+        let r = get(gw.addr, path, &[&user]);
+        assert_eq!(r.status, 429, "{path}");
+        assert!(r.header("retry-after").is_some());
+        // Another caller has a budget of its own.
+        assert_eq!(get(gw.addr, path, &["X-User: someone-else"]).status, 200);
+    }
+}
+
+#[test]
+fn a_token_budget_in_redis_is_shared_by_replicas() {
+    let redis = Redis::start();
+    let up = llm_upstream(60);
+    let extra = format!("redis: {{ url: 'redis://127.0.0.1:{}/0' }}", redis.port);
+    let a = Gateway::start(&budget_config(up, "redis", &extra));
+    let b = Gateway::start(&budget_config(up, "redis", &extra));
+    // Charges happen after each response, in the background: read Redis to know when.
+    let tat = || -> u64 {
+        let out = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "--raw", "eval", "local k = redis.call('KEYS', 'gw:llm:*')[1]; if k then return redis.call('GET', k) end return '0'", "0"])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    assert_eq!(get(a.addr, "/json", &["X-User: u"]).status, 200);
+    poll_until(
+        "the first charge to reach Redis",
+        Duration::from_secs(5),
+        || tat() > 0,
+    );
+    let after_first = tat();
+    assert_eq!(
+        get(b.addr, "/json", &["X-User: u"]).status,
+        200,
+        "60 of 100 tokens spent"
+    );
+    poll_until(
+        "the second charge to reach Redis",
+        Duration::from_secs(5),
+        || tat() > after_first,
+    );
+    // 120 of 100 spent across the two replicas: both refuse at once.
+    assert_eq!(get(a.addr, "/json", &["X-User: u"]).status, 429);
+    assert_eq!(get(b.addr, "/json", &["X-User: u"]).status, 429);
+}

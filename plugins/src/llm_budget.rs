@@ -1,0 +1,376 @@
+//! `llm_budget`: LLM tokens per caller per minute.
+//!
+//! ```yaml
+//! plugins:
+//!   budget:
+//!     type: llm_budget
+//!     key: identity             # identity (default) | client_ip | header:NAME
+//!     tokens_per_minute: 20000
+//!     backend: local            # local | redis
+//!     on_backend_error: allow   # allow | deny
+//! ```
+//!
+//! Counts `usage.total_tokens` of OpenAI-style responses as they stream: the JSON body of
+//! a completion, or the final chunk of a streamed (SSE) one that carries `usage`. The
+//! count is known only when the response ends, so it is charged then; a caller whose
+//! tokens of the last minute reach the budget gets 429 (with `Retry-After`) until enough
+//! of that minute has passed. One large answer may overdraw the budget; the debt is paid
+//! off over the following minutes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::gcra::{self, Gcra, LocalTable};
+use crate::rate_limit::{Backend, OnError};
+use crate::redis_store::{self, RedisHandle};
+use crate::{
+    BuildEnv, Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, ResponseHeader, Verdict,
+};
+
+/// Settings of an `llm_budget` plugin.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmBudgetConfig {
+    /// Whose budget: `identity` (default), `client_ip` or `header:NAME`.
+    #[serde(default = "default_key")]
+    pub key: String,
+    /// Tokens per caller per minute.
+    pub tokens_per_minute: u64,
+    /// `local` (default) or `redis`.
+    #[serde(default)]
+    pub backend: Backend,
+    /// While Redis is unreachable: `allow` (default) or `deny` (503).
+    #[serde(default)]
+    pub on_backend_error: OnError,
+}
+
+fn default_key() -> String {
+    "identity".into()
+}
+
+const PATTERN: &[u8] = b"\"total_tokens\"";
+
+/// Finds the last `"total_tokens": N` in a stream, byte by byte, across chunk borders,
+/// without buffering anything.
+#[derive(Debug, Default, Clone)]
+pub struct UsageScanner {
+    matched: usize,
+    /// After the key: 0 looking for ':', 1 reading digits.
+    after_key: Option<u8>,
+    value: u64,
+    /// The last complete value seen.
+    pub total: Option<u64>,
+}
+
+impl UsageScanner {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            match self.after_key {
+                Some(0) => match b {
+                    b' ' | b'\t' | b'\r' | b'\n' => {}
+                    b':' => {
+                        self.after_key = Some(1);
+                        self.value = 0;
+                        self.matched = usize::MAX; // no digit yet
+                    }
+                    _ => self.after_key = None,
+                },
+                Some(_) => {
+                    if b.is_ascii_digit() {
+                        self.value = self
+                            .value
+                            .saturating_mul(10)
+                            .saturating_add(u64::from(b - b'0'));
+                        self.matched = 0;
+                    } else if matches!(b, b' ' | b'\t') && self.matched == usize::MAX {
+                        // whitespace before the number
+                    } else {
+                        if self.matched == 0 {
+                            self.total = Some(self.value);
+                        }
+                        self.after_key = None;
+                        self.matched = 0;
+                    }
+                }
+                None => {
+                    if b == PATTERN[self.matched] {
+                        self.matched += 1;
+                        if self.matched == PATTERN.len() {
+                            self.after_key = Some(0);
+                            self.matched = 0;
+                        }
+                    } else {
+                        self.matched = usize::from(b == PATTERN[0]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The count, also when the stream ended right after the digits.
+    pub fn finish(&mut self) -> Option<u64> {
+        if self.after_key == Some(1) && self.matched == 0 {
+            self.total = Some(self.value);
+            self.after_key = None;
+        }
+        self.total
+    }
+}
+
+/// Per-request state of an `llm_budget` plugin.
+#[derive(Debug, Default)]
+pub struct BudgetState {
+    key: u64,
+    redis_key: Option<String>,
+    pub scanner: Option<UsageScanner>,
+}
+
+/// The runtime form of an `llm_budget` plugin.
+pub struct LlmBudget {
+    key: crate::rate_limit::KeySource,
+    gcra: Gcra,
+    local: LocalTable,
+    redis: Option<(Arc<RedisHandle>, Arc<redis::Script>, String)>,
+    on_error: OnError,
+}
+
+impl LlmBudget {
+    pub fn new(config: LlmBudgetConfig, env: &BuildEnv) -> Result<Self, String> {
+        if config.tokens_per_minute == 0 {
+            return Err("tokens_per_minute must be at least 1".into());
+        }
+        let key = crate::rate_limit::KeySource::parse(&config.key)?;
+        let redis = match config.backend {
+            Backend::Local => None,
+            Backend::Redis => {
+                let handle = env
+                    .redis
+                    .clone()
+                    .ok_or("`backend: redis` needs the top-level `redis:` block")?;
+                Some((
+                    handle,
+                    Arc::new(redis::Script::new(gcra::REDIS_SCRIPT)),
+                    format!("gw:llm:{}:", env.name),
+                ))
+            }
+        };
+        Ok(LlmBudget {
+            key,
+            gcra: Gcra::new(
+                config.tokens_per_minute,
+                Duration::from_secs(60),
+                config.tokens_per_minute,
+            ),
+            local: LocalTable::default(),
+            redis,
+            on_error: config.on_backend_error,
+        })
+    }
+
+    fn refuse(&self, retry_after: Duration) -> Reply {
+        let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        Reply::error(429, "token budget exhausted")
+            .with_header(http::header::RETRY_AFTER, &secs.to_string())
+    }
+
+    fn redis_args(&self, cost: u64, mode: i64) -> [i64; 4] {
+        [
+            (self.gcra.interval_ns() / 1000).max(1) as i64,
+            (self.gcra.tolerance_ns() / 1000) as i64,
+            cost as i64,
+            mode,
+        ]
+    }
+}
+
+impl Plugin for LlmBudget {
+    fn type_name(&self) -> &'static str {
+        "llm_budget"
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            request: true,
+            response: true,
+            response_body: true,
+            logging: true,
+            ..Hooks::default()
+        }
+    }
+
+    fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
+        let mut buf = [0u8; 17];
+        let bytes = self.key.bytes(req, ctx, &mut buf);
+        let key = self.local.hash(bytes);
+        let redis_key = self
+            .redis
+            .as_ref()
+            .map(|(_, _, prefix)| format!("{prefix}{}", crate::rate_limit::hex_key(bytes)));
+        ctx.llm_budget = Some(BudgetState {
+            key,
+            redis_key: redis_key.clone(),
+            scanner: None,
+        });
+        let Some((handle, script, _)) = &self.redis else {
+            let d = self.local.peek(&self.gcra, key);
+            return if d.allowed {
+                RequestFlow::CONTINUE
+            } else {
+                ctx.rate_limited = true;
+                RequestFlow::reply(self.refuse(d.retry_after))
+            };
+        };
+        let redis_key = redis_key.unwrap_or_default();
+        RequestFlow::Wait(Box::pin(async move {
+            match handle
+                .run::<Vec<i64>>(script, &[&redis_key], &self.redis_args(0, 1))
+                .await
+            {
+                Ok(reply) => match gcra::decision_from_redis(&reply) {
+                    Some(d) if d.allowed => Verdict::Continue,
+                    Some(d) => {
+                        ctx.rate_limited = true;
+                        Verdict::Reply(self.refuse(d.retry_after))
+                    }
+                    None => {
+                        crate::rate_limit::backend_failed(self.on_error, "unexpected script reply")
+                    }
+                },
+                Err(e) => crate::rate_limit::backend_failed(self.on_error, &e),
+            }
+        }))
+    }
+
+    fn on_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) {
+        let countable = resp.status == 200
+            && resp
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|ct| {
+                    let ct = ct.as_bytes();
+                    ct.starts_with(b"application/json") || ct.starts_with(b"text/event-stream")
+                });
+        if let (true, Some(state)) = (countable, ctx.llm_budget.as_mut()) {
+            state.scanner = Some(UsageScanner::default());
+        }
+    }
+
+    fn on_response_body(
+        &self,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) {
+        if let (Some(chunk), Some(scanner)) = (
+            body.as_ref(),
+            ctx.llm_budget.as_mut().and_then(|s| s.scanner.as_mut()),
+        ) {
+            scanner.feed(chunk);
+        }
+    }
+
+    fn on_logging(&self, ctx: &Ctx, _status: u16) {
+        let Some(state) = &ctx.llm_budget else { return };
+        let Some(tokens) = state
+            .scanner
+            .clone()
+            .and_then(|mut s| s.finish())
+            .filter(|t| *t > 0)
+        else {
+            return;
+        };
+        match (&self.redis, &state.redis_key) {
+            (Some((handle, script, _)), Some(key)) => {
+                let (handle, script, key, args) = (
+                    handle.clone(),
+                    script.clone(),
+                    key.clone(),
+                    self.redis_args(tokens, 2),
+                );
+                tokio::spawn(async move {
+                    if let Err(e) = handle.run::<Vec<i64>>(&script, &[&key], &args).await {
+                        redis_store::report_error("llm budget charge", &e);
+                    }
+                });
+            }
+            _ => self.local.charge(&self.gcra, state.key, tokens),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Identity, RequestId, Role};
+
+    fn scan(chunks: &[&str]) -> Option<u64> {
+        let mut s = UsageScanner::default();
+        for c in chunks {
+            s.feed(c.as_bytes());
+        }
+        s.finish()
+    }
+
+    #[test]
+    fn finds_total_tokens_across_chunk_borders() {
+        let body =
+            r#"{"id":"x","usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
+        assert_eq!(scan(&[body]), Some(12));
+        for split in 1..body.len() {
+            assert_eq!(
+                scan(&[&body[..split], &body[split..]]),
+                Some(12),
+                "split at {split}"
+            );
+        }
+        assert_eq!(scan(&["\"total_tokens\" :  345"]), Some(345));
+        assert_eq!(scan(&["{\"total_tokens\": \"x\"}"]), None);
+        assert_eq!(scan(&["no usage here"]), None);
+    }
+
+    #[test]
+    fn the_last_sse_usage_wins() {
+        let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"usage\":{\"total_tokens\":40}}\n\ndata: [DONE]\n\n";
+        assert_eq!(scan(&[stream]), Some(40));
+    }
+
+    #[test]
+    fn a_spent_budget_is_refused_until_the_window_frees_it() {
+        let p = LlmBudget::new(
+            serde_yaml_ng::from_str("{ tokens_per_minute: 100 }").unwrap(),
+            &BuildEnv::default(),
+        )
+        .unwrap();
+        let mut ctx = Ctx::new(
+            "192.0.2.1".parse().unwrap(),
+            RequestId::from_random(0),
+            false,
+        );
+        ctx.identity = Some(Identity {
+            subject: Arc::from("alice"),
+            role: Role::User,
+            method: "t",
+        });
+        let mut req = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        assert!(matches!(
+            p.on_request(&mut req, &mut ctx),
+            RequestFlow::Done(Verdict::Continue)
+        ));
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("content-type", "application/json")
+            .unwrap();
+        p.on_response(&mut resp, &mut ctx);
+        let mut body = Some(bytes::Bytes::from_static(
+            b"{\"usage\":{\"total_tokens\":150}}",
+        ));
+        p.on_response_body(&mut body, true, &mut ctx);
+        p.on_logging(&ctx, 200);
+        let status = match p.on_request(&mut req, &mut ctx) {
+            RequestFlow::Done(Verdict::Reply(r)) => r.status,
+            _ => 200,
+        };
+        assert_eq!(status, 429);
+    }
+}
