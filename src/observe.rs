@@ -19,6 +19,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub inflight: IntGauge,
     pub redis_errors: IntCounter,
+    pub log_lines_dropped: IntCounter,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -79,6 +80,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "Failed Redis commands (timeouts, refused connections, errors).",
     )?;
     registry.register(Box::new(redis_errors.clone()))?;
+    let log_lines_dropped = IntCounter::new(
+        "gatewarden_log_lines_dropped_total",
+        "Audit and access log lines dropped because the writer's queue was full.",
+    )?;
+    registry.register(Box::new(log_lines_dropped.clone()))?;
     let inflight = IntGauge::new("gatewarden_inflight_requests", "Requests being served now.")?;
     registry.register(Box::new(inflight.clone()))?;
     Ok(Metrics {
@@ -92,6 +98,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         config_reloads,
         inflight,
         redis_errors,
+        log_lines_dropped,
     })
 }
 

@@ -354,6 +354,7 @@ impl ProxyHttp for Gateway {
 
         ctx.snapshot = Some(snapshot);
         ctx.plugin.route = Some(route.name.clone());
+        ctx.plugin.upstream = Some(route.pool.name.clone());
         let refusal = run_request_hooks(&route, session.req_header_mut(), &mut ctx.plugin).await;
         ctx.route = Some(route);
         match refusal {
@@ -611,7 +612,7 @@ impl ProxyHttp for Gateway {
                 if route.chain.hooks.logging {
                     for plugin in &route.chain.plugins {
                         if plugin.hooks().logging {
-                            plugin.on_logging(&ctx.plugin, status);
+                            plugin.on_logging(session.req_header(), &ctx.plugin, status);
                         }
                     }
                 }
@@ -620,6 +621,12 @@ impl ProxyHttp for Gateway {
                 UNROUTED.requests.inc(status);
                 UNROUTED.duration.observe(elapsed);
             }
+        }
+        if let Some((_, log)) = ctx.snapshot.as_ref().and_then(|s| s.access_log.as_ref()) {
+            log.write(
+                gatewarden_plugins::audit::record(session.req_header(), &ctx.plugin, status)
+                    .to_string(),
+            );
         }
         if let (Some(e), Some(route)) = (e, &ctx.route) {
             log::warn!(

@@ -67,7 +67,7 @@ impl State {
     }
 }
 
-/// Reloads on SIGHUP for as long as the server runs.
+/// Reloads on SIGHUP, and reopens log files on SIGHUP and SIGUSR1.
 pub struct SighupReloader {
     pub state: Arc<State>,
 }
@@ -76,18 +76,23 @@ pub struct SighupReloader {
 impl pingora::services::background::BackgroundService for SighupReloader {
     async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("cannot listen for SIGHUP, reload by signal is off: {e}");
+        let (mut hup, mut usr1) = match (
+            signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
+        ) {
+            (Ok(h), Ok(u)) => (h, u),
+            (Err(e), _) | (_, Err(e)) => {
+                log::error!("cannot listen for SIGHUP/SIGUSR1, reload and log reopening by signal are off: {e}");
                 return;
             }
         };
         loop {
             tokio::select! {
                 _ = hup.recv() => {
+                    gatewarden_plugins::line_writer::request_reopen();
                     let _ = self.state.reload();
                 }
+                _ = usr1.recv() => gatewarden_plugins::line_writer::request_reopen(),
                 _ = shutdown.changed() => return,
             }
         }

@@ -109,6 +109,10 @@ pub struct Ctx {
     pub rate_limited: bool,
     /// Concurrency slots held until the request ends.
     pub inflight_slots: Vec<crate::rate_limit::InflightSlot>,
+    /// When the request arrived.
+    pub started: std::time::Instant,
+    /// The upstream pool of the matched route (set by the core).
+    pub upstream: Option<Arc<str>>,
     /// Token counting of an `llm_budget` plugin.
     pub llm_budget: Option<crate::llm_budget::BudgetState>,
 }
@@ -126,6 +130,8 @@ impl Ctx {
             rate_limited: false,
             inflight_slots: Vec::new(),
             llm_budget: None,
+            started: std::time::Instant::now(),
+            upstream: None,
         }
     }
 }

@@ -15,9 +15,11 @@ pub mod template;
 pub mod units;
 
 pub mod api_key;
+pub mod audit;
 pub mod gcra;
 pub mod headers;
 pub mod ip_filter;
+pub mod line_writer;
 pub mod llm_budget;
 pub mod pin_gate;
 pub mod rate_limit;

@@ -271,7 +271,7 @@ impl Plugin for LlmBudget {
         }
     }
 
-    fn on_logging(&self, ctx: &Ctx, _status: u16) {
+    fn on_logging(&self, _req: &RequestHeader, ctx: &Ctx, _status: u16) {
         let Some(state) = &ctx.llm_budget else { return };
         let Some(tokens) = state
             .scanner
@@ -366,7 +366,7 @@ mod tests {
             b"{\"usage\":{\"total_tokens\":150}}",
         ));
         p.on_response_body(&mut body, true, &mut ctx);
-        p.on_logging(&ctx, 200);
+        p.on_logging(&req, &ctx, 200);
         let status = match p.on_request(&mut req, &mut ctx) {
             RequestFlow::Done(Verdict::Reply(r)) => r.status,
             _ => 200,

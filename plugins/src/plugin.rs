@@ -122,5 +122,5 @@ pub trait Plugin: Send + Sync + 'static {
     fn on_response_body(&self, _body: &mut Option<Bytes>, _end_of_stream: bool, _ctx: &mut Ctx) {}
 
     /// Called once the request is over, with the status sent to the client.
-    fn on_logging(&self, _ctx: &Ctx, _status: u16) {}
+    fn on_logging(&self, _req: &RequestHeader, _ctx: &Ctx, _status: u16) {}
 }

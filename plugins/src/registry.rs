@@ -34,42 +34,25 @@ fn settings<T: DeserializeOwned>(value: serde_yaml_ng::Value) -> Result<T, Strin
     serde_yaml_ng::from_value(value).map_err(|e| e.to_string())
 }
 
-const REGISTRY: &[(&str, Constructor)] = &[
-    ("headers", |v, _| {
-        Ok(Arc::new(crate::headers::Headers::new(settings(v)?)?))
-    }),
-    ("ip_filter", |v, _| {
-        Ok(Arc::new(crate::ip_filter::IpFilter::new(settings(v)?)?))
-    }),
-    ("api_key", |v, _| {
-        Ok(Arc::new(crate::api_key::ApiKey::new(settings(v)?)?))
-    }),
-    ("pin_gate", |v, _| {
-        Ok(Arc::new(crate::pin_gate::PinGate::new(settings(v)?)?))
-    }),
-    ("rate_limit", |v, env| {
-        Ok(Arc::new(crate::rate_limit::RateLimit::new(
-            settings(v)?,
-            env,
-        )?))
-    }),
-    ("llm_budget", |v, env| {
-        Ok(Arc::new(crate::llm_budget::LlmBudget::new(
-            settings(v)?,
-            env,
-        )?))
-    }),
-];
+/// One line per plugin type: its YAML `type:` and how to build it from its settings.
+macro_rules! registry {
+    ($($name:literal => $build:expr,)*) => {
+        const REGISTRY: &[(&str, Constructor)] = &[$(($name, $build)),*];
 
-/// Every plugin type this build knows, in registry order.
-pub const PLUGIN_TYPES: &[&str] = &[
-    "headers",
-    "ip_filter",
-    "api_key",
-    "pin_gate",
-    "rate_limit",
-    "llm_budget",
-];
+        /// Every plugin type this build knows, in registry order.
+        pub const PLUGIN_TYPES: &[&str] = &[$($name),*];
+    };
+}
+
+registry! {
+    "headers" => |v, _| Ok(Arc::new(crate::headers::Headers::new(settings(v)?)?)),
+    "ip_filter" => |v, _| Ok(Arc::new(crate::ip_filter::IpFilter::new(settings(v)?)?)),
+    "api_key" => |v, _| Ok(Arc::new(crate::api_key::ApiKey::new(settings(v)?)?)),
+    "pin_gate" => |v, _| Ok(Arc::new(crate::pin_gate::PinGate::new(settings(v)?)?)),
+    "rate_limit" => |v, env| Ok(Arc::new(crate::rate_limit::RateLimit::new(settings(v)?, env)?)),
+    "llm_budget" => |v, env| Ok(Arc::new(crate::llm_budget::LlmBudget::new(settings(v)?, env)?)),
+    "audit" => |v, _| Ok(Arc::new(crate::audit::Audit::new(settings(v)?)?)),
+}
 
 /// Builds a plugin of type `type_name` from its settings (the YAML block without `type`).
 pub fn build(
@@ -87,12 +70,6 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_type_list_matches_the_registry() {
-        let names: Vec<_> = REGISTRY.iter().map(|(n, _)| *n).collect();
-        assert_eq!(names, PLUGIN_TYPES);
-    }
 
     #[test]
     fn unknown_types_and_fields_are_named() {

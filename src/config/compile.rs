@@ -48,6 +48,8 @@ pub struct Snapshot {
     pub masked_config: serde_json::Value,
     /// Keys files of the identity plugins, for the admin keys API.
     pub keys_files: Vec<std::path::PathBuf>,
+    /// One JSON line per request, when `access_log:` is on.
+    pub access_log: Option<(String, gatewarden_plugins::line_writer::LineWriter)>,
     /// Every plugin instance by name, kept for the next reload.
     pub plugins: BTreeMap<String, BuiltPlugin>,
     pub redis: Option<Arc<gatewarden_plugins::redis_store::RedisHandle>>,
@@ -277,6 +279,37 @@ pub fn compile_with(
         }),
     };
 
+    let access_log = match take("access_log") {
+        Value::Null => None,
+        Value::Bool(false) => None,
+        Value::String(s) if s == "off" => None,
+        Value::String(s) => match previous
+            .and_then(|p| p.access_log.as_ref())
+            .filter(|(t, _)| *t == s)
+        {
+            Some(kept) => Some(kept.clone()),
+            None => {
+                use gatewarden_plugins::line_writer::{LineWriter, Target};
+                let target = if s == "stdout" {
+                    Target::Stdout
+                } else {
+                    Target::File(s.clone().into())
+                };
+                match LineWriter::start(target, 10_000) {
+                    Ok(w) => Some((s, w)),
+                    Err(e) => {
+                        errors.push("access_log", e);
+                        None
+                    }
+                }
+            }
+        },
+        _ => {
+            errors.push("access_log", "use off, stdout, or a file path");
+            None
+        }
+    };
+
     // Upstreams.
     let mut pools: BTreeMap<String, Arc<Pool>> = BTreeMap::new();
     let mut declared_upstreams = BTreeSet::new();
@@ -483,6 +516,7 @@ pub fn compile_with(
             keys_files,
             plugins: built,
             redis,
+            access_log,
         },
         listeners,
         admin,

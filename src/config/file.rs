@@ -170,6 +170,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "plugins",
     "global_plugins",
     "routes",
+    "access_log",
 ];
 
 /// A parsed `plugins:` entry: its type and the rest of its block.

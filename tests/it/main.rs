@@ -4,6 +4,7 @@
 mod harness;
 
 mod cli;
+mod operations;
 mod proxying;
 mod routing;
 mod traffic;
