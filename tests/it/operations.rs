@@ -125,3 +125,119 @@ fn an_unwritable_audit_file_is_a_config_error() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("plugins.audit (type: audit)"));
 }
+
+/// Sends requests in a loop from a few threads until stopped; counts what failed.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, threads: usize) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let (mut ok, mut failures) = (0, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match raw(
+                            addr,
+                            "GET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+                        ) {
+                            Ok(r) if r.status == 200 => ok += 1,
+                            Ok(r) => failures.push(format!("status {}", r.status)),
+                            Err(e) => failures.push(e.to_string()),
+                        }
+                    }
+                    (ok, failures)
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    /// Stops the load; returns the number of successes and every failure.
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.threads.into_iter().map(|t| t.join().unwrap()).fold(
+            (0, Vec::new()),
+            |(n, mut f), (ok, fails)| {
+                f.extend(fails);
+                (n + ok, f)
+            },
+        )
+    }
+}
+
+#[test]
+fn twenty_reloads_under_load_fail_no_request() {
+    let up = Upstreams::start(1);
+    let gw = Gateway::start(&simple_config(up.addr(0), ""));
+    let load = Load::start(gw.addr, 3);
+    let base = std::fs::read_to_string(&gw.config).unwrap();
+    for generation in 2..=21 {
+        // Each reload really changes the config: a new route every time.
+        let yaml = format!("{base}  - {{ name: r{generation}, access: public, upstream: app, match: {{ path_prefix: /r{generation} }} }}\n");
+        std::fs::write(&gw.config, yaml).unwrap();
+        gw.signal("HUP");
+        poll_until("the reload", Duration::from_secs(5), || {
+            get(gw.admin, "/healthz", &[]).json()["config_generation"] == generation
+        });
+    }
+    let (ok, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} failures during reloads, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 20, "the load ran ({ok} requests)");
+}
+
+#[test]
+fn a_graceful_upgrade_fails_no_request_and_lets_streams_finish() {
+    let up = Upstreams::start(1);
+    let extra = "server: { grace_period_seconds: 1, graceful_shutdown_timeout_seconds: 10, upgrade_sock: '{dir}/upgrade.sock', pid_file: '{dir}/gw.pid' }\n";
+    let old = Gateway::start(&format!("{}{extra}", simple_config(up.addr(0), "")));
+    let addr = old.addr;
+    let stream = std::thread::spawn(move || get(addr, "/sse?n=4&interval_ms=500", &[]));
+    let load = Load::start(old.addr, 2);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let config = old.config.display().to_string();
+    let mut new = Process::spawn(&["run", "--upgrade", "-c", &config], old.dir.path());
+    // The new process waits for the listening sockets; the old one hands them over on SIGQUIT.
+    std::thread::sleep(Duration::from_millis(500));
+    old.signal("QUIT");
+    new.wait_healthy(old.admin);
+    poll_until("the old process to exit", Duration::from_secs(20), || {
+        !std::process::Command::new("kill")
+            .args(["-0", &old.pid().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+            || std::fs::read_to_string(format!("/proc/{}/stat", old.pid()))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failures) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} failures during the upgrade, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 10);
+    let sse = stream.join().unwrap();
+    assert_eq!(sse.status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&sse.body).matches("data:").count(),
+        4,
+        "the stream finished on the old process"
+    );
+    assert_eq!(
+        get(addr, "/echo", &[]).status,
+        200,
+        "the new process serves"
+    );
+}
