@@ -104,27 +104,6 @@ fn client_behind_proxies(req: &RequestHeader, nets: &[IpNet], peer: IpAddr) -> I
     client
 }
 
-fn is_browser_navigation(req: &RequestHeader) -> bool {
-    req.method == http::Method::GET
-        && req
-            .headers
-            .get(header::ACCEPT)
-            .is_some_and(|a| memchr::memmem::find(a.as_bytes(), b"text/html").is_some())
-}
-
-/// Percent-encodes a path-and-query for use as the `next` parameter.
-fn encode_component(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 8);
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 impl Gateway {
     /// Writes a gateway reply (rejection, redirect, health) and ends the request.
     async fn respond(&self, session: &mut Session, ctx: &RequestCtx, reply: Reply) -> Result<bool> {
@@ -153,9 +132,14 @@ impl Gateway {
             (_, Some(identity)) => identity,
             (_, None) => {
                 route.metrics.auth_failure("missing_credentials");
-                if route.chain.has_login_page && is_browser_navigation(req) {
+                if route.chain.has_login_page
+                    && gatewarden_plugins::session::is_browser_navigation(req)
+                {
                     let next = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                    let location = format!("/.gatewarden/login?next={}", encode_component(next));
+                    let location = format!(
+                        "/.gatewarden/login?next={}",
+                        gatewarden_plugins::session::encode_query(next)
+                    );
                     return Some(
                         Reply::error(302, "login required")
                             .with_header(header::LOCATION, &location),
@@ -674,6 +658,9 @@ mod tests {
 
     #[test]
     fn next_is_percent_encoded() {
-        assert_eq!(encode_component("/a b?x=1&y=2"), "/a%20b%3Fx%3D1%26y%3D2");
+        assert_eq!(
+            gatewarden_plugins::session::encode_query("/a b?x=1&y=2"),
+            "/a%20b%3Fx%3D1%26y%3D2"
+        );
     }
 }

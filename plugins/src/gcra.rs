@@ -207,6 +207,79 @@ if left < 0 then left = 0 end
 return {1, math.floor(left / interval), new_tat - now, 0}
 ";
 
+/// What the Redis script does with a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisMode {
+    /// Spend `cost` if it fits.
+    Spend = 0,
+    /// Only tell whether the key may start.
+    Peek = 1,
+    /// Spend `cost` even past the limit (a debt).
+    Charge = 2,
+}
+
+/// GCRA state kept in Redis under `gw:<kind>:<plugin name>:<hash of the key>`.
+pub struct RedisGcra {
+    handle: std::sync::Arc<crate::redis_store::RedisHandle>,
+    script: std::sync::Arc<redis::Script>,
+    prefix: String,
+}
+
+impl RedisGcra {
+    /// `kind` names the plugin type in the keys (`rl`, `llm`).
+    pub fn new(env: &crate::BuildEnv, kind: &str) -> Result<Self, String> {
+        let handle = env
+            .redis
+            .clone()
+            .ok_or("`backend: redis` needs the top-level `redis:` block")?;
+        Ok(RedisGcra {
+            handle,
+            script: std::sync::Arc::new(redis::Script::new(REDIS_SCRIPT)),
+            prefix: format!("gw:{kind}:{}:", env.name),
+        })
+    }
+
+    /// The Redis key for a bucket: fixed length whatever the key bytes are.
+    pub fn key(&self, bytes: &[u8]) -> String {
+        use sha2::Digest;
+        format!(
+            "{}{}",
+            self.prefix,
+            hex::encode(&sha2::Sha256::digest(bytes)[..16])
+        )
+    }
+
+    /// Runs the script for `key`; an error means Redis could not decide.
+    pub async fn call(
+        &self,
+        key: &str,
+        gcra: &Gcra,
+        cost: u64,
+        mode: RedisMode,
+    ) -> Result<Decision, String> {
+        let args = [
+            (gcra.interval_ns() / 1000).max(1) as i64,
+            (gcra.tolerance_ns() / 1000) as i64,
+            cost as i64,
+            mode as i64,
+        ];
+        let reply = self
+            .handle
+            .run::<Vec<i64>>(&self.script, &[key], &args)
+            .await?;
+        decision_from_redis(&reply).ok_or_else(|| "unexpected script reply".to_string())
+    }
+
+    /// A handle for work that outlives the request (charging after the response).
+    pub fn detached(&self) -> RedisGcra {
+        RedisGcra {
+            handle: self.handle.clone(),
+            script: self.script.clone(),
+            prefix: self.prefix.clone(),
+        }
+    }
+}
+
 /// Reads the script's reply.
 pub fn decision_from_redis(reply: &[i64]) -> Option<Decision> {
     let [allowed, remaining, reset, retry] = reply else {

@@ -17,14 +17,13 @@
 //! of that minute has passed. One large answer may overdraw the budget; the debt is paid
 //! off over the following minutes.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::gcra::{self, Gcra, LocalTable};
+use crate::gcra::{Gcra, LocalTable, RedisGcra, RedisMode};
 use crate::rate_limit::{Backend, OnError};
-use crate::redis_store::{self, RedisHandle};
+use crate::redis_store;
 use crate::{
     BuildEnv, Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, ResponseHeader, Verdict,
 };
@@ -132,7 +131,7 @@ pub struct LlmBudget {
     key: crate::rate_limit::KeySource,
     gcra: Gcra,
     local: LocalTable,
-    redis: Option<(Arc<RedisHandle>, Arc<redis::Script>, String)>,
+    redis: Option<RedisGcra>,
     on_error: OnError,
 }
 
@@ -144,17 +143,7 @@ impl LlmBudget {
         let key = crate::rate_limit::KeySource::parse(&config.key)?;
         let redis = match config.backend {
             Backend::Local => None,
-            Backend::Redis => {
-                let handle = env
-                    .redis
-                    .clone()
-                    .ok_or("`backend: redis` needs the top-level `redis:` block")?;
-                Some((
-                    handle,
-                    Arc::new(redis::Script::new(gcra::REDIS_SCRIPT)),
-                    format!("gw:llm:{}:", env.name),
-                ))
-            }
+            Backend::Redis => Some(RedisGcra::new(env, "llm")?),
         };
         Ok(LlmBudget {
             key,
@@ -173,15 +162,6 @@ impl LlmBudget {
         let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
         Reply::error(429, "token budget exhausted")
             .with_header(http::header::RETRY_AFTER, &secs.to_string())
-    }
-
-    fn redis_args(&self, cost: u64, mode: i64) -> [i64; 4] {
-        [
-            (self.gcra.interval_ns() / 1000).max(1) as i64,
-            (self.gcra.tolerance_ns() / 1000) as i64,
-            cost as i64,
-            mode,
-        ]
     }
 }
 
@@ -204,16 +184,13 @@ impl Plugin for LlmBudget {
         let mut buf = [0u8; 17];
         let bytes = self.key.bytes(req, ctx, &mut buf);
         let key = self.local.hash(bytes);
-        let redis_key = self
-            .redis
-            .as_ref()
-            .map(|(_, _, prefix)| format!("{prefix}{}", crate::rate_limit::hex_key(bytes)));
+        let redis_key = self.redis.as_ref().map(|r| r.key(bytes));
         ctx.llm_budget = Some(BudgetState {
             key,
             redis_key: redis_key.clone(),
             scanner: None,
         });
-        let Some((handle, script, _)) = &self.redis else {
+        let Some(redis) = &self.redis else {
             let d = self.local.peek(&self.gcra, key);
             return if d.allowed {
                 RequestFlow::CONTINUE
@@ -224,20 +201,12 @@ impl Plugin for LlmBudget {
         };
         let redis_key = redis_key.unwrap_or_default();
         RequestFlow::Wait(Box::pin(async move {
-            match handle
-                .run::<Vec<i64>>(script, &[&redis_key], &self.redis_args(0, 1))
-                .await
-            {
-                Ok(reply) => match gcra::decision_from_redis(&reply) {
-                    Some(d) if d.allowed => Verdict::Continue,
-                    Some(d) => {
-                        ctx.rate_limited = true;
-                        Verdict::Reply(self.refuse(d.retry_after))
-                    }
-                    None => {
-                        crate::rate_limit::backend_failed(self.on_error, "unexpected script reply")
-                    }
-                },
+            match redis.call(&redis_key, &self.gcra, 0, RedisMode::Peek).await {
+                Ok(d) if d.allowed => Verdict::Continue,
+                Ok(d) => {
+                    ctx.rate_limited = true;
+                    Verdict::Reply(self.refuse(d.retry_after))
+                }
                 Err(e) => crate::rate_limit::backend_failed(self.on_error, &e),
             }
         }))
@@ -282,15 +251,10 @@ impl Plugin for LlmBudget {
             return;
         };
         match (&self.redis, &state.redis_key) {
-            (Some((handle, script, _)), Some(key)) => {
-                let (handle, script, key, args) = (
-                    handle.clone(),
-                    script.clone(),
-                    key.clone(),
-                    self.redis_args(tokens, 2),
-                );
+            (Some(redis), Some(key)) => {
+                let (redis, key, gcra) = (redis.detached(), key.clone(), self.gcra);
                 tokio::spawn(async move {
-                    if let Err(e) = handle.run::<Vec<i64>>(&script, &[&key], &args).await {
+                    if let Err(e) = redis.call(&key, &gcra, tokens, RedisMode::Charge).await {
                         redis_store::report_error("llm budget charge", &e);
                     }
                 });
@@ -304,6 +268,7 @@ impl Plugin for LlmBudget {
 mod tests {
     use super::*;
     use crate::{Identity, RequestId, Role};
+    use std::sync::Arc;
 
     fn scan(chunks: &[&str]) -> Option<u64> {
         let mut s = UsageScanner::default();

@@ -476,16 +476,12 @@ impl Plugin for PinGate {
                     "invalid_session"
                 });
                 let clear = self.sessions.clear_cookie(ctx.https);
-                let navigation = req.method == http::Method::GET
-                    && req
-                        .headers
-                        .get(http::header::ACCEPT)
-                        .is_some_and(|a| a.as_bytes().windows(9).any(|w| w == b"text/html"));
+                let navigation = session::is_browser_navigation(req);
                 // A bad session is never anonymous: browsers go back to the login page,
                 // other clients get 401.
                 let reply = if navigation {
                     let next = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                    let location = format!("{LOGIN_PATH}?next={}", encode_query(next));
+                    let location = format!("{LOGIN_PATH}?next={}", session::encode_query(next));
                     Reply::error(302, "session expired or invalid")
                         .with_header(http::header::LOCATION, &location)
                 } else {
@@ -496,19 +492,6 @@ impl Plugin for PinGate {
             }
         }
     }
-}
-
-/// Percent-encodes a value for a query string.
-pub fn encode_query(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 8);
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 fn escape_html(text: &str) -> String {

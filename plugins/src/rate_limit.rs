@@ -30,8 +30,8 @@ use std::time::Duration;
 use http::HeaderName;
 use serde::Deserialize;
 
-use crate::gcra::{self, Decision, Gcra, LocalTable};
-use crate::redis_store::{self, RedisHandle};
+use crate::gcra::{Decision, Gcra, LocalTable, RedisGcra, RedisMode};
+use crate::redis_store;
 use crate::{
     BuildEnv, Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, ResponseHeader, Verdict,
 };
@@ -208,7 +208,7 @@ pub struct RateLimit {
     max_in_flight: Option<u32>,
     local: LocalTable,
     inflight: Arc<InflightTable>,
-    redis: Option<(Arc<RedisHandle>, redis::Script, String)>,
+    redis: Option<RedisGcra>,
     on_error: OnError,
 }
 
@@ -231,17 +231,7 @@ impl RateLimit {
         }
         let redis = match config.backend {
             Backend::Local => None,
-            Backend::Redis => {
-                let handle = env
-                    .redis
-                    .clone()
-                    .ok_or("`backend: redis` needs the top-level `redis:` block")?;
-                Some((
-                    handle,
-                    redis::Script::new(gcra::REDIS_SCRIPT),
-                    format!("gw:rl:{}:", env.name),
-                ))
-            }
+            Backend::Redis => Some(RedisGcra::new(env, "rl")?),
         };
         Ok(RateLimit {
             key,
@@ -310,12 +300,6 @@ fn add_headers(reply: Reply, info: RateLimitInfo) -> Reply {
         .with_header(RATELIMIT_RESET.clone(), &info.reset_secs.to_string())
 }
 
-/// A fixed-length Redis key part for any key bytes.
-pub fn hex_key(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(&sha2::Sha256::digest(bytes)[..16])
-}
-
 impl Plugin for RateLimit {
     fn type_name(&self) -> &'static str {
         "rate_limit"
@@ -333,10 +317,7 @@ impl Plugin for RateLimit {
         let mut buf = [0u8; 17];
         let bytes = self.key.bytes(req, ctx, &mut buf);
         let key = self.local.hash(bytes);
-        let redis_key = self
-            .redis
-            .as_ref()
-            .map(|(_, _, prefix)| format!("{prefix}{}", hex_key(bytes)));
+        let redis_key = self.redis.as_ref().map(|r| r.key(bytes));
         if !self.take_slot(key, ctx) {
             ctx.rate_limited = true;
             return RequestFlow::reply(
@@ -347,7 +328,7 @@ impl Plugin for RateLimit {
         let Some(gcra) = &self.gcra else {
             return RequestFlow::CONTINUE;
         };
-        let Some((handle, script, _)) = &self.redis else {
+        let Some(redis) = &self.redis else {
             let d = self.local.spend(gcra, key, 1);
             self.note(gcra, &d, ctx);
             return if d.allowed {
@@ -358,18 +339,8 @@ impl Plugin for RateLimit {
         };
         let redis_key = redis_key.unwrap_or_default();
         RequestFlow::Wait(Box::pin(async move {
-            let args = [
-                (gcra.interval_ns() / 1000).max(1) as i64,
-                (gcra.tolerance_ns() / 1000) as i64,
-                1,
-                0,
-            ];
-            match handle
-                .run::<Vec<i64>>(script, &[&redis_key], &args)
-                .await
-                .map(|r| gcra::decision_from_redis(&r))
-            {
-                Ok(Some(d)) => {
+            match redis.call(&redis_key, gcra, 1, RedisMode::Spend).await {
+                Ok(d) => {
                     self.note(gcra, &d, ctx);
                     if d.allowed {
                         Verdict::Continue
@@ -377,7 +348,6 @@ impl Plugin for RateLimit {
                         Verdict::Reply(self.refuse(d.retry_after, ctx))
                     }
                 }
-                Ok(None) => backend_failed(self.on_error, "unexpected script reply"),
                 Err(e) => backend_failed(self.on_error, &e),
             }
         }))

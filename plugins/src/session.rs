@@ -214,6 +214,29 @@ impl SessionKeys {
     }
 }
 
+/// Percent-encodes a value for a query string.
+pub fn encode_query(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A browser loading a page: GET with `text/html` in `Accept`. Such requests are sent
+/// to the login page rather than answered 401.
+pub fn is_browser_navigation(req: &crate::RequestHeader) -> bool {
+    req.method == http::Method::GET
+        && req
+            .headers
+            .get(http::header::ACCEPT)
+            .is_some_and(|a| memchr::memmem::find(a.as_bytes(), b"text/html").is_some())
+}
+
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -226,17 +226,27 @@ fn max_in_flight_counts_open_streams_and_frees_the_slot_at_the_end() {
         "",
     ));
     let addr = gw.addr;
-    let stream = std::thread::spawn(move || get(addr, "/sse?n=3&interval_ms=400", &[]));
-    poll_until(
-        "the stream to hold the slot",
-        Duration::from_secs(5),
-        || get(addr, "/echo", &[]).status == 429,
-    );
-    let sse = stream.join().unwrap();
-    assert_eq!(sse.status, 200);
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut sse = std::net::TcpStream::connect(addr).unwrap();
+    sse.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sse.write_all(b"GET /sse?n=3&interval_ms=400 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(sse);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains(" 200 "), "{line}");
+    // Read until the first event: the stream is open and holds its slot.
+    while !line.starts_with("data:") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    assert_eq!(get(addr, "/echo", &[]).status, 429);
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&sse.body).matches("data:").count(),
-        3
+        rest.matches("data:").count(),
+        2,
+        "the stream ran to its end"
     );
     poll_until("the slot to be released", Duration::from_secs(5), || {
         get(addr, "/echo", &[]).status == 200
@@ -286,6 +296,7 @@ fn llm_upstream(tokens: u64) -> SocketAddr {
                 let mut line = String::new();
                 let _ = reader.read_line(&mut line);
                 let sse = line.contains("/sse");
+                let probe = line.contains("/probe");
                 loop {
                     let mut h = String::new();
                     if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
@@ -293,7 +304,10 @@ fn llm_upstream(tokens: u64) -> SocketAddr {
                     }
                 }
                 let mut out = stream;
-                if sse {
+                if probe {
+                    // Costs nothing: tells whether the budget lets a caller start.
+                    let _ = out.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n");
+                } else if sse {
                     let _ = out.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n");
                     let _ = out
                         .write_all(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
@@ -321,9 +335,13 @@ fn a_token_budget_is_spent_by_plain_and_streamed_completions() {
     let gw = Gateway::start(&budget_config(llm_upstream(60), "local", ""));
     for path in ["/json", "/sse"] {
         let user = format!("X-User: {path}");
-        // 60 tokens: under budget; 120: spent; the next request waits for the window.
+        // 60 tokens: under budget; 120: spent; then the caller waits for the window.
         assert_eq!(get(gw.addr, path, &[&user]).status, 200);
         assert_eq!(get(gw.addr, path, &[&user]).status, 200);
+        // The charge lands when the response has ended: probe (free) until it has.
+        poll_until("the budget to be spent", Duration::from_secs(5), || {
+            get(gw.addr, "/probe", &[&user]).status == 429
+        });
         let r = get(gw.addr, path, &[&user]);
         assert_eq!(r.status, 429, "{path}");
         assert!(r.header("retry-after").is_some());
