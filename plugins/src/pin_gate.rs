@@ -22,6 +22,9 @@
 //! same-origin `next`, with the session cookie. `POST /.gatewarden/logout` clears it.
 //! After `max_failures` wrong attempts from one client address within `window`, that
 //! address gets 429 with `Retry-After` for `ban`, whatever it sends, a correct PIN too.
+//! With a top-level `redis:` block, failures and bans are kept in Redis, so every
+//! replica sees them; each process also keeps its own count, which stays in force
+//! while Redis is unreachable.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -211,11 +214,51 @@ pub struct PinGate {
     /// The last TOTP time step accepted; a code for it or an earlier step is refused.
     totp_last_step: AtomicU64,
     lockout: Arc<Lockout>,
+    /// Lockouts shared by every replica when `redis:` is configured.
+    shared_lockout: Option<SharedLockout>,
     login_css: String,
 }
 
+/// Lockout state in Redis: `gw:lock:<plugin>:<address>` counts failures within the
+/// window, `gw:ban:<plugin>:<address>` exists while the address is banned.
+struct SharedLockout {
+    redis: Arc<crate::redis_store::RedisHandle>,
+    prefix: String,
+    fail: redis::Script,
+    banned: redis::Script,
+    clear: redis::Script,
+}
+
+/// KEYS: failures, ban. ARGV: max failures, window ms, ban ms. Returns the ban's
+/// remaining ms (0 when not banned).
+const FAIL_SCRIPT: &str = r"
+local left = redis.call('PTTL', KEYS[2])
+if left > 0 then return left end
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if n >= tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+  redis.call('DEL', KEYS[1])
+  return tonumber(ARGV[3])
+end
+return 0
+";
+
+impl SharedLockout {
+    fn keys(&self, ip: IpAddr) -> (String, String) {
+        (
+            format!("gw:lock:{}:{ip}", self.prefix),
+            format!("gw:ban:{}:{ip}", self.prefix),
+        )
+    }
+
+    fn seconds(ms: i64) -> Option<u64> {
+        (ms > 0).then(|| (ms as u64).div_ceil(1000))
+    }
+}
+
 impl PinGate {
-    pub fn new(config: PinGateConfig) -> Result<Self, String> {
+    pub fn new(config: PinGateConfig, env: &crate::BuildEnv) -> Result<Self, String> {
         let parsed = PasswordHash::new(&config.pin_hash).map_err(|_| {
             "`pin_hash` is not an argon2 hash; make one with `gatewarden hash-pin`".to_string()
         })?;
@@ -260,6 +303,13 @@ impl PinGate {
             subject: config.subject,
             totp,
             totp_last_step: AtomicU64::new(0),
+            shared_lockout: env.redis.clone().map(|redis| SharedLockout {
+                redis,
+                prefix: env.name.clone(),
+                fail: redis::Script::new(FAIL_SCRIPT),
+                banned: redis::Script::new("return redis.call('PTTL', KEYS[1])"),
+                clear: redis::Script::new("return redis.call('DEL', KEYS[1])"),
+            }),
             lockout: Arc::new(lockout),
             login_css: config.login_css,
         })
@@ -286,6 +336,53 @@ impl PinGate {
             .with_header(http::header::RETRY_AFTER, &seconds.to_string())
     }
 
+    /// Seconds left on a ban of `ip`: from Redis when shared (falling back to this
+    /// process's own record if Redis cannot answer), else local.
+    async fn banned_for(&self, ip: IpAddr) -> Option<u64> {
+        if let Some(shared) = &self.shared_lockout {
+            let (_, ban) = shared.keys(ip);
+            match shared.redis.run::<i64>(&shared.banned, &[&ban], &[]).await {
+                Ok(ms) => return SharedLockout::seconds(ms),
+                Err(e) => crate::redis_store::report_error("pin lockout", &e),
+            }
+        }
+        self.lockout.banned_for(ip, Instant::now())
+    }
+
+    /// Records a failure; returns the ban length when this failure starts a ban.
+    async fn record_failure(&self, ip: IpAddr) -> Option<u64> {
+        // Always counted locally too, so a Redis outage never lifts the lockout.
+        let local = self.lockout.fail(ip, Instant::now());
+        if let Some(shared) = &self.shared_lockout {
+            let (fails, ban) = shared.keys(ip);
+            let l = &self.lockout;
+            let args = [
+                i64::from(l.max_failures),
+                l.window.as_millis() as i64,
+                l.ban.as_millis() as i64,
+            ];
+            match shared
+                .redis
+                .run::<i64>(&shared.fail, &[&fails, &ban], &args)
+                .await
+            {
+                Ok(ms) => return SharedLockout::seconds(ms).or(local),
+                Err(e) => crate::redis_store::report_error("pin lockout", &e),
+            }
+        }
+        local
+    }
+
+    async fn record_success(&self, ip: IpAddr) {
+        self.lockout.succeed(ip);
+        if let Some(shared) = &self.shared_lockout {
+            let (fails, _) = shared.keys(ip);
+            if let Err(e) = shared.redis.run::<i64>(&shared.clear, &[&fails], &[]).await {
+                crate::redis_store::report_error("pin lockout", &e);
+            }
+        }
+    }
+
     fn totp_ok(&self, code: &str) -> bool {
         let Some(secret) = &self.totp else {
             return true;
@@ -309,7 +406,7 @@ impl PinGate {
                 .map_or("", |(_, v)| v.as_str())
         };
         let next = session::safe_next(field("next")).to_string();
-        if let Some(seconds) = self.lockout.banned_for(client, Instant::now()) {
+        if let Some(seconds) = self.banned_for(client).await {
             return self.locked(&next, seconds);
         }
         let pin = field("pin").to_string();
@@ -327,7 +424,7 @@ impl PinGate {
         // Check the code even when the PIN is wrong, so timing does not tell which failed.
         let code_ok = self.totp_ok(field("totp"));
         if !(pin_ok && code_ok) {
-            if let Some(seconds) = self.lockout.fail(client, Instant::now()) {
+            if let Some(seconds) = self.record_failure(client).await {
                 return self.locked(&next, seconds);
             }
             let message = if self.totp.is_some() {
@@ -337,7 +434,7 @@ impl PinGate {
             };
             return self.page(401, &next, Some(message));
         }
-        self.lockout.succeed(client);
+        self.record_success(client).await;
         match self.sessions.issue(&self.subject, self.role, "pin") {
             Ok(token) => Reply::error(303, "logged in")
                 .with_header(http::header::LOCATION, &next)
@@ -435,11 +532,14 @@ impl Plugin for PinGate {
             .unwrap_or_default();
         match *method {
             http::Method::GET | http::Method::HEAD => {
-                let next = session::safe_next(&query_next);
-                match self.lockout.banned_for(ctx.client_ip, Instant::now()) {
-                    Some(seconds) => RequestFlow::reply(self.locked(next, seconds)),
-                    None => RequestFlow::reply(self.page(200, next, None)),
-                }
+                let next = session::safe_next(&query_next).to_string();
+                let client = ctx.client_ip;
+                RequestFlow::Wait(Box::pin(async move {
+                    Verdict::Reply(match self.banned_for(client).await {
+                        Some(seconds) => self.locked(&next, seconds),
+                        None => self.page(200, &next, None),
+                    })
+                }))
             }
             http::Method::POST => {
                 if cross_origin(req) {
@@ -568,7 +668,11 @@ mod tests {
     fn gate(extra: &str) -> PinGate {
         let hash = hash_pin("1234").unwrap();
         let yaml = format!("{{ pin_hash: '{hash}', secret: '0123456789abcdef0123456789abcdef', lockout: {{ max_failures: 3, window: 1m, ban: 1m }} {extra} }}");
-        PinGate::new(serde_yaml_ng::from_str(&yaml).unwrap()).unwrap()
+        PinGate::new(
+            serde_yaml_ng::from_str(&yaml).unwrap(),
+            &crate::BuildEnv::default(),
+        )
+        .unwrap()
     }
 
     fn ip(last: u8) -> IpAddr {
@@ -680,7 +784,13 @@ mod tests {
 
     #[test]
     fn settings_are_validated() {
-        let bad = |yaml: &str| PinGate::new(serde_yaml_ng::from_str(yaml).unwrap()).is_err();
+        let bad = |yaml: &str| {
+            PinGate::new(
+                serde_yaml_ng::from_str(yaml).unwrap(),
+                &crate::BuildEnv::default(),
+            )
+            .is_err()
+        };
         assert!(bad(
             "{ pin_hash: plain, secret: '0123456789abcdef0123456789abcdef' }"
         ));

@@ -389,3 +389,62 @@ fn a_token_budget_in_redis_is_shared_by_replicas() {
     assert_eq!(get(a.addr, "/json", &["X-User: u"]).status, 429);
     assert_eq!(get(b.addr, "/json", &["X-User: u"]).status, 429);
 }
+
+#[test]
+fn two_gateways_share_pin_lockouts_through_redis() {
+    let redis = Redis::start();
+    let up = Upstreams::start(1);
+    let mut hash_pin = std::process::Command::new(BIN)
+        .arg("hash-pin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        hash_pin.stdin.take().unwrap().write_all(b"2468\n").unwrap();
+    }
+    let hash = String::from_utf8(hash_pin.wait_with_output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let yaml = format!(
+        "listeners: [{{ address: '{{listen}}' }}]
+admin: {{ address: '{{admin}}' }}
+redis: {{ url: 'redis://127.0.0.1:{}/0' }}
+upstreams:
+  app: {{ backends: ['{}'] }}
+plugins:
+  pin: {{ type: pin_gate, pin_hash: '{hash}', secret: 'a-session-secret-of-at-least-32-bytes', lockout: {{ max_failures: 2, window: 1m, ban: 1m }} }}
+routes:
+  - {{ name: app, upstream: app, plugins: [pin] }}
+",
+        redis.port,
+        up.addr(0)
+    );
+    let a = Gateway::start(&yaml);
+    let b = Gateway::start(&yaml);
+    let login = |gw: &Gateway, pin: &str| {
+        let body = format!("pin={pin}&next=/");
+        raw(
+            gw.addr,
+            &format!("POST /.gatewarden/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()),
+        )
+        .unwrap()
+        .status
+    };
+    assert_eq!(login(&a, "0000"), 401);
+    assert_eq!(
+        login(&b, "1111"),
+        429,
+        "the second failure, on another replica, starts the ban"
+    );
+    assert_eq!(
+        login(&a, "2468"),
+        429,
+        "the right PIN is refused during the ban on every replica"
+    );
+    let page = get(b.addr, "/.gatewarden/login", &[]);
+    assert_eq!(page.status, 429);
+    assert!(page.header("retry-after").is_some());
+}
