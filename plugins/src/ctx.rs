@@ -101,6 +101,13 @@ pub struct Ctx {
     pub identity: Option<Identity>,
     /// Why a credential was refused, for `gatewarden_auth_failures_total{reason}`.
     pub auth_failure: Option<&'static str>,
+    /// The request's `Origin` when a `cors` plugin allowed it, echoed on the response.
+    pub cors_origin: Option<http::HeaderValue>,
+    /// `css_inject`'s progress through this response.
+    pub css: crate::css_inject::CssState,
+    /// Set by a plugin that asked the upstream for an uncompressed body: the core then
+    /// compresses the response itself when the client's `Accept-Encoding` allows it.
+    pub compress_response: bool,
 }
 
 impl Ctx {
@@ -111,6 +118,9 @@ impl Ctx {
             https,
             identity: None,
             auth_failure: None,
+            cors_origin: None,
+            css: Default::default(),
+            compress_response: false,
         }
     }
 }

@@ -15,11 +15,15 @@ pub mod template;
 pub mod units;
 
 pub mod api_key;
+pub mod cors;
+pub mod css_inject;
 pub mod headers;
 pub mod ip_filter;
+pub mod origin;
 pub mod pin_gate;
 pub mod session;
 pub mod totp;
+pub mod upstream_auth;
 
 pub use ctx::{Ctx, Identity, RequestId, Role};
 pub use plugin::{Hooks, Plugin, RequestFlow, Verdict};

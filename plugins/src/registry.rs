@@ -37,16 +37,42 @@ const REGISTRY: &[(&str, Constructor)] = &[
     ("ip_filter", |v, _| {
         Ok(Arc::new(crate::ip_filter::IpFilter::new(settings(v)?)?))
     }),
+    ("origin", |v, _| {
+        Ok(Arc::new(crate::origin::Origin::new(settings(v)?)?))
+    }),
+    ("cors", |v, _| {
+        Ok(Arc::new(crate::cors::Cors::new(settings(v)?)?))
+    }),
     ("api_key", |v, _| {
         Ok(Arc::new(crate::api_key::ApiKey::new(settings(v)?)?))
     }),
     ("pin_gate", |v, _| {
         Ok(Arc::new(crate::pin_gate::PinGate::new(settings(v)?)?))
     }),
+    ("upstream_auth", |v, _| {
+        Ok(Arc::new(crate::upstream_auth::UpstreamAuth::new(
+            settings(v)?,
+        )?))
+    }),
+    ("css_inject", |v, env| {
+        Ok(Arc::new(crate::css_inject::CssInject::new(
+            settings(v)?,
+            env,
+        )?))
+    }),
 ];
 
 /// Every plugin type this build knows, in registry order.
-pub const PLUGIN_TYPES: &[&str] = &["headers", "ip_filter", "api_key", "pin_gate"];
+pub const PLUGIN_TYPES: &[&str] = &[
+    "headers",
+    "ip_filter",
+    "origin",
+    "cors",
+    "api_key",
+    "pin_gate",
+    "upstream_auth",
+    "css_inject",
+];
 
 /// Builds a plugin of type `type_name` from its settings (the YAML block without `type`).
 pub fn build(
