@@ -23,9 +23,10 @@ for arg in "$@"; do
 done
 
 # cmake and a C toolchain build Pingora's vendored dependencies; libssl-dev and
-# pkg-config its OpenSSL binding; redis-server runs the Redis-backed tests; curl is for
-# trying the gateway by hand.
-packages=(build-essential cmake pkg-config libssl-dev redis-server curl)
+# pkg-config its OpenSSL binding; redis-server runs the Redis-backed tests; chromium
+# runs the login page test in a real (headless) browser; curl is for trying the
+# gateway by hand.
+packages=(build-essential cmake pkg-config libssl-dev redis-server chromium curl)
 if [ "$bench" = 1 ]; then
     packages+=(wrk nginx haproxy)
 fi
@@ -86,3 +87,17 @@ for tool in rustfmt cargo-clippy; do
     fi
 done
 echo "setup.sh: $(cargo --version)"
+
+# The official `openai` Python package, for the test that streams a chat completion
+# through the gateway with it (tests/it/llm_route.rs). From PyPI, only when missing.
+if ! command -v python3 >/dev/null 2>&1; then
+    echo "setup.sh: python3 not found; the openai client test needs it" >&2
+    exit 1
+fi
+if ! python3 -c 'import openai' >/dev/null 2>&1; then
+    echo "setup.sh: installing the openai Python package"
+    pip_install=(python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore)
+    # Debian's own python3 refuses installs outside a venv (PEP 668) unless told.
+    "${pip_install[@]}" openai || "${pip_install[@]}" --break-system-packages openai
+fi
+echo "setup.sh: openai $(python3 -c 'import openai; print(openai.__version__)')"

@@ -106,15 +106,31 @@ fn client_behind_proxies(req: &RequestHeader, nets: &[IpNet], peer: IpAddr) -> I
 
 impl Gateway {
     /// Writes a gateway reply (rejection, redirect, health) and ends the request.
-    async fn respond(&self, session: &mut Session, ctx: &RequestCtx, reply: Reply) -> Result<bool> {
+    async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        reply: Reply,
+    ) -> Result<bool> {
         let head_only = session.req_header().method == http::Method::HEAD;
         let mut resp = ResponseHeader::build(reply.status, Some(4 + reply.headers.len()))?;
-        resp.insert_header(header::CONTENT_TYPE, reply.content_type)?;
+        if !reply.content_type.is_empty() {
+            resp.insert_header(header::CONTENT_TYPE, reply.content_type)?;
+        }
         resp.insert_header(header::CONTENT_LENGTH, reply.body.len())?;
         resp.insert_header(header::CACHE_CONTROL, "no-store")?;
         resp.insert_header(X_REQUEST_ID.clone(), ctx.plugin.request_id.as_str())?;
         for (name, value) in reply.headers {
             resp.append_header(name, value)?;
+        }
+        // Browsers can read a rejection only if it carries the CORS headers too.
+        if let Some(route) = ctx.route.as_ref().filter(|r| r.chain.hooks.gateway_replies) {
+            for plugin in &route.chain.plugins {
+                let hooks = plugin.hooks();
+                if hooks.gateway_replies && hooks.response {
+                    plugin.on_response(&mut resp, &mut ctx.plugin);
+                }
+            }
         }
         session
             .write_response_header(Box::new(resp), head_only)
@@ -173,10 +189,42 @@ impl Gateway {
     }
 }
 
-/// Runs the route's request hooks in chain order, with the access check right after
-/// the last identity plugin; returns the reply that ends the request, if any.
+/// Gzip/brotli/zstd level for responses the gateway compresses itself: most of the size
+/// gain of the maximum at a fraction of its CPU.
+const COMPRESSION_LEVEL: u32 = 5;
+
+/// Turns on Pingora's (otherwise idle) downstream compression for this response. It
+/// negotiates with the client's `Accept-Encoding`, skips types not worth compressing and
+/// bodies already encoded, and adds `Vary: Accept-Encoding`.
+fn compress_for_client(session: &mut Session) {
+    use pingora::modules::http::compression::ResponseCompression;
+    let Some(compression) = session
+        .downstream_modules_ctx
+        .get_mut::<ResponseCompression>()
+    else {
+        return;
+    };
+    if compression.is_header_phase() && !compression.is_enabled() {
+        compression.adjust_level(COMPRESSION_LEVEL);
+        // The module skipped the request's Accept-Encoding while it was off.
+        compression.request_filter(session.downstream_session.req_header());
+    }
+}
+
+/// Runs the route's early hooks, then its request hooks in chain order, with the access
+/// check right after the last identity plugin; returns the reply that ends the request,
+/// if any.
 async fn run_request_hooks(route: &Route, req: &mut RequestHeader, ctx: &mut Ctx) -> Option<Reply> {
     let chain = &route.chain;
+    if chain.hooks.early {
+        for plugin in &chain.plugins {
+            if plugin.hooks().early {
+                if let Some(reply) = plugin.on_early_request(req, ctx) {
+                    return Some(reply);
+                }
+            }
+        }
+    }
     if chain.access_check_after == 0 {
         if let Some(reply) = Gateway::check_access(route, req, ctx) {
             return Some(reply);
@@ -501,7 +549,7 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -511,10 +559,27 @@ impl ProxyHttp for Gateway {
         resp.insert_header(X_REQUEST_ID.clone(), ctx.plugin.request_id.as_str())?;
         if let Some(route) = &ctx.route {
             if route.chain.hooks.response {
+                let had_length = resp.headers.contains_key(header::CONTENT_LENGTH);
                 for plugin in &route.chain.plugins {
                     if plugin.hooks().response {
                         plugin.on_response(resp, &mut ctx.plugin);
                     }
+                }
+                // Pingora picks chunked framing before this filter runs; a plugin that
+                // rewrites the body and drops Content-Length would otherwise leave an
+                // HTTP/1.1 client a body delimited only by closing the connection.
+                let no_body = session.req_header().method == http::Method::HEAD
+                    || matches!(resp.status.as_u16(), 204 | 304)
+                    || resp.status.is_informational();
+                if had_length
+                    && !no_body
+                    && !resp.headers.contains_key(header::CONTENT_LENGTH)
+                    && !resp.headers.contains_key(header::TRANSFER_ENCODING)
+                {
+                    resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+                }
+                if ctx.plugin.compress_response {
+                    compress_for_client(session);
                 }
             }
         }

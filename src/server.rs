@@ -58,7 +58,7 @@ fn server_conf(compiled: &Compiled, flags: &RunFlags) -> ServerConf {
 }
 
 /// Serves `compiled` until the process is told to stop. `config_path` is reloaded on
-/// SIGHUP and `POST /admin/reload`. Never returns.
+/// SIGHUP and `POST /admin/reload`. Returns once a shutdown has finished.
 pub fn run(
     compiled: Compiled,
     config_path: Option<PathBuf>,
@@ -136,11 +136,17 @@ pub fn run(
     ));
     server.add_service(background_service(
         "reload on SIGHUP",
-        SighupReloader { state },
+        SighupReloader {
+            state: state.clone(),
+        },
     ));
 
     for line in lines {
         println!("{line}");
     }
-    server.run_forever()
+    // Not `run_forever`: it ends in `process::exit`, which skips destructors, and the
+    // config's plugins write out what they hold when dropped (API keys' last use).
+    server.run(pingora::server::RunArgs::default());
+    drop(state);
+    Ok(())
 }

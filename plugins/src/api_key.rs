@@ -134,8 +134,8 @@ pub struct ApiKey {
 
 /// How often the keys file is checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
-/// How often last-use times are written out.
-const FLUSH_INTERVAL: Duration = Duration::from_secs(30);
+/// How often last-use times are written out (only when a key was used since).
+const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
 fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;

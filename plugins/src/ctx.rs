@@ -115,6 +115,13 @@ pub struct Ctx {
     pub upstream: Option<Arc<str>>,
     /// Token counting of an `llm_budget` plugin.
     pub llm_budget: Option<crate::llm_budget::BudgetState>,
+    /// The request's `Origin` when a `cors` plugin allowed it, echoed on the response.
+    pub cors_origin: Option<http::HeaderValue>,
+    /// `css_inject`'s progress through this response.
+    pub css: crate::css_inject::CssState,
+    /// Set by a plugin that asked the upstream for an uncompressed body: the core then
+    /// compresses the response itself when the client's `Accept-Encoding` allows it.
+    pub compress_response: bool,
 }
 
 impl Ctx {
@@ -132,6 +139,9 @@ impl Ctx {
             llm_budget: None,
             started: std::time::Instant::now(),
             upstream: None,
+            cors_origin: None,
+            css: Default::default(),
+            compress_response: false,
         }
     }
 }

@@ -16,16 +16,20 @@ pub mod units;
 
 pub mod api_key;
 pub mod audit;
+pub mod cors;
+pub mod css_inject;
 pub mod gcra;
 pub mod headers;
 pub mod ip_filter;
 pub mod line_writer;
 pub mod llm_budget;
+pub mod origin;
 pub mod pin_gate;
 pub mod rate_limit;
 pub mod redis_store;
 pub mod session;
 pub mod totp;
+pub mod upstream_auth;
 
 pub use ctx::{Ctx, Identity, RequestId, Role};
 pub use plugin::{Hooks, Plugin, RequestFlow, Verdict};

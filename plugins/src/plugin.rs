@@ -49,6 +49,12 @@ pub struct Hooks {
     pub response: bool,
     pub response_body: bool,
     pub logging: bool,
+    /// [`Plugin::on_early_request`]: runs before any request hook, identity or access
+    /// check of the chain.
+    pub early: bool,
+    /// [`Plugin::on_response`] also runs on the replies the gateway writes itself
+    /// (rejections, preflights, upstream errors), not only on proxied responses.
+    pub gateway_replies: bool,
 }
 
 impl Hooks {
@@ -60,6 +66,8 @@ impl Hooks {
             response: self.response || other.response,
             response_body: self.response_body || other.response_body,
             logging: self.logging || other.logging,
+            early: self.early || other.early,
+            gateway_replies: self.gateway_replies || other.gateway_replies,
         }
     }
 }
@@ -105,6 +113,13 @@ pub trait Plugin: Send + Sync + 'static {
         _ctx: &'a mut Ctx,
     ) -> RequestFlow<'a> {
         RequestFlow::reply(Reply::error(404, "not found"))
+    }
+
+    /// Runs for every plugin of the chain that sets [`Hooks::early`], in chain order and
+    /// before any request hook, identity plugin or access check; may answer at once. For
+    /// requests that must be answered without credentials (CORS preflights).
+    fn on_early_request(&self, _req: &RequestHeader, _ctx: &mut Ctx) -> Option<Reply> {
+        None
     }
 
     /// Inspect (and edit) the client's request; may answer early.

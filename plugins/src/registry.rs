@@ -47,8 +47,12 @@ macro_rules! registry {
 registry! {
     "headers" => |v, _| Ok(Arc::new(crate::headers::Headers::new(settings(v)?)?)),
     "ip_filter" => |v, _| Ok(Arc::new(crate::ip_filter::IpFilter::new(settings(v)?)?)),
+    "origin" => |v, _| Ok(Arc::new(crate::origin::Origin::new(settings(v)?)?)),
+    "cors" => |v, _| Ok(Arc::new(crate::cors::Cors::new(settings(v)?)?)),
     "api_key" => |v, _| Ok(Arc::new(crate::api_key::ApiKey::new(settings(v)?)?)),
     "pin_gate" => |v, env| Ok(Arc::new(crate::pin_gate::PinGate::new(settings(v)?, env)?)),
+    "upstream_auth" => |v, _| Ok(Arc::new(crate::upstream_auth::UpstreamAuth::new(settings(v)?)?)),
+    "css_inject" => |v, env| Ok(Arc::new(crate::css_inject::CssInject::new(settings(v)?, env)?)),
     "rate_limit" => |v, env| Ok(Arc::new(crate::rate_limit::RateLimit::new(settings(v)?, env)?)),
     "llm_budget" => |v, env| Ok(Arc::new(crate::llm_budget::LlmBudget::new(settings(v)?, env)?)),
     "audit" => |v, _| Ok(Arc::new(crate::audit::Audit::new(settings(v)?)?)),

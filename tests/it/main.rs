@@ -3,7 +3,11 @@
 
 mod harness;
 
+mod browser;
+mod browser_safety;
 mod cli;
+mod identity;
+mod llm_route;
 mod operations;
 mod proxying;
 mod routing;

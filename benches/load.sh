@@ -1,0 +1,356 @@
+#!/usr/bin/env bash
+# Load bench: the same nginx upstream behind gatewarden (empty chain and today's chain,
+# with work stealing on and off), nginx, HAProxy, and reached directly, all on this
+# machine in one run, each driven by wrk with the same settings. Prints requests/s,
+# latency percentiles, proxy CPU per 100k requests, and every ratio against nginx.
+#
+#   bash benches/load.sh                          # defaults below
+#   WRK_CONNS=128 WRK_DURATION=20s ROUNDS=3 bash benches/load.sh
+#   PERF=1 bash benches/load.sh                   # also a perf profile of gatewarden
+#
+# Settings (environment):
+#   WRK_THREADS=2 WRK_CONNS=64 WRK_DURATION=10s   wrk -t/-c/-d, the same for every target
+#   ROUNDS=2               rounds; the target order alternates between rounds
+#   PROXY_THREADS=2        gatewarden threads, nginx workers, haproxy nbthread
+#   UPSTREAM_WORKERS=1     nginx workers of the shared upstream
+#   WORK_STEALING="true false"   gatewarden variants to run
+#   BENCH_PATHS="/small /64k"    "ok\n" and a 64 KiB body
+#   BASE_PORT=18400        fixed loopback ports BASE_PORT.. are used (checked free first)
+#   TARGETS="..."          only these targets (names as printed)
+#   PERF=1                 perf record -g on the gatewarden chain target after the rounds
+#   KEEP_TMP=1             keep the temp dir with configs, logs and raw wrk output
+#   GW_BIN=path            the gatewarden binary (default target/release/gatewarden)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CONF="$ROOT/benches/conf"
+WRK_THREADS=${WRK_THREADS:-2}
+WRK_CONNS=${WRK_CONNS:-64}
+WRK_DURATION=${WRK_DURATION:-10s}
+ROUNDS=${ROUNDS:-2}
+PROXY_THREADS=${PROXY_THREADS:-2}
+UPSTREAM_WORKERS=${UPSTREAM_WORKERS:-1}
+WORK_STEALING=${WORK_STEALING-"true false"}
+BENCH_PATHS=${BENCH_PATHS:-"/small /64k"}
+BASE_PORT=${BASE_PORT:-18400}
+TARGETS=${TARGETS:-}
+PERF=${PERF:-0}
+KEEP_TMP=${KEEP_TMP:-0}
+GW_BIN=${GW_BIN:-$ROOT/target/release/gatewarden}
+
+say() { printf '%s\n' "$*" >&2; }
+die() { say "load.sh: $*"; exit 1; }
+
+# --- tools --------------------------------------------------------------------------
+missing=()
+for tool in wrk nginx haproxy curl; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+    say "load.sh: missing: ${missing[*]}"
+    say "install them with:  bash scripts/setup.sh --bench"
+    say "or:                 sudo apt-get install -y wrk nginx haproxy curl"
+    exit 1
+fi
+if [[ ! -x "$GW_BIN" ]]; then
+    say "load.sh: $GW_BIN not found; building it with 'cargo build --release' (takes minutes)"
+    (cd "$ROOT" && cargo build --release) || die "release build failed"
+fi
+
+# --- temp dir and cleanup -------------------------------------------------------------
+TMP=$(mktemp -d /tmp/gatewarden-bench.XXXXXX)
+declare -a STARTED=()   # "signal:pid" of every process this script started
+cleanup() {
+    local entry sig pid
+    for entry in "${STARTED[@]}"; do
+        sig=${entry%%:*} pid=${entry#*:}
+        kill "-$sig" "$pid" 2>/dev/null || true
+    done
+    for entry in "${STARTED[@]}"; do
+        pid=${entry#*:}
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    if [[ "$KEEP_TMP" == 1 ]]; then
+        say "kept $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Fills @NAME@ placeholders of a template from NAME=value arguments.
+render() {
+    local template=$1 out=$2 kv
+    shift 2
+    local args=()
+    for kv in "$@"; do
+        args+=(-e "s|@${kv%%=*}@|${kv#*=}|g")
+    done
+    sed "${args[@]}" "$template" >"$out"
+    if grep -q '@[A-Z_]*@' "$out"; then
+        die "unfilled placeholder in $out: $(grep -o '@[A-Z_]*@' "$out" | head -1)"
+    fi
+}
+
+wait_http() {
+    local url=$1 name=$2
+    for _ in $(seq 100); do
+        if curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    die "$name did not answer on $url; see its log under $TMP (run with KEEP_TMP=1)"
+}
+
+# --- targets ---------------------------------------------------------------------------
+declare -A PORT=() PIDS=()
+ORDER=()
+UPSTREAM_PORT=$BASE_PORT
+next_port=$((BASE_PORT + 1))
+add_target() { ORDER+=("$1"); PORT[$1]=$next_port; next_port=$((next_port + 1)); }
+ORDER+=(direct)
+PORT[direct]=$UPSTREAM_PORT
+add_target nginx
+add_target haproxy
+for ws in $WORK_STEALING; do
+    suffix=$([[ "$ws" == true ]] && echo ws || echo nows)
+    add_target "gw-empty-$suffix"
+    add_target "gw-chain-$suffix"
+done
+if [[ -n "$TARGETS" ]]; then
+    wanted=()
+    for t in "${ORDER[@]}"; do
+        [[ " $TARGETS " == *" $t "* || "$t" == nginx ]] && wanted+=("$t")
+    done
+    ORDER=("${wanted[@]}")
+fi
+for p in $(seq "$BASE_PORT" $((next_port - 1))); do
+    port_free "$p" || die "port $p is in use; pick other ports with BASE_PORT=..."
+done
+
+mkdir -p "$TMP/www" "$TMP/upstream" "$TMP/nginx" "$TMP/haproxy"
+# nginx workers run as an unprivileged user unless `user` says otherwise; let them in.
+chmod 755 "$TMP" "$TMP/www"
+head -c 65536 /dev/urandom >"$TMP/www/64k"
+cat >"$TMP/report.lua" <<'EOF'
+-- One machine-readable line per run; latencies in microseconds.
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "RESULT requests=%d duration_us=%d bytes=%d p50=%.0f p99=%.0f p999=%.0f max=%.0f " ..
+    "err_connect=%d err_read=%d err_write=%d err_status=%d err_timeout=%d\n",
+    summary.requests, summary.duration, summary.bytes,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9), latency.max,
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+EOF
+
+vars=(TMP="$TMP" NGINX_USER="$(id -un)" UPSTREAM_PORT="$UPSTREAM_PORT" UPSTREAM_WORKERS="$UPSTREAM_WORKERS"
+      PROXY_THREADS="$PROXY_THREADS" NGINX_PORT="${PORT[nginx]}" HAPROXY_PORT="${PORT[haproxy]}")
+
+start() { # start NAME STOP_SIGNAL LOG CMD...
+    local name=$1 sig=$2 log=$3
+    shift 3
+    "$@" >"$log" 2>&1 &
+    STARTED+=("$sig:$!")
+    PIDS[$name]=$!
+}
+
+render "$CONF/upstream.nginx.conf" "$TMP/upstream/nginx.conf" "${vars[@]}"
+start direct TERM "$TMP/upstream/stdout.log" nginx -p "$TMP/upstream" -e "$TMP/upstream/error.log" -c "$TMP/upstream/nginx.conf"
+wait_http "http://127.0.0.1:$UPSTREAM_PORT/small" "upstream nginx"
+
+render "$CONF/proxy.nginx.conf" "$TMP/nginx/nginx.conf" "${vars[@]}"
+start nginx TERM "$TMP/nginx/stdout.log" nginx -p "$TMP/nginx" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf"
+
+render "$CONF/haproxy.cfg" "$TMP/haproxy/haproxy.cfg" "${vars[@]}"
+start haproxy TERM "$TMP/haproxy/haproxy.log" haproxy -db -f "$TMP/haproxy/haproxy.cfg"
+
+for t in "${ORDER[@]}"; do
+    [[ "$t" == gw-* ]] || continue
+    kind=$(cut -d- -f2 <<<"$t")
+    ws=$([[ "$t" == *-nows ]] && echo false || echo true)
+    dir="$TMP/$t"
+    mkdir -p "$dir"
+    render "$CONF/gatewarden-$kind.yaml" "$dir/gatewarden.yaml" "${vars[@]}" \
+        GW_PORT="${PORT[$t]}" GW_DIR="$dir" WORK_STEALING="$ws"
+    "$GW_BIN" check -c "$dir/gatewarden.yaml" >"$dir/check.log" 2>&1 ||
+        die "gatewarden check failed for $t: $(cat "$dir/check.log")"
+    # SIGINT is Pingora's fast shutdown; SIGTERM would wait for the grace period.
+    start "$t" INT "$dir/gatewarden.log" "$GW_BIN" run -c "$dir/gatewarden.yaml"
+done
+for t in "${ORDER[@]}"; do
+    wait_http "http://127.0.0.1:${PORT[$t]}/small" "$t"
+done
+
+# Every process whose CPU time counts for a target: nginx's master and its workers.
+target_pids() {
+    local pid=${PIDS[$1]}
+    echo "$pid"
+    pgrep -P "$pid" 2>/dev/null || true
+}
+cpu_ticks() {
+    local total=0 pid rest
+    for pid in "$@"; do
+        [[ -r /proc/$pid/stat ]] || continue
+        rest=$(</proc/"$pid"/stat)
+        rest=${rest##*) }   # the command name may hold spaces; fields resume after ')'
+        # shellcheck disable=SC2086
+        set -- $rest
+        total=$((total + ${12} + ${13}))   # utime + stime (fields 14 and 15)
+    done
+    echo "$total"
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+# --- functional check before any load ---------------------------------------------------
+problems=0
+expected_size() { [[ "$1" == /64k ]] && echo 65536 || echo 3; }
+for t in "${ORDER[@]}"; do
+    for path in $BENCH_PATHS; do
+        got=$(curl -sS -D "$TMP/headers" -o /dev/null -w '%{http_code} %{size_download}' \
+            "http://127.0.0.1:${PORT[$t]}$path" || echo "000 0")
+        want="200 $(expected_size "$path")"
+        if [[ "$got" != "$want" ]]; then
+            say "FUNCTIONAL PROBLEM: $t $path answered '$got', expected '$want'"
+            problems=$((problems + 1))
+        fi
+        if [[ "$t" == gw-chain-* ]] && ! grep -qi '^x-frame-options: DENY' "$TMP/headers"; then
+            say "FUNCTIONAL PROBLEM: $t $path lacks the X-Frame-Options the chain sets"
+            problems=$((problems + 1))
+        fi
+    done
+done
+
+# --- machine ----------------------------------------------------------------------------
+cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+mem=$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
+echo "# gatewarden load bench, $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo
+echo "machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $mem RAM, $(uname -r)"
+echo "tools:   $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(nginx -v 2>&1 | cut -d' ' -f3), $(haproxy -v | head -1 | cut -d' ' -f1-3)"
+echo "binary:  $GW_BIN ($("$GW_BIN" version), built $(date -u -r "$GW_BIN" '+%Y-%m-%d %H:%M UTC'))"
+echo "wrk:     -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION, $ROUNDS rounds, order alternating"
+echo "proxies: $PROXY_THREADS threads/workers each; upstream nginx: $UPSTREAM_WORKERS worker(s)"
+# Everything shares these CPUs with wrk; other load on the box skews every number.
+echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min load average before the runs)"
+echo
+
+# --- the runs ---------------------------------------------------------------------------
+RESULTS="$TMP/results.tsv"
+: >"$RESULTS"
+run_one() { # run_one TARGET PATH ROUND
+    local t=$1 path=$2 round=$3 pids before after out line
+    mapfile -t pids < <(target_pids "$t")
+    out="$TMP/wrk-$t-${path#/}-r$round.txt"
+    before=$(cpu_ticks "${pids[@]}")
+    wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --latency -s "$TMP/report.lua" \
+        "http://127.0.0.1:${PORT[$t]}$path" >"$out" 2>&1 || true
+    after=$(cpu_ticks "${pids[@]}")
+    line=$(grep '^RESULT ' "$out" || true)
+    if [[ -z "$line" ]]; then
+        say "FUNCTIONAL PROBLEM: wrk gave no result for $t $path: $(tail -3 "$out")"
+        problems=$((problems + 1))
+        return
+    fi
+    # shellcheck disable=SC2086
+    local $(sed 's/^RESULT //' <<<"$line")
+    local errors=$((err_connect + err_read + err_write + err_status + err_timeout))
+    if ((errors > 0)); then
+        say "FUNCTIONAL PROBLEM: $t $path round $round: connect=$err_connect read=$err_read write=$err_write non-2xx=$err_status timeout=$err_timeout"
+        problems=$((problems + 1))
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$path" "$round" "$requests" \
+        "$duration_us" "$p50" "$p99" "$p999" "$((after - before))" "$errors" >>"$RESULTS"
+    say "  round $round  $path  $(printf '%-14s' "$t") $(awk -v r="$requests" -v d="$duration_us" 'BEGIN {printf "%9.0f req/s", r / d * 1e6}')  p99 $(awk -v v="$p99" 'BEGIN {printf "%.2f ms", v / 1000}')"
+}
+
+for round in $(seq "$ROUNDS"); do
+    order=("${ORDER[@]}")
+    if ((round % 2 == 0)); then
+        mapfile -t order < <(printf '%s\n' "${ORDER[@]}" | tac)
+    fi
+    for path in $BENCH_PATHS; do
+        for t in "${order[@]}"; do
+            run_one "$t" "$path" "$round"
+        done
+    done
+done
+
+# --- summary ----------------------------------------------------------------------------
+echo "load average after the runs: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "Means over $ROUNDS rounds. Latency in ms. CPU = user+system seconds of the proxy"
+echo "process(es) per 100k requests (for \`direct\`, the upstream's own). Ratios are"
+echo "target / nginx: above 1 is more req/s, or more latency/CPU, than nginx."
+for path in $BENCH_PATHS; do
+    echo
+    echo "### $path ($(expected_size "$path") byte body)"
+    echo
+    awk -F'\t' -v path="$path" -v tck="$CLK_TCK" -v order="${ORDER[*]}" '
+        $2 == path && $4 > 0 {
+            n[$1]++; rps[$1] += $4 / $5 * 1e6; p50[$1] += $6; p99[$1] += $7; p999[$1] += $8
+            cpu[$1] += ($9 / tck) / $4 * 1e5; err[$1] += $10
+        }
+        END {
+            print "| target | req/s | p50 | p99 | p99.9 | CPU s/100k | errors | req/s vs nginx | p99 vs nginx | CPU vs nginx |"
+            print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            split(order, names, " ")
+            ng = "nginx"
+            for (i = 1; i in names; i++) {
+                t = names[i]
+                if (!n[t]) continue
+                r = rps[t] / n[t]; c = cpu[t] / n[t]; q = p99[t] / n[t]
+                if (n[ng]) {
+                    rr = sprintf("%.2f", r / (rps[ng] / n[ng]))
+                    qq = sprintf("%.2f", q / (p99[ng] / n[ng]))
+                    cc = (cpu[ng] > 0) ? sprintf("%.2f", c / (cpu[ng] / n[ng])) : "-"
+                } else { rr = qq = cc = "-" }
+                printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %d | %s | %s | %s |\n", \
+                    t, r, p50[t] / n[t] / 1000, q / 1000, p999[t] / n[t] / 1000, c, err[t], rr, qq, cc
+            }
+        }' "$RESULTS"
+done
+echo
+echo "per-run rows (target path round requests duration_us p50 p99 p99.9 cpu_ticks errors):"
+sed 's/^/    /' "$RESULTS"
+
+# --- optional profile -------------------------------------------------------------------
+if [[ "$PERF" == 1 ]]; then
+    target=""
+    for t in "${ORDER[@]}"; do [[ "$t" == gw-chain-* ]] && { target=$t; break; }; done
+    if [[ -z "$target" ]]; then
+        say "PERF=1: no gatewarden chain target in this run"
+    elif ! command -v perf >/dev/null 2>&1; then
+        say "PERF=1: perf is not installed (apt-get install linux-perf)"
+    else
+        echo
+        echo "### perf profile: $target, /small, wrk -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION"
+        secs=${WRK_DURATION%s}
+        perf record -g -o "$TMP/perf.data" -p "${PIDS[$target]}" -- sleep "$secs" \
+            >"$TMP/perf-record.log" 2>&1 &
+        perf_pid=$!
+        wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" \
+            "http://127.0.0.1:${PORT[$target]}/small" >/dev/null 2>&1 || true
+        if wait "$perf_pid"; then
+            echo '```'
+            perf report -i "$TMP/perf.data" --stdio --no-children --percent-limit 1 \
+                -g none --sort dso,symbol 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40
+            echo '```'
+        else
+            say "PERF=1: perf record failed: $(tail -3 "$TMP/perf-record.log")"
+        fi
+    fi
+fi
+
+if ((problems > 0)); then
+    say "load.sh: $problems functional problem(s), see FUNCTIONAL PROBLEM lines above"
+    exit 2
+fi

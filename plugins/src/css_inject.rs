@@ -1,0 +1,742 @@
+//! `css_inject`: put a theme into the HTML pages of an app you cannot change.
+//!
+//! ```yaml
+//! plugins:
+//!   theme:
+//!     type: css_inject
+//!     file: conf/theme.css             # inlined as <style>...</style>
+//!   # or, to link a stylesheet instead:
+//!   theme_link:
+//!     type: css_inject
+//!     href: /static/theme.css          # <link rel="stylesheet" href="/static/theme.css">
+//! ```
+//!
+//! On `200` responses with `Content-Type: text/html`, the style goes in right before the
+//! first `</head>`, in any letter case (`</HEAD>`, `</Head >`), wherever the upstream's
+//! chunks happen to split it, exactly once. Every other byte of the page is passed on as
+//! it came, chunk by chunk: a page of any size streams through in bounded memory (at most
+//! six bytes are held back between chunks). A page without `</head>` passes unchanged.
+//! SSE, WebSocket, JSON, images, other types and other statuses are never touched.
+//!
+//! The page grows, so `Content-Length` is dropped (HTTP/1.1 clients get it chunked), a
+//! strong `ETag` is weakened and `Accept-Ranges` removed (byte ranges of the upstream's
+//! page would not match). To see the page uncompressed, page loads (GET and HEAD that
+//! accept `text/html`, not WebSocket upgrades) ask the upstream for
+//! `Accept-Encoding: identity`; the gateway then compresses those responses itself when
+//! the client accepts gzip, brotli or zstd. An upstream that compresses anyway gets its
+//! page passed on untouched.
+//!
+//! `file` is read once, when the config is loaded or reloaded; a relative path is taken
+//! from the gateway's working directory. Pages with a Content-Security-Policy that
+//! forbids inline styles ignore a `<style>` element: use `href` for those.
+
+use std::path::Path;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header;
+use memchr::memmem::Finder;
+use serde::Deserialize;
+
+use crate::registry::BuildEnv;
+use crate::{Ctx, Hooks, Plugin, RequestFlow, RequestHeader, ResponseHeader};
+
+/// Settings of a `css_inject` plugin: exactly one of `file` or `href`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CssInjectConfig {
+    /// A CSS file whose content is inlined in a `<style>` element. Read when the config
+    /// is loaded; relative paths start from the working directory.
+    pub file: Option<String>,
+    /// A stylesheet URL, linked with `<link rel="stylesheet" href="...">`.
+    pub href: Option<String>,
+}
+
+/// Largest CSS file accepted: it is copied into every page.
+const MAX_CSS: u64 = 1024 * 1024;
+
+/// What a head-closing tag starts with; compared without regard to case.
+const NEEDLE: &[u8; 6] = b"</head";
+/// Bytes needed to decide a match: the needle and the byte after it.
+const MATCH_LEN: usize = NEEDLE.len() + 1;
+
+/// `css_inject`'s progress through one response, kept in [`Ctx::css`].
+#[derive(Debug, Default)]
+pub struct CssState {
+    /// The request may get a page, so the upstream was asked for an uncompressed body.
+    asked_identity: bool,
+    /// Still looking for `</head` in this response's body.
+    scanning: bool,
+    /// Which `css_inject` plugin owns this response, when a chain has several.
+    owner: usize,
+    /// The tail of the previous chunk that may be the start of `</head`.
+    carry: [u8; NEEDLE.len()],
+    carry_len: u8,
+}
+
+impl CssState {
+    fn carry(&self) -> &[u8] {
+        &self.carry[..self.carry_len as usize]
+    }
+
+    fn set_carry(&mut self, bytes: &[u8]) {
+        self.carry[..bytes.len()].copy_from_slice(bytes);
+        self.carry_len = bytes.len() as u8;
+    }
+}
+
+/// The runtime form of a `css_inject` plugin.
+pub struct CssInject {
+    /// The `<style>` or `<link>` element, built once.
+    tag: Bytes,
+    /// Find `</h` and `</H`: every candidate starts with one of them, and both are far
+    /// rarer in markup than `<` or `</` alone.
+    lower: Finder<'static>,
+    upper: Finder<'static>,
+}
+
+impl std::fmt::Debug for CssInject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CssInject")
+            .field("tag_len", &self.tag.len())
+            .finish()
+    }
+}
+
+impl CssInject {
+    pub fn new(config: CssInjectConfig, env: &BuildEnv) -> Result<Self, String> {
+        let tag = match (config.file, config.href) {
+            (Some(file), None) => style_tag(&read_css(&env.base_dir.join(&file), &file)?)?,
+            (None, Some(href)) => link_tag(&href)?,
+            (Some(_), Some(_)) => return Err("set `file` or `href`, not both".into()),
+            (None, None) => {
+                return Err("set `file` (a CSS file to inline) or `href` (a stylesheet URL)".into())
+            }
+        };
+        Ok(CssInject {
+            tag: Bytes::from(tag),
+            lower: Finder::new(b"</h").into_owned(),
+            upper: Finder::new(b"</H").into_owned(),
+        })
+    }
+
+    fn id(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// The offset of the first complete `</head` + delimiter in `hay`.
+    fn find_close(&self, hay: &[u8]) -> Option<usize> {
+        // The next place of each spelling; one is searched again only once passed, so the
+        // scan stays linear whichever spelling the page uses.
+        let next = |finder: &Finder, from: usize| finder.find(&hay[from..]).map(|i| from + i);
+        let (mut lower, mut upper) = (next(&self.lower, 0), next(&self.upper, 0));
+        loop {
+            let at = match (lower, upper) {
+                (Some(l), Some(u)) => l.min(u),
+                (Some(at), None) | (None, Some(at)) => at,
+                (None, None) => return None,
+            };
+            let closes = hay.get(at + 3..at + MATCH_LEN).is_some_and(|rest| {
+                rest[..3].eq_ignore_ascii_case(b"ead") && ends_tag_name(rest[3])
+            });
+            if closes {
+                return Some(at);
+            }
+            if lower == Some(at) {
+                lower = next(&self.lower, at + 1);
+            } else {
+                upper = next(&self.upper, at + 1);
+            }
+        }
+    }
+
+    /// Rewrites one body chunk; returns what to send in its place.
+    fn filter(&self, state: &mut CssState, data: &[u8], chunk: Option<&Bytes>) -> Option<Bytes> {
+        let carry_len = state.carry_len as usize;
+        if carry_len > 0 && data.len() < MATCH_LEN {
+            // A tiny chunk: join it to the carry on the stack and start over without one.
+            let mut joined = [0u8; NEEDLE.len() + MATCH_LEN];
+            joined[..carry_len].copy_from_slice(state.carry());
+            joined[carry_len..carry_len + data.len()].copy_from_slice(data);
+            state.carry_len = 0;
+            let joined = &joined[..carry_len + data.len()];
+            return self.filter(state, joined, None);
+        }
+        if carry_len > 0 {
+            // A match starting in the carry is decided by the chunk's first bytes.
+            let mut window = [0u8; NEEDLE.len() + MATCH_LEN];
+            window[..carry_len].copy_from_slice(state.carry());
+            window[carry_len..carry_len + MATCH_LEN].copy_from_slice(&data[..MATCH_LEN]);
+            if let Some(at) = self.find_close(&window[..carry_len + MATCH_LEN]) {
+                if at < carry_len {
+                    state.scanning = false;
+                    let carry = state.carry();
+                    let mut out =
+                        BytesMut::with_capacity(carry.len() + self.tag.len() + data.len());
+                    out.put_slice(&carry[..at]);
+                    out.put_slice(&self.tag);
+                    out.put_slice(&carry[at..]);
+                    out.put_slice(data);
+                    state.carry_len = 0;
+                    return Some(out.freeze());
+                }
+            }
+        }
+        let mut prefix = [0u8; NEEDLE.len()];
+        prefix[..carry_len].copy_from_slice(state.carry());
+        let prefix = &prefix[..carry_len];
+        state.carry_len = 0;
+
+        if let Some(at) = self.find_close(data) {
+            state.scanning = false;
+            let mut out = BytesMut::with_capacity(prefix.len() + data.len() + self.tag.len());
+            out.put_slice(prefix);
+            out.put_slice(&data[..at]);
+            out.put_slice(&self.tag);
+            out.put_slice(&data[at..]);
+            return Some(out.freeze());
+        }
+        let keep = partial_suffix(data);
+        state.set_carry(&data[data.len() - keep..]);
+        let emit = data.len() - keep;
+        match chunk {
+            // The common case: nothing was carried in, so the chunk goes on (less any
+            // bytes now held back) without a copy.
+            Some(chunk) if prefix.is_empty() => Some(chunk.slice(..emit)),
+            _ => {
+                let mut out = BytesMut::with_capacity(prefix.len() + emit);
+                out.put_slice(prefix);
+                out.put_slice(&data[..emit]);
+                Some(out.freeze())
+            }
+        }
+    }
+}
+
+/// True for the bytes that can end the tag name in `</head`: whitespace, `/` or `>`.
+fn ends_tag_name(b: u8) -> bool {
+    matches!(b, b'>' | b'/' | b' ' | b'\t' | b'\n' | b'\r' | b'\x0c')
+}
+
+/// How many bytes at the end of `data` could begin `</head` (0 to 6).
+fn partial_suffix(data: &[u8]) -> usize {
+    (1..=NEEDLE.len().min(data.len()))
+        .rev()
+        .find(|&n| data[data.len() - n..].eq_ignore_ascii_case(&NEEDLE[..n]))
+        .unwrap_or(0)
+}
+
+fn read_css(path: &Path, as_written: &str) -> Result<String, String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("`file`: cannot read {as_written}: {e}"))?;
+    if meta.len() > MAX_CSS {
+        return Err(format!(
+            "`file`: {as_written} is {} bytes; a theme copied into every page must stay under 1 MiB",
+            meta.len()
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("`file`: cannot read {as_written}: {e}"))
+}
+
+fn style_tag(css: &str) -> Result<Vec<u8>, String> {
+    // The HTML parser ends a <style> element at the first `</style`, wherever it is.
+    let lower = css.to_ascii_lowercase();
+    if lower.contains("</style") {
+        return Err(
+            "`file`: the CSS contains `</style`, which would end the <style> element early".into(),
+        );
+    }
+    let mut tag = Vec::with_capacity(css.len() + 16);
+    tag.extend_from_slice(b"<style>");
+    tag.extend_from_slice(css.as_bytes());
+    tag.extend_from_slice(b"</style>");
+    Ok(tag)
+}
+
+fn link_tag(href: &str) -> Result<Vec<u8>, String> {
+    if href.trim().is_empty() {
+        return Err("`href` is empty".into());
+    }
+    if href.chars().any(char::is_control) {
+        return Err("`href` contains control characters".into());
+    }
+    let mut tag = String::with_capacity(href.len() + 40);
+    tag.push_str("<link rel=\"stylesheet\" href=\"");
+    for c in href.chars() {
+        match c {
+            '&' => tag.push_str("&amp;"),
+            '"' => tag.push_str("&quot;"),
+            '\'' => tag.push_str("&#39;"),
+            '<' => tag.push_str("&lt;"),
+            '>' => tag.push_str("&gt;"),
+            c => tag.push(c),
+        }
+    }
+    tag.push_str("\">");
+    Ok(tag.into_bytes())
+}
+
+/// True when a request may be answered with a page: GET or HEAD that accepts HTML (or
+/// says nothing), and not a protocol upgrade.
+fn may_get_page(req: &RequestHeader) -> bool {
+    if !matches!(req.method, http::Method::GET | http::Method::HEAD)
+        || req.headers.contains_key(header::UPGRADE)
+    {
+        return false;
+    }
+    let mut accepts = req.headers.get_all(header::ACCEPT).iter().peekable();
+    accepts.peek().is_none()
+        || accepts.any(|v| {
+            v.as_bytes()
+                .windows(9)
+                .any(|w| w.eq_ignore_ascii_case(b"text/html"))
+        })
+}
+
+/// The media type of `resp` is `text/html` (parameters such as charset allowed).
+fn is_html(resp: &ResponseHeader) -> bool {
+    resp.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes().trim_ascii_start();
+        v.len() >= 9
+            && v[..9].eq_ignore_ascii_case(b"text/html")
+            && v.get(9).is_none_or(|b| matches!(b, b';' | b' ' | b'\t'))
+    })
+}
+
+fn is_event_stream(resp: &ResponseHeader) -> bool {
+    resp.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes().trim_ascii_start();
+        v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream")
+    })
+}
+
+/// The body is compressed (any coding but `identity`).
+fn is_encoded(resp: &ResponseHeader) -> bool {
+    resp.headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
+}
+
+impl Plugin for CssInject {
+    fn type_name(&self) -> &'static str {
+        "css_inject"
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            request: true,
+            upstream_request: true,
+            response: true,
+            response_body: true,
+            ..Hooks::default()
+        }
+    }
+
+    fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
+        if may_get_page(req) {
+            ctx.css.asked_identity = true;
+        }
+        RequestFlow::CONTINUE
+    }
+
+    fn on_upstream_request(&self, req: &mut RequestHeader, ctx: &Ctx) {
+        if ctx.css.asked_identity {
+            req.remove_header(&header::ACCEPT_ENCODING);
+            let _ = req.insert_header(header::ACCEPT_ENCODING, "identity");
+        }
+    }
+
+    fn on_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) {
+        let state = &mut ctx.css;
+        if state.owner != 0 && state.owner != self.id() {
+            return;
+        }
+        state.owner = self.id();
+        let status = resp.status.as_u16();
+        let encoded = is_encoded(resp);
+        // What the upstream would have compressed, the gateway compresses instead (never
+        // a stream of events, whose every event must reach the client at once).
+        if state.asked_identity
+            && !encoded
+            && !matches!(status, 101 | 204 | 206 | 304)
+            && !is_event_stream(resp)
+        {
+            ctx.compress_response = true;
+        }
+        if status != 200 || encoded || !is_html(resp) {
+            return;
+        }
+        state.scanning = true;
+        resp.remove_header(&header::CONTENT_LENGTH);
+        resp.remove_header(&header::ACCEPT_RANGES);
+        // The page is no longer byte for byte the upstream's: a strong validator would
+        // let a client splice ranges of two different representations.
+        if let Some(etag) = resp.headers.get(header::ETAG) {
+            if etag.as_bytes().starts_with(b"\"") {
+                let mut weak = Vec::with_capacity(etag.len() + 2);
+                weak.extend_from_slice(b"W/");
+                weak.extend_from_slice(etag.as_bytes());
+                if let Ok(weak) = http::HeaderValue::from_bytes(&weak) {
+                    let _ = resp.insert_header(header::ETAG, weak);
+                }
+            }
+        }
+    }
+
+    fn on_response_body(&self, body: &mut Option<Bytes>, end_of_stream: bool, ctx: &mut Ctx) {
+        let state = &mut ctx.css;
+        if !state.scanning || state.owner != self.id() {
+            return;
+        }
+        if let Some(chunk) = body.take() {
+            *body = self.filter(state, &chunk, Some(&chunk));
+        }
+        if end_of_stream && state.scanning {
+            // No `</head>` in the whole page: hand back what was held, unchanged.
+            state.scanning = false;
+            if state.carry_len > 0 {
+                let held = state.carry();
+                let out = match body.take() {
+                    Some(b) if !b.is_empty() => {
+                        let mut out = BytesMut::with_capacity(b.len() + held.len());
+                        out.put_slice(&b);
+                        out.put_slice(held);
+                        out.freeze()
+                    }
+                    _ => Bytes::copy_from_slice(held),
+                };
+                *body = Some(out);
+                state.carry_len = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RequestId;
+
+    const TAG: &str = "<style>body{color:red}</style>";
+
+    fn plugin() -> CssInject {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("theme.css"), "body{color:red}").unwrap();
+        let env = BuildEnv {
+            base_dir: dir.path().to_path_buf(),
+            ..BuildEnv::default()
+        };
+        CssInject::new(
+            CssInjectConfig {
+                file: Some("theme.css".into()),
+                href: None,
+            },
+            &env,
+        )
+        .unwrap()
+    }
+
+    fn ctx() -> Ctx {
+        Ctx::new(
+            "127.0.0.1".parse().unwrap(),
+            RequestId::from_random(9),
+            false,
+        )
+    }
+
+    fn html_response(status: u16, content_type: &str) -> ResponseHeader {
+        let mut resp = ResponseHeader::build(status, None).unwrap();
+        resp.insert_header("Content-Type", content_type).unwrap();
+        resp.insert_header("Content-Length", "1234").unwrap();
+        resp
+    }
+
+    /// Runs a whole response through the plugin, chunk by chunk; returns the headers and
+    /// the body the client would get.
+    fn run(p: &CssInject, resp: &mut ResponseHeader, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut c = ctx();
+        p.on_response(resp, &mut c);
+        let mut out = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut body = Some(Bytes::copy_from_slice(chunk));
+            p.on_response_body(&mut body, i + 1 == chunks.len(), &mut c);
+            out.extend_from_slice(&body.unwrap_or_default());
+            assert!(c.css.carry_len as usize <= NEEDLE.len());
+        }
+        out
+    }
+
+    fn inject(chunks: &[&[u8]]) -> String {
+        let mut resp = html_response(200, "text/html; charset=utf-8");
+        String::from_utf8(run(&plugin(), &mut resp, chunks)).unwrap()
+    }
+
+    #[test]
+    fn the_style_goes_right_before_head_split_at_every_position() {
+        let page =
+            "<!doctype html><html><head><title>x</title></head><body>hi</head></body></html>";
+        let expected = page.replacen("</head>", &format!("{TAG}</head>"), 1);
+        for split in 0..=page.len() {
+            let (a, b) = page.as_bytes().split_at(split);
+            assert_eq!(inject(&[a, b]), expected, "split at {split}");
+        }
+        // One byte at a time: every boundary at once.
+        let bytes: Vec<&[u8]> = page.as_bytes().chunks(1).collect();
+        assert_eq!(inject(&bytes), expected);
+        let threes: Vec<&[u8]> = page.as_bytes().chunks(3).collect();
+        assert_eq!(inject(&threes), expected);
+    }
+
+    #[test]
+    fn any_case_and_any_tag_end_counts() {
+        for close in ["</HEAD>", "</Head >", "</head\n>", "</hEaD\t>", "</head/>"] {
+            let page = format!("<html><head>{close}<body></body>");
+            let expected = page.replacen(close, &format!("{TAG}{close}"), 1);
+            assert_eq!(inject(&[page.as_bytes()]), expected, "{close:?}");
+        }
+    }
+
+    #[test]
+    fn lookalikes_are_not_the_head() {
+        let page = "<head></header><heading></headx></ head></head>";
+        let expected =
+            "<head></header><heading></headx></ head><style>body{color:red}</style></head>";
+        assert_eq!(inject(&[page.as_bytes()]), expected);
+        // `</header>` split right after `</head`: the carried bytes must still go out.
+        assert_eq!(
+            inject(&[b"a</head", b"er>b</head>"]),
+            format!("a</header>b{TAG}</head>")
+        );
+    }
+
+    #[test]
+    fn pages_without_head_pass_byte_for_byte() {
+        let cases: [&[&[u8]]; 4] = [
+            &[b"<p>no head here</p>"],
+            &[b"<p>ends with </hea", b"d"],
+            &[b"<p>ends with </head"],
+            &[b"<", b"/", b"h", b"e"],
+        ];
+        for chunks in cases {
+            let want: Vec<u8> = chunks.concat();
+            let mut resp = html_response(200, "text/html");
+            assert_eq!(run(&plugin(), &mut resp, chunks), want);
+        }
+    }
+
+    /// The first `</head` + delimiter in a whole body, as a reference.
+    fn reference(body: &[u8]) -> Vec<u8> {
+        let at = (0..body.len().saturating_sub(NEEDLE.len())).find(|&i| {
+            body[i..i + NEEDLE.len()].eq_ignore_ascii_case(NEEDLE)
+                && ends_tag_name(body[i + NEEDLE.len()])
+        });
+        match at {
+            Some(i) => [&body[..i], TAG.as_bytes(), &body[i..]].concat(),
+            None => body.to_vec(),
+        }
+    }
+
+    #[test]
+    fn random_pages_in_random_chunks_match_the_reference() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let pieces: [&[u8]; 12] = [
+            b"<", b"/", b"h", b"E", b"a", b"D", b">", b" ", b"</head", b"</HEA", b"x", b"</",
+        ];
+        let p = plugin();
+        for _ in 0..3000 {
+            let body: Vec<u8> = (0..rng.gen_range(0..40))
+                .flat_map(|_| pieces[rng.gen_range(0..pieces.len())].iter().copied())
+                .collect();
+            let mut chunks = Vec::new();
+            let mut rest = &body[..];
+            while !rest.is_empty() {
+                let n = rng.gen_range(0..=rest.len().min(9));
+                chunks.push(&rest[..n]);
+                rest = &rest[n..];
+            }
+            chunks.push(&[]);
+            let mut resp = html_response(200, "text/html");
+            assert_eq!(
+                run(&p, &mut resp, &chunks),
+                reference(&body),
+                "{:?} in {chunks:?}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+
+    #[test]
+    fn held_bytes_come_out_when_the_stream_ends_without_data() {
+        let p = plugin();
+        let mut c = ctx();
+        p.on_response(&mut html_response(200, "text/html"), &mut c);
+        let mut body = Some(Bytes::from_static(b"abc</he"));
+        p.on_response_body(&mut body, false, &mut c);
+        assert_eq!(body.as_deref(), Some(&b"abc"[..]));
+        let mut end = None;
+        p.on_response_body(&mut end, true, &mut c);
+        assert_eq!(end.as_deref(), Some(&b"</he"[..]));
+    }
+
+    #[test]
+    fn other_statuses_and_types_are_untouched() {
+        let page: &[u8] = b"<html><head></head></html>";
+        for (status, content_type) in [
+            (404, "text/html"),
+            (500, "text/html"),
+            (206, "text/html"),
+            (200, "application/json"),
+            (200, "text/event-stream"),
+            (200, "image/png"),
+            (200, "text/htmlx"),
+            (200, "text/plain"),
+        ] {
+            let mut resp = html_response(status, content_type);
+            assert_eq!(
+                run(&plugin(), &mut resp, &[page]),
+                page,
+                "{status} {content_type}"
+            );
+            assert_eq!(
+                resp.headers.get("content-length").map(|v| v.as_bytes()),
+                Some(&b"1234"[..]),
+                "{status} {content_type}"
+            );
+        }
+    }
+
+    #[test]
+    fn compressed_pages_are_passed_untouched() {
+        let mut resp = html_response(200, "text/html");
+        resp.insert_header("Content-Encoding", "gzip").unwrap();
+        let body: &[u8] = b"\x1f\x8b</head>";
+        assert_eq!(run(&plugin(), &mut resp, &[body]), body);
+        assert!(resp.headers.get("content-length").is_some());
+
+        let mut resp = html_response(200, "text/html");
+        resp.insert_header("Content-Encoding", "identity").unwrap();
+        assert_eq!(
+            run(&plugin(), &mut resp, &[b"<head></head>"]),
+            format!("<head>{TAG}</head>").as_bytes()
+        );
+    }
+
+    #[test]
+    fn headers_of_a_rewritten_page_no_longer_promise_its_length() {
+        let mut resp = html_response(200, "TEXT/HTML;charset=utf-8");
+        resp.insert_header("ETag", "\"v1\"").unwrap();
+        resp.insert_header("Accept-Ranges", "bytes").unwrap();
+        run(&plugin(), &mut resp, &[b"<head></head>"]);
+        assert!(resp.headers.get("content-length").is_none());
+        assert!(resp.headers.get("accept-ranges").is_none());
+        assert_eq!(resp.headers.get("etag").unwrap(), "W/\"v1\"");
+    }
+
+    #[test]
+    fn page_loads_ask_for_an_uncompressed_body_and_get_compressed_again() {
+        let p = plugin();
+        let mut c = ctx();
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("Accept", "text/html,application/xhtml+xml,*/*;q=0.8")
+            .unwrap();
+        req.insert_header("Accept-Encoding", "gzip, br").unwrap();
+        let _ = p.on_request(&mut req, &mut c);
+        p.on_upstream_request(&mut req, &c);
+        assert_eq!(req.headers.get("accept-encoding").unwrap(), "identity");
+        p.on_response(&mut html_response(200, "text/html"), &mut c);
+        assert!(c.compress_response);
+
+        // Neither is an SSE answer to the same kind of request, nor a byte range.
+        for (status, content_type) in [(200, "text/event-stream"), (206, "text/html")] {
+            let mut c = ctx();
+            let _ = p.on_request(&mut req, &mut c);
+            p.on_response(&mut html_response(status, content_type), &mut c);
+            assert!(!c.compress_response, "{status} {content_type}");
+        }
+    }
+
+    #[test]
+    fn other_requests_keep_their_accept_encoding() {
+        let p = plugin();
+        for (method, headers) in [
+            ("POST", &[("Accept", "text/html")][..]),
+            ("GET", &[("Accept", "application/json")][..]),
+            (
+                "GET",
+                &[("Upgrade", "websocket"), ("Connection", "Upgrade")][..],
+            ),
+        ] {
+            let mut c = ctx();
+            let mut req = RequestHeader::build(method, b"/", None).unwrap();
+            req.insert_header("Accept-Encoding", "gzip").unwrap();
+            for (n, v) in headers {
+                req.insert_header(*n, *v).unwrap();
+            }
+            let _ = p.on_request(&mut req, &mut c);
+            p.on_upstream_request(&mut req, &c);
+            assert_eq!(
+                req.headers.get("accept-encoding").unwrap(),
+                "gzip",
+                "{method} {headers:?}"
+            );
+            p.on_response(&mut html_response(200, "text/html"), &mut c);
+            assert!(!c.compress_response);
+        }
+    }
+
+    #[test]
+    fn with_two_in_a_chain_only_the_first_injects() {
+        let (first, second) = (plugin(), plugin());
+        let mut c = ctx();
+        let mut resp = html_response(200, "text/html");
+        first.on_response(&mut resp, &mut c);
+        second.on_response(&mut resp, &mut c);
+        let mut body = Some(Bytes::from_static(b"<head></head>"));
+        first.on_response_body(&mut body, true, &mut c);
+        second.on_response_body(&mut body, true, &mut c);
+        assert_eq!(body.unwrap(), format!("<head>{TAG}</head>").as_bytes());
+    }
+
+    #[test]
+    fn links_are_attribute_escaped() {
+        let p = CssInject::new(
+            CssInjectConfig {
+                file: None,
+                href: Some("/t.css?a=1&b=\"><script>".into()),
+            },
+            &BuildEnv::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            &p.tag[..],
+            b"<link rel=\"stylesheet\" href=\"/t.css?a=1&amp;b=&quot;&gt;&lt;script&gt;\">"
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let env = BuildEnv::default();
+        let build = |file: Option<&str>, href: Option<&str>| {
+            CssInject::new(
+                CssInjectConfig {
+                    file: file.map(Into::into),
+                    href: href.map(Into::into),
+                },
+                &env,
+            )
+            .err()
+            .unwrap()
+        };
+        assert!(build(None, None).contains("file"));
+        assert!(build(Some("a.css"), Some("/a.css")).contains("not both"));
+        assert!(build(Some("/nonexistent/theme.css"), None).contains("/nonexistent/theme.css"));
+        assert!(build(None, Some(" ")).contains("empty"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evil.css");
+        std::fs::write(&path, "a{}</STYLE><script>x</script>").unwrap();
+        assert!(build(Some(path.to_str().unwrap()), None).contains("</style"));
+        assert!(serde_yaml_ng::from_str::<CssInjectConfig>("{ fil: a.css }").is_err());
+    }
+}
