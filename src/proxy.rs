@@ -571,15 +571,22 @@ impl ProxyHttp for Gateway {
                 let no_body = session.req_header().method == http::Method::HEAD
                     || matches!(resp.status.as_u16(), 204 | 304)
                     || resp.status.is_informational();
-                if had_length
+                let unframed = had_length
                     && !no_body
                     && !resp.headers.contains_key(header::CONTENT_LENGTH)
-                    && !resp.headers.contains_key(header::TRANSFER_ENCODING)
-                {
+                    && !resp.headers.contains_key(header::TRANSFER_ENCODING);
+                if unframed {
                     resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
                 }
                 if ctx.plugin.compress_response {
                     compress_for_client(session);
+                }
+                // Chunked (ours, or the compressor's) needs HTTP/1.1, as Pingora does
+                // when it adds chunked itself; an HTTP/1.0 upstream says 1.0.
+                if (unframed || ctx.plugin.compress_response)
+                    && resp.version < http::Version::HTTP_11
+                {
+                    resp.set_version(http::Version::HTTP_11);
                 }
             }
         }
