@@ -639,9 +639,11 @@ fn keys_added_and_revoked_while_running_apply_without_restart_and_record_last_us
         .to_string();
     assert_eq!(last_used(&list_row(&s.keys, &id)), None);
     // Running gateways write last use out every few seconds while keys are used.
-    poll_until("key list shows the last use", Duration::from_secs(15), || {
-        last_used(&list_row(&s.keys, &id)).is_some()
-    });
+    poll_until(
+        "key list shows the last use",
+        Duration::from_secs(15),
+        || last_used(&list_row(&s.keys, &id)).is_some(),
+    );
     let shown = last_used(&list_row(&s.keys, &id)).unwrap();
     let now = chrono::Utc::now();
     assert!(
