@@ -19,6 +19,7 @@ pub mod audit;
 pub mod gcra;
 pub mod headers;
 pub mod ip_filter;
+pub mod jwt;
 pub mod line_writer;
 pub mod llm_budget;
 pub mod pin_gate;

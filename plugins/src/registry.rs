@@ -49,6 +49,7 @@ registry! {
     "ip_filter" => |v, _| Ok(Arc::new(crate::ip_filter::IpFilter::new(settings(v)?)?)),
     "api_key" => |v, _| Ok(Arc::new(crate::api_key::ApiKey::new(settings(v)?)?)),
     "pin_gate" => |v, _| Ok(Arc::new(crate::pin_gate::PinGate::new(settings(v)?)?)),
+    "jwt" => |v, env| Ok(Arc::new(crate::jwt::Jwt::new(settings(v)?, env)?)),
     "rate_limit" => |v, env| Ok(Arc::new(crate::rate_limit::RateLimit::new(settings(v)?, env)?)),
     "llm_budget" => |v, env| Ok(Arc::new(crate::llm_budget::LlmBudget::new(settings(v)?, env)?)),
     "audit" => |v, _| Ok(Arc::new(crate::audit::Audit::new(settings(v)?)?)),

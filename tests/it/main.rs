@@ -4,6 +4,7 @@
 mod harness;
 
 mod cli;
+mod jwt;
 mod operations;
 mod proxying;
 mod routing;
