@@ -21,6 +21,7 @@ pub mod css_inject;
 pub mod gcra;
 pub mod headers;
 pub mod ip_filter;
+pub mod jwt;
 pub mod line_writer;
 pub mod llm_budget;
 pub mod origin;

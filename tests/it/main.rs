@@ -7,6 +7,7 @@ mod browser;
 mod browser_safety;
 mod cli;
 mod identity;
+mod jwt;
 mod llm_route;
 mod operations;
 mod proxying;
