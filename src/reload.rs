@@ -36,11 +36,24 @@ impl State {
     /// stays in force and every problem is returned. Listener and `server:` changes need
     /// a restart or graceful upgrade; they are reported as warnings.
     pub fn reload(&self) -> Result<u64, String> {
+        self.load(true)
+    }
+
+    /// Builds every plugin anew from the config file, keeping none of the current
+    /// instances. After `--daemon` forks, the threads that plugins started when the
+    /// config was first loaded (key-file watchers, log writers) exist only in the parent.
+    pub fn rebuild(&self) -> Result<u64, String> {
+        self.load(false)
+    }
+
+    fn load(&self, keep_unchanged_plugins: bool) -> Result<u64, String> {
         let Some(path) = &self.config_path else {
             return Err("this gateway runs a built-in config; there is no file to reload".into());
         };
         let generation = self.generation.load(Ordering::Acquire) + 1;
-        match config::load_with(path, generation, Some(&self.current())) {
+        let current = self.current();
+        let previous = keep_unchanged_plugins.then_some(&*current);
+        match config::load_with(path, generation, previous) {
             Ok(compiled) => {
                 for w in &compiled.warnings {
                     log::warn!("{w}");
@@ -95,6 +108,22 @@ impl pingora::services::background::BackgroundService for SighupReloader {
                 _ = usr1.recv() => gatewarden_plugins::line_writer::request_reopen(),
                 _ = shutdown.changed() => return,
             }
+        }
+    }
+}
+
+/// Rebuilds the config's plugins once the server runs in its daemon process.
+pub struct AfterDaemonize {
+    pub state: Arc<State>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for AfterDaemonize {
+    async fn start(&self, _shutdown: pingora::server::ShutdownWatch) {
+        if let Err(e) = self.state.rebuild() {
+            log::error!(
+                "cannot rebuild the config after daemonizing; plugin threads may be missing: {e}"
+            );
         }
     }
 }

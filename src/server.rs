@@ -30,6 +30,9 @@ fn server_conf(compiled: &Compiled, flags: &RunFlags) -> ServerConf {
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         daemon: flags.daemon,
+        // Daemonizing moves to / by default; relative paths in the config (keys files,
+        // logs, certificates) must keep meaning what they meant when it was checked.
+        working_directory: std::env::current_dir().ok(),
         ..ServerConf::default()
     };
     if let Some(v) = s.work_stealing {
@@ -84,6 +87,7 @@ pub fn run(
     for w in &warnings {
         log::warn!("{w}");
     }
+    let config_path = config_path.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
     let state = Arc::new(State::new(snapshot, config_path));
 
     let mut lines = Vec::new();
@@ -134,6 +138,14 @@ pub fn run(
             state: state.clone(),
         },
     ));
+    if flags.daemon && state.config_path.is_some() {
+        server.add_service(background_service(
+            "rebuild after daemonizing",
+            crate::reload::AfterDaemonize {
+                state: state.clone(),
+            },
+        ));
+    }
     server.add_service(background_service(
         "reload on SIGHUP",
         SighupReloader {

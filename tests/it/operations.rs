@@ -241,3 +241,67 @@ fn a_graceful_upgrade_fails_no_request_and_lets_streams_finish() {
         "the new process serves"
     );
 }
+
+#[test]
+fn a_daemon_keeps_relative_paths_and_working_plugins() {
+    let up = Upstreams::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Relative paths: resolved against the directory `run` started in, also after the fork.
+    std::fs::write(
+        dir.path().join("g.yaml"),
+        format!(
+            "listeners: [{{ address: '127.0.0.1:{port}' }}]
+server: {{ pid_file: gw.pid, error_log: err.log, upgrade_sock: up.sock }}
+upstreams:
+  app: {{ backends: ['{}'] }}
+plugins:
+  audit: {{ type: audit, file: audit.jsonl, methods: all }}
+routes:
+  - {{ name: app, upstream: app, access: public, plugins: [audit] }}
+",
+            up.addr(0)
+        ),
+    )
+    .unwrap();
+    let out = run_cli(&["run", "-c", "g.yaml", "--daemon"], dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid_file = dir.path().join("gw.pid");
+    poll_until("the daemon's pid file", Duration::from_secs(10), || {
+        pid_file.exists()
+    });
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &self.0])
+                .status();
+        }
+    }
+    let _kill = Kill(pid);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    poll_until("the daemon to serve", Duration::from_secs(10), || {
+        raw(
+            addr,
+            "GET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+        .is_ok_and(|r| r.status == 200)
+    });
+    // The audit writer thread must exist in the daemon, not only in the parent that exited.
+    poll_until(
+        "an audit line written by the daemon",
+        Duration::from_secs(5),
+        || {
+            let _ = get(addr, "/echo", &[]);
+            !lines(&dir.path().join("audit.jsonl")).is_empty()
+        },
+    );
+}
