@@ -23,12 +23,11 @@ pub fn free_port() -> u16 {
 
 /// A running gatewarden; killed on drop.
 pub struct Gateway {
-    child: Child,
+    process: Process,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
-    output: Arc<Mutex<String>>,
 }
 
 impl Gateway {
@@ -59,39 +58,13 @@ impl Gateway {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start gatewarden");
-        let output = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let output = output.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    output.lock().unwrap().push_str(&(line + "\n"));
-                }
-            });
-        }
+        let (child, output) = spawn_collecting(&mut cmd);
         let mut gw = Gateway {
-            child,
+            process: Process { child, output },
             addr,
             admin,
             dir,
             config,
-            output,
         };
         let probe = if yaml.contains("admin:") { admin } else { addr };
         gw.wait_ready(probe);
@@ -99,29 +72,20 @@ impl Gateway {
     }
 
     fn wait_ready(&mut self, probe: SocketAddr) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("gatewarden exited with {status}:\n{}", self.output());
-            }
-            // Pingora binds each service on its own thread: the admin listener may be up
-            // before the proxy listener, so wait for both.
-            let healthy = raw(
-                probe,
-                "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-            )
-            .is_ok_and(|resp| resp.status == 200);
-            if healthy && TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("gatewarden did not become ready:\n{}", self.output());
+        self.process.wait_healthy(probe);
+        // Pingora binds each service on its own thread: the admin listener may be up
+        // before the proxy listener, so wait for both.
+        let addr = self.addr;
+        poll_until(
+            "the proxy listener to accept connections",
+            Duration::from_secs(20),
+            || TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok(),
+        );
     }
 
     /// Everything the process printed so far.
     pub fn output(&self) -> String {
-        self.output.lock().unwrap().clone()
+        self.process.output()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -136,20 +100,42 @@ impl Gateway {
     pub fn signal(&self, name: &str) {
         let _ = Command::new("kill")
             .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
+            .arg(self.pid().to_string())
             .status();
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.child.id()
     }
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Starts `cmd` with its stdout and stderr collected, line by line, into one string.
+fn spawn_collecting(cmd: &mut Command) -> (Child, Arc<Mutex<String>>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gatewarden");
+    let output = Arc::new(Mutex::new(String::new()));
+    let streams = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ];
+    for stream in streams.into_iter().flatten() {
+        let output = output.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                output.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
     }
+    (child, output)
 }
 
 /// Runs the binary to completion with a time bound.
@@ -533,35 +519,9 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(args: &[&str], dir: &Path) -> Process {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .current_dir(dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start gatewarden");
-        let output = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let output = output.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    output.lock().unwrap().push_str(&(line + "\n"));
-                }
-            });
-        }
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).current_dir(dir).env("RUST_LOG", "warn");
+        let (child, output) = spawn_collecting(&mut cmd);
         Process { child, output }
     }
 
