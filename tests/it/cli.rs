@@ -342,16 +342,17 @@ fn demo_serves_a_page_json_echo_sse_and_websocket_echo() {
         .enable_all()
         .build()
         .unwrap();
-    let mut request = format!("ws://{listen}/ws").into_client_request().unwrap();
     let cookie_value = cookie.trim_start_matches("Cookie: ").to_string();
-    request
-        .headers_mut()
-        .insert("cookie", cookie_value.parse().unwrap());
+    let request = || {
+        let mut request = format!("ws://{listen}/ws").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("cookie", cookie_value.parse().unwrap());
+        request
+    };
     let reply = runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(15), async {
-            let (mut ws, _) = tokio_tungstenite::connect_async(request)
-                .await
-                .expect("websocket handshake through the demo gateway");
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let (mut ws, _) = ws_connect(request).await;
             ws.send(Message::text("hello gatewarden")).await.unwrap();
             loop {
                 match ws.next().await.expect("stream ended").unwrap() {

@@ -789,16 +789,16 @@ fn websocket_and_sse_go_through_the_same_access_check() {
         2
     );
 
-    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("x-api-key", s.user_key.parse().unwrap());
+    let request = || {
+        let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("x-api-key", s.user_key.parse().unwrap());
+        request
+    };
     let echoed = ups.runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(15), async {
-            let (mut ws, resp) = tokio_tungstenite::connect_async(request)
-                .await
-                .expect("websocket with a key");
-            assert_eq!(resp.status(), 101);
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let (mut ws, _) = ws_connect(request).await;
             ws.send(Message::text("with a key")).await.unwrap();
             loop {
                 if let Message::Text(t) = ws.next().await.expect("stream ended").unwrap() {
