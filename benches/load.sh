@@ -20,6 +20,8 @@
 #   PERF=1                 perf record -g on the gatewarden chain target after the rounds
 #   KEEP_TMP=1             keep the temp dir with configs, logs and raw wrk output
 #   GW_BIN=path            the gatewarden binary (default target/release/gatewarden)
+#   PLAIN_PINGORA_BIN=path adds target `pingora`: a Pingora proxy with no filters at all,
+#                          run as `PATH LISTEN UPSTREAM THREADS` (source in BENCHMARKS.md)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,6 +39,7 @@ TARGETS=${TARGETS:-}
 PERF=${PERF:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 GW_BIN=${GW_BIN:-$ROOT/target/release/gatewarden}
+PLAIN_PINGORA_BIN=${PLAIN_PINGORA_BIN:-}
 
 say() { printf '%s\n' "$*" >&2; }
 die() { say "load.sh: $*"; exit 1; }
@@ -119,6 +122,7 @@ ORDER+=(direct)
 PORT[direct]=$UPSTREAM_PORT
 add_target nginx
 add_target haproxy
+if [[ -n "$PLAIN_PINGORA_BIN" ]]; then add_target pingora; fi
 for ws in $WORK_STEALING; do
     suffix=$([[ "$ws" == true ]] && echo ws || echo nows)
     add_target "gw-empty-$suffix"
@@ -186,6 +190,11 @@ for t in "${ORDER[@]}"; do
     # SIGINT is Pingora's fast shutdown; SIGTERM would wait for the grace period.
     start "$t" INT "$dir/gatewarden.log" "$GW_BIN" run -c "$dir/gatewarden.yaml"
 done
+if [[ " ${ORDER[*]} " == *" pingora "* ]]; then
+    mkdir -p "$TMP/pingora"
+    start pingora INT "$TMP/pingora/pingora.log" "$PLAIN_PINGORA_BIN" \
+        "127.0.0.1:${PORT[pingora]}" "127.0.0.1:$UPSTREAM_PORT" "$PROXY_THREADS"
+fi
 for t in "${ORDER[@]}"; do
     wait_http "http://127.0.0.1:${PORT[$t]}/small" "$t"
 done
@@ -196,17 +205,17 @@ target_pids() {
     echo "$pid"
     pgrep -P "$pid" 2>/dev/null || true
 }
-cpu_ticks() {
-    local total=0 pid rest
+cpu_ticks() { # prints "user system" clock ticks summed over the given pids
+    local user=0 system=0 pid rest
     for pid in "$@"; do
         [[ -r /proc/$pid/stat ]] || continue
         rest=$(</proc/"$pid"/stat)
         rest=${rest##*) }   # the command name may hold spaces; fields resume after ')'
         # shellcheck disable=SC2086
         set -- $rest
-        total=$((total + ${12} + ${13}))   # utime + stime (fields 14 and 15)
+        user=$((user + ${12})) system=$((system + ${13}))   # utime, stime: fields 14, 15
     done
-    echo "$total"
+    echo "$user $system"
 }
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -247,13 +256,13 @@ echo
 RESULTS="$TMP/results.tsv"
 : >"$RESULTS"
 run_one() { # run_one TARGET PATH ROUND
-    local t=$1 path=$2 round=$3 pids before after out line
+    local t=$1 path=$2 round=$3 pids u0 s0 u1 s1 out line
     mapfile -t pids < <(target_pids "$t")
     out="$TMP/wrk-$t-${path#/}-r$round.txt"
-    before=$(cpu_ticks "${pids[@]}")
+    read -r u0 s0 < <(cpu_ticks "${pids[@]}")
     wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --latency -s "$TMP/report.lua" \
         "http://127.0.0.1:${PORT[$t]}$path" >"$out" 2>&1 || true
-    after=$(cpu_ticks "${pids[@]}")
+    read -r u1 s1 < <(cpu_ticks "${pids[@]}")
     line=$(grep '^RESULT ' "$out" || true)
     if [[ -z "$line" ]]; then
         say "FUNCTIONAL PROBLEM: wrk gave no result for $t $path: $(tail -3 "$out")"
@@ -267,8 +276,8 @@ run_one() { # run_one TARGET PATH ROUND
         say "FUNCTIONAL PROBLEM: $t $path round $round: connect=$err_connect read=$err_read write=$err_write non-2xx=$err_status timeout=$err_timeout"
         problems=$((problems + 1))
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$path" "$round" "$requests" \
-        "$duration_us" "$p50" "$p99" "$p999" "$((after - before))" "$errors" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$path" "$round" "$requests" \
+        "$duration_us" "$p50" "$p99" "$p999" "$((u1 - u0 + s1 - s0))" "$errors" "$((u1 - u0))" >>"$RESULTS"
     say "  round $round  $path  $(printf '%-14s' "$t") $(awk -v r="$requests" -v d="$duration_us" 'BEGIN {printf "%9.0f req/s", r / d * 1e6}')  p99 $(awk -v v="$p99" 'BEGIN {printf "%.2f ms", v / 1000}')"
 }
 
@@ -288,8 +297,9 @@ done
 echo "load average after the runs: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "Means over $ROUNDS rounds. Latency in ms. CPU = user+system seconds of the proxy"
-echo "process(es) per 100k requests (for \`direct\`, the upstream's own). Ratios are"
-echo "target / nginx: above 1 is more req/s, or more latency/CPU, than nginx."
+echo "process(es) per 100k requests (for \`direct\`, the upstream's own); user = its share"
+echo "spent in user space. Ratios are target / nginx: above 1 is more req/s, or more"
+echo "latency/CPU, than nginx."
 for path in $BENCH_PATHS; do
     echo
     echo "### $path ($(expected_size "$path") byte body)"
@@ -297,11 +307,11 @@ for path in $BENCH_PATHS; do
     awk -F'\t' -v path="$path" -v tck="$CLK_TCK" -v order="${ORDER[*]}" '
         $2 == path && $4 > 0 {
             n[$1]++; rps[$1] += $4 / $5 * 1e6; p50[$1] += $6; p99[$1] += $7; p999[$1] += $8
-            cpu[$1] += ($9 / tck) / $4 * 1e5; err[$1] += $10
+            cpu[$1] += ($9 / tck) / $4 * 1e5; err[$1] += $10; ut[$1] += $11; tt[$1] += $9
         }
         END {
-            print "| target | req/s | p50 | p99 | p99.9 | CPU s/100k | errors | req/s vs nginx | p99 vs nginx | CPU vs nginx |"
-            print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            print "| target | req/s | p50 | p99 | p99.9 | CPU s/100k | user | errors | req/s vs nginx | p99 vs nginx | CPU vs nginx |"
+            print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             split(order, names, " ")
             ng = "nginx"
             for (i = 1; i in names; i++) {
@@ -313,13 +323,14 @@ for path in $BENCH_PATHS; do
                     qq = sprintf("%.2f", q / (p99[ng] / n[ng]))
                     cc = (cpu[ng] > 0) ? sprintf("%.2f", c / (cpu[ng] / n[ng])) : "-"
                 } else { rr = qq = cc = "-" }
-                printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %d | %s | %s | %s |\n", \
-                    t, r, p50[t] / n[t] / 1000, q / 1000, p999[t] / n[t] / 1000, c, err[t], rr, qq, cc
+                us = (tt[t] > 0) ? sprintf("%.0f%%", 100 * ut[t] / tt[t]) : "-"
+                printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %s | %d | %s | %s | %s |\n", \
+                    t, r, p50[t] / n[t] / 1000, q / 1000, p999[t] / n[t] / 1000, c, us, err[t], rr, qq, cc
             }
         }' "$RESULTS"
 done
 echo
-echo "per-run rows (target path round requests duration_us p50 p99 p99.9 cpu_ticks errors):"
+echo "per-run rows (target path round requests duration_us p50 p99 p99.9 cpu_ticks errors user_ticks):"
 sed 's/^/    /' "$RESULTS"
 
 # --- optional profile -------------------------------------------------------------------
@@ -340,9 +351,30 @@ if [[ "$PERF" == 1 ]]; then
         wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" \
             "http://127.0.0.1:${PORT[$target]}/small" >/dev/null 2>&1 || true
         if wait "$perf_pid"; then
+            perf report -i "$TMP/perf.data" --stdio --no-children -g none --sort symbol \
+                2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/[ -]*$//' >"$TMP/perf-symbols.txt"
+            echo
+            echo "Self time by where the code lives (a symbol counts once, first match wins):"
+            echo
+            awk '{
+                    p = $1; sub("%", "", p); $1 = ""; s = $0
+                    if (s ~ /\[k\]/) k = "kernel (TCP loopback, syscalls, scheduler)"
+                    else if (s ~ /malloc|free|_int_|unlink_chunk|consolidate/) k = "libc malloc/free"
+                    else if (s ~ /gatewarden/) k = "gatewarden and its plugins"
+                    else if (s ~ /pingora/) k = "pingora"
+                    else if (s ~ /tokio/) k = "tokio"
+                    else if (s ~ /\] <?http::|httparse/) k = "http / httparse (header maps, parsing)"
+                    else if (s ~ /mem(move|cpy|set|cmp)/) k = "libc mem*"
+                    else k = "other (core, bytes, alloc, std, ...)"
+                    total[k] += p
+                }
+                END { for (k in total) printf "    %5.1f%%  %s\n", total[k], k }' \
+                "$TMP/perf-symbols.txt" | sort -rn
+            echo
+            echo "Top symbols (self time):"
+            echo
             echo '```'
-            perf report -i "$TMP/perf.data" --stdio --no-children --percent-limit 1 \
-                -g none --sort dso,symbol 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40
+            head -25 "$TMP/perf-symbols.txt" | cut -c1-150
             echo '```'
         else
             say "PERF=1: perf record failed: $(tail -3 "$TMP/perf-record.log")"
