@@ -621,3 +621,14 @@ where
     }
     panic!("no WebSocket session echoed a frame in three attempts; last: {last}");
 }
+
+/// Peak resident memory of a process, from /proc.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmHWM in /proc status")
+}

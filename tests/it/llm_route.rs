@@ -420,17 +420,6 @@ fn json_errors_images_events_and_websockets_are_untouched() {
     });
 }
 
-/// Peak resident memory of a process, from /proc.
-fn peak_rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .expect("VmHWM in /proc status")
-}
-
 #[test]
 fn a_100_mib_page_streams_through_in_bounded_memory() {
     const MIB: usize = 1 << 20;

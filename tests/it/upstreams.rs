@@ -661,17 +661,6 @@ fn websocket_frames_echo_both_ways() {
     });
 }
 
-/// Peak resident memory of a process, from /proc.
-fn peak_rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .expect("VmHWM in /proc status")
-}
-
 #[test]
 fn a_gibibyte_streams_down_and_up_with_bounded_memory() {
     const GIB: u64 = 1 << 30;
