@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Load bench: the same nginx upstream behind gatewarden (empty chain and today's chain,
-# with work stealing on and off), nginx, HAProxy, and reached directly, all on this
-# machine in one run, each driven by wrk with the same settings. Prints requests/s,
-# latency percentiles, proxy CPU per 100k requests, and every ratio against nginx.
+# Load bench: the same nginx upstream behind gatewarden (empty chain; the full chain of
+# api_key + rate_limit + origin + headers on a route that needs a user; css_inject on
+# HTML), nginx, HAProxy, and reached directly, all on this machine in one run, each
+# driven by wrk with the same settings and the same request (every request carries the
+# bench's API key). Prints requests/s, latency percentiles, proxy CPU per 100k requests,
+# and every ratio against nginx.
 #
 #   bash benches/load.sh                          # defaults below
 #   WRK_CONNS=128 WRK_DURATION=20s ROUNDS=3 bash benches/load.sh
@@ -13,8 +15,9 @@
 #   ROUNDS=2               rounds; the target order alternates between rounds
 #   PROXY_THREADS=2        gatewarden threads, nginx workers, haproxy nbthread
 #   UPSTREAM_WORKERS=1     nginx workers of the shared upstream
-#   WORK_STEALING="true false"   gatewarden variants to run
-#   BENCH_PATHS="/small /64k"    "ok\n" and a 64 KiB body
+#   WORK_STEALING="true"   gatewarden variants to run ("true false" runs both)
+#   BENCH_PATHS="/small /64k /page.html"   "ok\n", a 64 KiB body, a 16 KiB HTML page
+#                          (the css_inject target runs on the page only)
 #   BASE_PORT=18400        fixed loopback ports BASE_PORT.. are used (checked free first)
 #   TARGETS="..."          only these targets (names as printed)
 #   PERF=1                 perf record -g on the gatewarden chain target after the rounds
@@ -32,8 +35,9 @@ WRK_DURATION=${WRK_DURATION:-10s}
 ROUNDS=${ROUNDS:-2}
 PROXY_THREADS=${PROXY_THREADS:-2}
 UPSTREAM_WORKERS=${UPSTREAM_WORKERS:-1}
-WORK_STEALING=${WORK_STEALING-"true false"}
-BENCH_PATHS=${BENCH_PATHS:-"/small /64k"}
+WORK_STEALING=${WORK_STEALING-true}
+BENCH_PATHS=${BENCH_PATHS:-"/small /64k /page.html"}
+HTML_PATH=/page.html
 BASE_PORT=${BASE_PORT:-18400}
 TARGETS=${TARGETS:-}
 PERF=${PERF:-0}
@@ -106,7 +110,7 @@ render() {
 wait_http() {
     local url=$1 name=$2
     for _ in $(seq 100); do
-        if curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; then return 0; fi
+        if curl -fsS -o /dev/null --max-time 1 -H "Authorization: Bearer ${BENCH_KEY:-}" "$url" 2>/dev/null; then return 0; fi
         sleep 0.1
     done
     die "$name did not answer on $url; see its log under $TMP (run with KEEP_TMP=1)"
@@ -127,6 +131,7 @@ for ws in $WORK_STEALING; do
     suffix=$([[ "$ws" == true ]] && echo ws || echo nows)
     add_target "gw-empty-$suffix"
     add_target "gw-chain-$suffix"
+    add_target "gw-css-$suffix"
 done
 if [[ -n "$TARGETS" ]]; then
     wanted=()
@@ -143,6 +148,22 @@ mkdir -p "$TMP/www" "$TMP/upstream" "$TMP/nginx" "$TMP/haproxy"
 # nginx workers run as an unprivileged user unless `user` says otherwise; let them in.
 chmod 755 "$TMP" "$TMP/www"
 head -c 65536 /dev/urandom >"$TMP/www/64k"
+# A 16 KiB page shaped like an app's index: a head, then the body.
+{
+    printf '<!doctype html>\n<html><head><meta charset="utf-8"><title>bench</title>\n'
+    printf '<link rel="stylesheet" href="/app.css">%.0s\n' $(seq 20)
+    printf '</head>\n<body>\n'
+} >"$TMP/www/page.html"
+while (($(stat -c %s "$TMP/www/page.html") < 16384 - 64)); do
+    printf '<p>lorem ipsum dolor sit amet, consectetur adipiscing elit</p>\n' >>"$TMP/www/page.html"
+done
+printf '</body></html>\n' >>"$TMP/www/page.html"
+truncate -s 16384 "$TMP/www/page.html"
+PAGE_SIZE=16384
+printf 'body { background: rgb(1, 2, 3); }\n' >"$TMP/theme.css"
+# One user key, sent by every request to every target (nginx and HAProxy ignore it).
+BENCH_KEY=$("$GW_BIN" key new --file "$TMP/keys.yaml" --name bench 2>/dev/null) ||
+    die "could not create the bench key with $GW_BIN key new"
 cat >"$TMP/report.lua" <<'EOF'
 -- One machine-readable line per run; latencies in microseconds.
 done = function(summary, latency, requests)
@@ -183,6 +204,7 @@ for t in "${ORDER[@]}"; do
     ws=$([[ "$t" == *-nows ]] && echo false || echo true)
     dir="$TMP/$t"
     mkdir -p "$dir"
+    cp "$TMP/keys.yaml" "$TMP/theme.css" "$dir/"
     render "$CONF/gatewarden-$kind.yaml" "$dir/gatewarden.yaml" "${vars[@]}" \
         GW_PORT="${PORT[$t]}" GW_DIR="$dir" WORK_STEALING="$ws"
     "$GW_BIN" check -c "$dir/gatewarden.yaml" >"$dir/check.log" 2>&1 ||
@@ -221,12 +243,29 @@ CLK_TCK=$(getconf CLK_TCK)
 
 # --- functional check before any load ---------------------------------------------------
 problems=0
-expected_size() { [[ "$1" == /64k ]] && echo 65536 || echo 3; }
+expected_size() {
+    case $1 in
+    /64k) echo 65536 ;;
+    "$HTML_PATH") echo "$PAGE_SIZE" ;;
+    *) echo 3 ;;
+    esac
+}
+# The css_inject target only makes sense on the HTML page.
+applies() { [[ "$1" != gw-css-* || "$2" == "$HTML_PATH" ]]; }
 for t in "${ORDER[@]}"; do
     for path in $BENCH_PATHS; do
-        got=$(curl -sS -D "$TMP/headers" -o /dev/null -w '%{http_code} %{size_download}' \
-            "http://127.0.0.1:${PORT[$t]}$path" || echo "000 0")
+        applies "$t" "$path" || continue
+        got=$(curl -sS -D "$TMP/headers" -o "$TMP/body" -w '%{http_code} %{size_download}' \
+            -H "Authorization: Bearer $BENCH_KEY" "http://127.0.0.1:${PORT[$t]}$path" || echo "000 0")
         want="200 $(expected_size "$path")"
+        if [[ "$t" == gw-css-* ]]; then
+            # The page grows by the theme; it must be in there exactly once.
+            want="200 $((PAGE_SIZE + $(stat -c %s "$TMP/theme.css") + 15))"
+            if [[ $(grep -c 'rgb(1, 2, 3)' "$TMP/body") != 1 ]]; then
+                say "FUNCTIONAL PROBLEM: $t $path: the theme is not in the page exactly once"
+                problems=$((problems + 1))
+            fi
+        fi
         if [[ "$got" != "$want" ]]; then
             say "FUNCTIONAL PROBLEM: $t $path answered '$got', expected '$want'"
             problems=$((problems + 1))
@@ -236,6 +275,14 @@ for t in "${ORDER[@]}"; do
             problems=$((problems + 1))
         fi
     done
+    if [[ "$t" == gw-chain-* ]]; then
+        # The chain really checks the key: without it the route answers 401.
+        got=$(curl -sS -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$t]}/small" || echo 000)
+        if [[ "$got" != 401 ]]; then
+            say "FUNCTIONAL PROBLEM: $t answered $got without a key, expected 401"
+            problems=$((problems + 1))
+        fi
+    fi
 done
 
 # --- machine ----------------------------------------------------------------------------
@@ -261,7 +308,7 @@ run_one() { # run_one TARGET PATH ROUND
     out="$TMP/wrk-$t-${path#/}-r$round.txt"
     read -r u0 s0 < <(cpu_ticks "${pids[@]}")
     wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --latency -s "$TMP/report.lua" \
-        "http://127.0.0.1:${PORT[$t]}$path" >"$out" 2>&1 || true
+        -H "Authorization: Bearer $BENCH_KEY" "http://127.0.0.1:${PORT[$t]}$path" >"$out" 2>&1 || true
     read -r u1 s1 < <(cpu_ticks "${pids[@]}")
     line=$(grep '^RESULT ' "$out" || true)
     if [[ -z "$line" ]]; then
@@ -288,6 +335,7 @@ for round in $(seq "$ROUNDS"); do
     fi
     for path in $BENCH_PATHS; do
         for t in "${order[@]}"; do
+            applies "$t" "$path" || continue
             run_one "$t" "$path" "$round"
         done
     done
@@ -348,7 +396,7 @@ if [[ "$PERF" == 1 ]]; then
         perf record -g -o "$TMP/perf.data" -p "${PIDS[$target]}" -- sleep "$secs" \
             >"$TMP/perf-record.log" 2>&1 &
         perf_pid=$!
-        wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" \
+        wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" -H "Authorization: Bearer $BENCH_KEY" \
             "http://127.0.0.1:${PORT[$target]}/small" >/dev/null 2>&1 || true
         if wait "$perf_pid"; then
             perf report -i "$TMP/perf.data" --stdio --no-children -g none --sort symbol \
