@@ -551,6 +551,31 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
+/// Verifies the ID token of one login: everything the `jwt` plugin checks (algorithm
+/// list, signature by the provider's keys, `iss`, `aud` = client ID, `exp`, subject),
+/// then that its `nonce` is this login's and `azp`, when present, is this client.
+async fn accept_id_token(
+    id_tokens: &Jwt,
+    client_id: &str,
+    token: &str,
+    nonce: &str,
+) -> Result<crate::Identity, String> {
+    let (identity, claims) = id_tokens
+        .verify_fetched(token)
+        .await
+        .map_err(|reason| format!("ID token refused: {reason}"))?;
+    if claims.get("nonce").and_then(Value::as_str) != Some(nonce) {
+        return Err("ID token refused: its nonce does not belong to this login".into());
+    }
+    if claims
+        .get("azp")
+        .is_some_and(|azp| azp.as_str() != Some(client_id))
+    {
+        return Err("ID token refused: issued to another client (azp)".into());
+    }
+    Ok(identity)
+}
+
 /// The runtime form of an `oidc` plugin.
 pub struct Oidc {
     discovery: Arc<Discovery>,
@@ -919,25 +944,20 @@ impl Oidc {
                 return fail(502, "the code exchange failed");
             }
         };
-        let (identity, claims) = match provider.id_tokens.verify_fetched(&id_token).await {
-            Ok(verified) => verified,
+        let identity = match accept_id_token(
+            &provider.id_tokens,
+            &self.client_id,
+            &id_token,
+            &login.n,
+        )
+        .await
+        {
+            Ok(identity) => identity,
             Err(reason) => {
-                log::warn!("oidc: ID token refused: {reason}");
-                return fail(401, &format!("ID token refused: {reason}"));
+                log::warn!("oidc: {reason}");
+                return fail(401, &reason);
             }
         };
-        if claims.get("nonce").and_then(Value::as_str) != Some(login.n.as_str()) {
-            return fail(
-                401,
-                "ID token refused: its nonce does not belong to this login",
-            );
-        }
-        if claims
-            .get("azp")
-            .is_some_and(|azp| azp.as_str() != Some(self.client_id.as_str()))
-        {
-            return fail(401, "ID token refused: issued to another client (azp)");
-        }
         let token = match self
             .sessions
             .issue(&identity.subject, identity.role, "oidc")
@@ -1373,6 +1393,93 @@ mod tests {
                 .status,
             400
         );
+    }
+
+    /// An ID token verifier as discovery builds it, with the RSA test key instead of
+    /// a JWKS.
+    fn id_tokens() -> Jwt {
+        let yaml = "{ issuer: 'https://idp.test/', audiences: [gw], public_key_file: rsa1.pub.pem, algorithms: [RS256], role_claim: groups, admin_values: [admins] }";
+        let env = BuildEnv {
+            base_dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data"),
+            ..BuildEnv::default()
+        };
+        Jwt::new(serde_yaml_ng::from_str(yaml).unwrap(), &env).unwrap()
+    }
+
+    fn test_key(name: &str) -> Vec<u8> {
+        std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data")
+                .join(name),
+        )
+        .unwrap()
+    }
+
+    fn id_claims(changes: Value) -> Value {
+        let now = session::now_secs();
+        let mut claims = serde_json::json!({
+            "iss": "https://idp.test/", "aud": "gw", "sub": "alice", "nonce": "n-1",
+            "groups": ["admins"], "iat": now, "exp": now + 300,
+        });
+        for (k, v) in changes.as_object().unwrap() {
+            if v.is_null() {
+                claims.as_object_mut().unwrap().remove(k);
+            } else {
+                claims[k] = v.clone();
+            }
+        }
+        claims
+    }
+
+    fn rs256(claims: &Value) -> String {
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(&test_key("rsa1.key.pem")).unwrap();
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            claims,
+            &key,
+        )
+        .unwrap()
+    }
+
+    fn accepted(token: &str) -> Result<crate::Identity, String> {
+        let jwt = id_tokens();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(accept_id_token(&jwt, "gw", token, "n-1"))
+    }
+
+    #[test]
+    fn id_tokens_are_verified_with_nonce_and_azp() {
+        let id = accepted(&rs256(&id_claims(serde_json::json!({})))).unwrap();
+        assert_eq!((&*id.subject, id.role), ("alice", crate::Role::Admin));
+        use serde_json::json;
+        for (change, want) in [
+            (json!({ "nonce": "n-2" }), "nonce"),
+            (json!({ "nonce": null }), "nonce"),
+            (json!({ "azp": "other-client" }), "azp"),
+            (json!({ "iss": "https://evil.test/" }), "issuer"),
+            (json!({ "aud": "other-client" }), "audience"),
+            (json!({ "exp": session::now_secs() - 120 }), "expired"),
+        ] {
+            let err = accepted(&rs256(&id_claims(change.clone()))).err().unwrap();
+            assert!(err.contains(want), "{change}: {err}");
+        }
+        // `alg: none`, and HS256 keyed with the provider's public key.
+        let claims = id_claims(json!({}));
+        let part = |v: &Value| b64(v.to_string().as_bytes());
+        let none = format!("{}.{}.", part(&json!({ "alg": "none" })), part(&claims));
+        assert!(accepted(&none).is_err());
+        let unsigned = format!("{}.{}", part(&json!({ "alg": "HS256" })), part(&claims));
+        let sig = jsonwebtoken::crypto::sign(
+            unsigned.as_bytes(),
+            &jsonwebtoken::EncodingKey::from_secret(&test_key("rsa1.pub.pem")),
+            jsonwebtoken::Algorithm::HS256,
+        )
+        .unwrap();
+        let err = accepted(&format!("{unsigned}.{sig}")).err().unwrap();
+        assert!(err.contains("algorithm"), "{err}");
     }
 
     #[test]
