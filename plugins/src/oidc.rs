@@ -80,7 +80,7 @@ const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// First retry after a failed discovery; doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(500);
-const MAX_RETRY: Duration = Duration::from_secs(30);
+const MAX_RETRY: Duration = Duration::from_secs(15);
 /// Larger discovery documents or token responses are refused.
 const MAX_DOCUMENT_BYTES: u64 = 256 * 1024;
 /// States remembered as used; past this the oldest are forgotten (the provider's
@@ -1085,6 +1085,8 @@ impl Plugin for Oidc {
 
     fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
         self.ensure_started();
+        // A login left unfinished must not hand its verifier and nonce to the upstream.
+        session::strip_cookie(req, self.state_cookie_name(ctx.https));
         match self.sessions.recognise(req, ctx) {
             Some(reply) => RequestFlow::reply(reply),
             None => RequestFlow::CONTINUE,

@@ -187,23 +187,7 @@ impl SessionKeys {
     /// Removes the session cookie from the request, keeping every other cookie, so the
     /// upstream never sees (and can never replay) the gateway's session.
     pub fn strip_cookie(&self, req: &mut crate::RequestHeader, https: bool) {
-        let name = self.cookie_name(https);
-        let kept: Vec<String> = req
-            .headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .map(str::trim)
-            .filter(|pair| {
-                !pair.is_empty() && pair.split_once('=').map_or(*pair, |(n, _)| n) != name
-            })
-            .map(str::to_string)
-            .collect();
-        req.remove_header(&http::header::COOKIE);
-        if !kept.is_empty() {
-            let _ = req.insert_header(http::header::COOKIE, kept.join("; "));
-        }
+        strip_cookie(req, self.cookie_name(https));
     }
 
     /// The session token in the request's cookies, if any.
@@ -250,6 +234,27 @@ impl SessionKeys {
                 Some(reply.with_header(http::header::SET_COOKIE, &clear))
             }
         }
+    }
+}
+
+/// Removes cookie `name` from the request, keeping every other cookie.
+pub fn strip_cookie(req: &mut crate::RequestHeader, name: &str) {
+    if cookie(req, name).is_none() {
+        return;
+    }
+    let kept: Vec<String> = req
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty() && pair.split_once('=').map_or(*pair, |(n, _)| n) != name)
+        .map(str::to_string)
+        .collect();
+    req.remove_header(&http::header::COOKIE);
+    if !kept.is_empty() {
+        let _ = req.insert_header(http::header::COOKIE, kept.join("; "));
     }
 }
 

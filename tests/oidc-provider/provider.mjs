@@ -9,13 +9,14 @@
 //   REDIRECT_URIS   comma-separated redirect URIs of the client
 //   POST_LOGOUT_URIS comma-separated post-logout redirect URIs (optional)
 //   KEY_DIR         where the signing keys live: keys.json (private JWKs, newest first)
-//                   and signing.pem (the newest key, PKCS#8) so tests can forge tokens
-//                   with the provider's own key
+//                   and the newest key as signing.pem (PKCS#8), signing.pub.pem and
+//                   signing.kid, so tests can forge tokens with the provider's own key
 //   ROTATE=1        make a new signing key at start and publish it before the old ones
 //   AUTH_METHOD     client_secret_basic (default) or client_secret_post
 //
 // No developer interactions: GET /interaction/:uid shows a plain login form that
-// POSTs `login` and `password` to /interaction/:uid/login; consent is granted at once.
+// POSTs `login` and `password` to /interaction/:uid/login (`abort=1` there refuses the
+// login with access_denied, as a user pressing "cancel"); consent is granted at once.
 // Users: any login with the password `password`; `alice` is in the group
 // `gateway-admins`. Client credentials with `resource=urn:gatewarden:api` mint JWT
 // access tokens for the `jwt` plugin.
@@ -47,7 +48,7 @@ function loadKeys() {
   const file = path.join(dir, 'keys.json');
   let keys = fs.existsSync(file) ? JSON.parse(fs.readFileSync(file, 'utf8')) : [];
   if (keys.length === 0 || process.env.ROTATE === '1') {
-    const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+    const { privateKey, publicKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
     const jwk = privateKey.export({ format: 'jwk' });
     jwk.kid = `k${Date.now().toString(36)}${randomBytes(3).toString('hex')}`;
     jwk.alg = 'RS256';
@@ -59,6 +60,10 @@ function loadKeys() {
       privateKey.export({ format: 'pem', type: 'pkcs8' }),
     );
     fs.writeFileSync(path.join(dir, 'signing.kid'), jwk.kid);
+    fs.writeFileSync(
+      path.join(dir, 'signing.pub.pem'),
+      publicKey.export({ format: 'pem', type: 'spki' }),
+    );
   }
   return keys;
 }
@@ -151,6 +156,15 @@ provider.use(async (ctx, next) => {
   if (prompt.name === 'login') {
     if (ctx.method === 'POST' && m[2]) {
       const form = await readForm(ctx.req);
+      if (form.get('abort') === '1') {
+        const to = await provider.interactionResult(ctx.req, ctx.res, {
+          error: 'access_denied',
+          error_description: 'End-User aborted interaction',
+        });
+        ctx.status = 303;
+        ctx.redirect(to);
+        return undefined;
+      }
       const login = form.get('login') || '';
       if (!/^[a-z]{1,32}$/.test(login) || form.get('password') !== PASSWORD) {
         ctx.status = 401;
