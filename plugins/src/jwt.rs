@@ -752,7 +752,7 @@ pub(crate) fn check_claim_settings(
         return Err("`subject_claim` must not be empty".into());
     }
     match (role_claim, admin_values.is_empty()) {
-        (Some(c), _) if c.is_empty() => Err("`role_claim` must not be empty".into()),
+        (Some(""), _) => Err("`role_claim` must not be empty".into()),
         (Some(_), true) => {
             Err("`role_claim` needs `admin_values`: the values that mean admin".into())
         }
