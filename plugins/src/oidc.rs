@@ -901,12 +901,13 @@ impl Oidc {
 
     async fn callback(&self, req: &RequestHeader, ctx: &mut Ctx) -> Reply {
         let https = ctx.https;
+        // Before the state is used up: a login that cannot finish yet can be retried.
+        let Some(provider) = self.provider().await else {
+            return Self::not_discovered();
+        };
         let (login, code) = match self.check_callback(req, ctx) {
             Ok(checked) => checked,
             Err(reply) => return reply,
-        };
-        let Some(provider) = self.provider().await else {
-            return Self::not_discovered();
         };
         let exchange = Exchange {
             agent: self.token_agent.clone(),
@@ -1268,7 +1269,8 @@ mod tests {
             issuer: issuer.into(),
             authorization_endpoint: "https://idp.test/authorize".into(),
             token_endpoint: token.into(),
-            jwks_uri: "https://idp.test/jwks".into(),
+            // Loopback, so the verifier's first JWKS fetch fails at once, off the network.
+            jwks_uri: "https://127.0.0.1:9/jwks".into(),
             end_session_endpoint: None,
             token_endpoint_auth_methods_supported: methods
                 .map(|m| m.into_iter().map(str::to_string).collect()),
