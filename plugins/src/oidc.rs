@@ -375,30 +375,28 @@ fn pkce_challenge(verifier: &str) -> String {
     b64(&Sha256::digest(verifier.as_bytes()))
 }
 
-/// The key that signs login-state cookies, derived from `secret` so that it never
-/// signs anything a session key would accept.
-fn state_key(secret: &str) -> [u8; 32] {
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(secret.as_bytes())
-        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-    mac.update(b"gatewarden oidc login state v1");
-    mac.finalize().into_bytes().into()
+/// The MAC that signs login-state cookies, keyed by a key derived from `secret` so
+/// that it never signs anything a session key would accept. Built once.
+fn state_mac(secret: &str) -> Result<HmacSha256, String> {
+    let bad = |_| "cannot key HMAC-SHA256".to_string();
+    let mut derive = <HmacSha256 as Mac>::new_from_slice(secret.as_bytes()).map_err(bad)?;
+    derive.update(b"gatewarden oidc login state v1");
+    <HmacSha256 as Mac>::new_from_slice(&derive.finalize().into_bytes()).map_err(bad)
 }
 
 /// `base64url(json).base64url(hmac)`.
-fn seal(key: &[u8; 32], state: &LoginState) -> String {
+fn seal(mac: &HmacSha256, state: &LoginState) -> String {
     let payload = b64(&serde_json::to_vec(state).unwrap_or_default());
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    let mut mac = mac.clone();
     mac.update(payload.as_bytes());
     format!("{payload}.{}", b64(&mac.finalize().into_bytes()))
 }
 
 /// Checks the signature (in constant time) and the expiry.
-fn open(key: &[u8; 32], value: &str, now: u64) -> Result<LoginState, &'static str> {
+fn open(mac: &HmacSha256, value: &str, now: u64) -> Result<LoginState, &'static str> {
     let (payload, tag) = value.split_once('.').ok_or("malformed")?;
     let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| "malformed")?;
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    let mut mac = mac.clone();
     mac.update(payload.as_bytes());
     mac.verify_slice(&tag).map_err(|_| "bad signature")?;
     let json = URL_SAFE_NO_PAD.decode(payload).map_err(|_| "malformed")?;
@@ -581,7 +579,7 @@ pub struct Oidc {
     discovery: Arc<Discovery>,
     started: Once,
     sessions: SessionKeys,
-    state_key: [u8; 32],
+    state_mac: HmacSha256,
     /// The login-state cookie's name on plain and on HTTPS connections.
     state_cookie: [String; 2],
     issuer: String,
@@ -707,7 +705,7 @@ impl Oidc {
             }),
             started: Once::new(),
             sessions,
-            state_key: state_key(config.secret.expose()),
+            state_mac: state_mac(config.secret.expose())?,
             state_cookie: [state_name.clone(), format!("__Host-{state_name}")],
             issuer: config.issuer,
             client_id: config.client_id,
@@ -789,7 +787,7 @@ impl Oidc {
             &self.scope,
             &state,
         );
-        let cookie = self.state_cookie(&seal(&self.state_key, &state), https, STATE_TTL);
+        let cookie = self.state_cookie(&seal(&self.state_mac, &state), https, STATE_TTL);
         Reply::error(302, "login at the identity provider")
             .with_header(http::header::LOCATION, &location)
             .with_header(http::header::SET_COOKIE, &cookie)
@@ -876,7 +874,7 @@ impl Oidc {
                 "no login is in progress in this browser (its login-state cookie is missing or expired); start again",
             ));
         };
-        let login = open(&self.state_key, cookie, session::now_secs()).map_err(|why| {
+        let login = open(&self.state_mac, cookie, session::now_secs()).map_err(|why| {
             refuse(
                 400,
                 &format!("the login-state cookie is not valid ({why}); start again"),
@@ -1128,14 +1126,14 @@ mod tests {
 
     #[test]
     fn login_state_round_trips_and_resists_tampering() {
-        let key = state_key(SECRET);
+        let key = state_mac(SECRET).unwrap();
         let now = 1_000;
         let sealed = seal(&key, &state(now + 600));
         assert_eq!(open(&key, &sealed, now).unwrap(), state(now + 600));
         // Expired.
         assert_eq!(open(&key, &sealed, now + 600), Err("expired"));
         // Another secret.
-        let other = state_key("another-secret-that-is-long-enough!!");
+        let other = state_mac("another-secret-that-is-long-enough!!").unwrap();
         assert_eq!(open(&other, &sealed, now), Err("bad signature"));
         // A changed payload under the old signature: a state of the attacker's choosing.
         let (_, tag) = sealed.split_once('.').unwrap();
@@ -1150,8 +1148,12 @@ mod tests {
         assert!(open(&key, &sealed[..sealed.len() - 2], now).is_err());
         assert!(open(&key, "", now).is_err());
         assert!(open(&key, sealed.split('.').next().unwrap(), now).is_err());
-        // The state key is not the session secret itself.
-        assert_ne!(&key[..], SECRET.as_bytes());
+        // Signed with the secret itself (as a session is): refused, the keys differ.
+        let raw = <HmacSha256 as Mac>::new_from_slice(SECRET.as_bytes()).unwrap();
+        assert_eq!(
+            open(&key, &seal(&raw, &state(now + 600)), now),
+            Err("bad signature")
+        );
     }
 
     #[test]
@@ -1337,7 +1339,7 @@ mod tests {
         );
         let mut st = state(session::now_secs() + 60);
         st.s = "good".into();
-        let sealed = seal(&p.state_key, &st);
+        let sealed = seal(&p.state_mac, &st);
         let callback = |query: &str, cookie: &str| {
             let mut req = RequestHeader::build(
                 "GET",
