@@ -926,10 +926,12 @@ impl Oidc {
         let id_token = match exchanged {
             Ok(Ok(token)) => token,
             Ok(Err(ExchangeError::Refused(error))) => {
+                // `invalid_client` means the client ID or secret is wrong: worth a log.
+                log::warn!("oidc: the provider refused the code exchange: {error}");
                 return fail(
                     400,
                     &format!("the identity provider refused the code ({error}); start again"),
-                )
+                );
             }
             Ok(Err(ExchangeError::Unreachable(why))) => {
                 log::warn!(

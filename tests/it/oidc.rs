@@ -54,6 +54,18 @@ impl Idp {
     /// Starts the provider on `port` with its keys in `keys` (a new signing key first
     /// when `rotate`), its client allowed to come back to `gateway`.
     fn start(port: u16, keys: &Path, gateway: Option<&Gateway>, rotate: bool) -> Idp {
+        Self::start_with(port, keys, gateway, rotate, "client_secret_basic")
+    }
+
+    /// Like [`Idp::start`], with the only token endpoint authentication method the
+    /// provider offers.
+    fn start_with(
+        port: u16,
+        keys: &Path,
+        gateway: Option<&Gateway>,
+        rotate: bool,
+        auth_method: &str,
+    ) -> Idp {
         let (redirect, logout) = match gateway {
             Some(gw) => (gw.url(CALLBACK), gw.url("/")),
             None => ("http://127.0.0.1:1/cb".to_string(), String::new()),
@@ -64,7 +76,8 @@ impl Idp {
             .env("KEY_DIR", keys)
             .env("REDIRECT_URIS", redirect)
             .env("POST_LOGOUT_URIS", logout)
-            .env("ROTATE", if rotate { "1" } else { "0" });
+            .env("ROTATE", if rotate { "1" } else { "0" })
+            .env("AUTH_METHOD", auth_method);
         let mut process = Process::spawn_command(&mut cmd);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         poll_until(
@@ -412,6 +425,36 @@ fn a_browser_logs_in_at_the_provider_and_reaches_the_upstream_as_itself() {
         get(gw.addr, "/home", &["Accept: application/json"]).status,
         401
     );
+    let output = gw.output();
+    assert!(
+        !output.contains(CLIENT_SECRET) && !output.contains(SECRET),
+        "secrets never reach the log: {output}"
+    );
+}
+
+#[test]
+fn a_provider_that_takes_the_client_secret_in_the_form_works_too() {
+    if !provider_installed() {
+        return;
+    }
+    let rec = RecordingUpstream::start();
+    let idp_port = free_port();
+    let gw = Gateway::start(&oidc_config(idp_port, rec.addr));
+    let keys = tempfile::tempdir().unwrap();
+    let _idp = Idp::start_with(
+        idp_port,
+        keys.path(),
+        Some(&gw),
+        false,
+        "client_secret_post",
+    );
+    let mut dave = Browser::default();
+    let (_, page) = dave.login(&gw.url("/page"), "dave", None).unwrap();
+    assert_eq!((page.status, body(&page).as_str()), (200, "/page"));
+    assert_eq!(
+        header(&rec.requests().pop().unwrap(), "x-auth-subject"),
+        Some("dave")
+    );
 }
 
 #[test]
@@ -480,6 +523,10 @@ fn replayed_or_foreign_state_never_logs_in() {
         reached,
         "nothing reached the upstream"
     );
+    // The refused exchange on the replica was logged without the client secret.
+    let output = replica.output();
+    assert!(output.contains("oidc"), "the refusal is logged: {output}");
+    assert!(!output.contains(CLIENT_SECRET), "{output}");
     drop(idp);
 }
 

@@ -12,7 +12,8 @@
 //                   and the newest key as signing.pem (PKCS#8), signing.pub.pem and
 //                   signing.kid, so tests can forge tokens with the provider's own key
 //   ROTATE=1        make a new signing key at start and publish it before the old ones
-//   AUTH_METHOD     client_secret_basic (default) or client_secret_post
+//   AUTH_METHOD     client_secret_basic (default) or client_secret_post: the only
+//                   method the client may use and the provider advertises
 //
 // No developer interactions: GET /interaction/:uid shows a plain login form that
 // POSTs `login` and `password` to /interaction/:uid/login (`abort=1` there refuses the
@@ -68,7 +69,10 @@ function loadKeys() {
   return keys;
 }
 
+const authMethod = process.env.AUTH_METHOD || 'client_secret_basic';
+
 const configuration = {
+  clientAuthMethods: [authMethod],
   clients: [
     {
       client_id: 'gatewarden',
@@ -77,7 +81,7 @@ const configuration = {
       post_logout_redirect_uris: list('POST_LOGOUT_URIS'),
       grant_types: ['authorization_code', 'client_credentials'],
       response_types: ['code'],
-      token_endpoint_auth_method: process.env.AUTH_METHOD || 'client_secret_basic',
+      token_endpoint_auth_method: authMethod,
     },
   ],
   jwks: { keys: loadKeys() },
