@@ -101,3 +101,25 @@ if ! python3 -c 'import openai' >/dev/null 2>&1; then
     "${pip_install[@]}" openai || "${pip_install[@]}" --break-system-packages openai
 fi
 echo "setup.sh: openai $(python3 -c 'import openai; print(openai.__version__)')"
+
+# The OpenID provider the oidc tests log in at (tests/it/oidc.rs): the `oidc-provider`
+# npm package, pinned by tests/oidc-provider/package-lock.json. Node and npm come from
+# Debian when missing; the package from the npm registry, only when not installed yet.
+repo_root="$(cd "$(dirname "$0")/.." && pwd)"
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ] && [ "${#sudo[@]}" -eq 0 ]; then
+        echo "setup.sh: node and npm are missing; run as root or install them" >&2
+        exit 1
+    fi
+    echo "setup.sh: installing nodejs and npm"
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" apt-get update -q
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends nodejs npm
+fi
+provider_dir="$repo_root/tests/oidc-provider"
+if [ ! -d "$provider_dir/node_modules/oidc-provider" ] \
+    || [ "$provider_dir/package-lock.json" -nt "$provider_dir/node_modules/.package-lock.json" ]; then
+    echo "setup.sh: installing the test OpenID provider (npm ci)"
+    npm ci --prefix "$provider_dir" --no-audit --no-fund --loglevel=error
+fi
+echo "setup.sh: node $(node --version), oidc-provider $(node -p "require('$provider_dir/node_modules/oidc-provider/package.json').version")"

@@ -155,6 +155,13 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+impl Secret {
+    /// The secret itself, for the code that uses it; never for logs or errors.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(********)")
@@ -509,7 +516,7 @@ fn algorithm_names(algs: &[Algorithm]) -> String {
         .join(", ")
 }
 
-fn parse_algorithms(names: &[String]) -> Result<Vec<Algorithm>, String> {
+pub(crate) fn parse_algorithms(names: &[String]) -> Result<Vec<Algorithm>, String> {
     if names.is_empty() {
         return Err("`algorithms` must list at least one algorithm, e.g. [RS256]".into());
     }
@@ -704,12 +711,19 @@ fn fetch_jwks(
 /// Checks a JWKS URL: http(s) with a host; plain http only to loopback. Returns
 /// whether it is https, and whether the host is loopback.
 fn check_jwks_url(url: &str) -> Result<(bool, bool), String> {
+    check_fetch_url("jwks_url", url)
+}
+
+/// Checks a URL the gateway fetches trusted documents from (keys, OIDC discovery):
+/// http(s) with a host; plain http only to loopback. Returns whether it is https, and
+/// whether the host is loopback.
+pub(crate) fn check_fetch_url(setting: &str, url: &str) -> Result<(bool, bool), String> {
     let uri: http::Uri = url
         .parse()
-        .map_err(|_| format!("jwks_url: {url:?} is not a URL"))?;
+        .map_err(|_| format!("{setting}: {url:?} is not a URL"))?;
     let host = uri
         .host()
-        .ok_or_else(|| format!("jwks_url: {url:?} has no host"))?;
+        .ok_or_else(|| format!("{setting}: {url:?} has no host"))?;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let loopback = bare.eq_ignore_ascii_case("localhost")
         || bare
@@ -721,11 +735,41 @@ fn check_jwks_url(url: &str) -> Result<(bool, bool), String> {
             if loopback {
                 Ok((false, true))
             } else {
-                Err("jwks_url: use https; keys fetched over plain http could be replaced by anyone on the network".into())
+                Err(format!("{setting}: use https; what is fetched over plain http could be replaced by anyone on the network"))
             }
         }
-        _ => Err(format!("jwks_url: {url:?} must start with https://")),
+        _ => Err(format!("{setting}: {url:?} must start with https://")),
     }
+}
+
+/// Checks `subject_claim`, `role_claim` and `admin_values` (shared with `oidc`).
+pub(crate) fn check_claim_settings(
+    subject_claim: &str,
+    role_claim: Option<&str>,
+    admin_values: &[String],
+) -> Result<(), String> {
+    if subject_claim.is_empty() {
+        return Err("`subject_claim` must not be empty".into());
+    }
+    match (role_claim, admin_values.is_empty()) {
+        (Some(""), _) => Err("`role_claim` must not be empty".into()),
+        (Some(_), true) => {
+            Err("`role_claim` needs `admin_values`: the values that mean admin".into())
+        }
+        (None, false) => {
+            Err("`admin_values` needs `role_claim`: the claim to look them up in".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Parses `leeway`, at most [`MAX_LEEWAY`].
+pub(crate) fn parse_leeway(text: &str) -> Result<Duration, String> {
+    let leeway = parse_duration(text).map_err(|e| format!("leeway: {e}"))?;
+    if leeway > MAX_LEEWAY {
+        return Err("leeway: at most 5m; more would accept long-expired tokens".into());
+    }
+    Ok(leeway)
 }
 
 impl Jwt {
@@ -739,25 +783,12 @@ impl Jwt {
                 "`audiences` must list the `aud` values accepted (at least one, none empty)".into(),
             );
         }
-        if config.subject_claim.is_empty() {
-            return Err("`subject_claim` must not be empty".into());
-        }
-        match (&config.role_claim, config.admin_values.is_empty()) {
-            (Some(c), _) if c.is_empty() => return Err("`role_claim` must not be empty".into()),
-            (Some(_), true) => {
-                return Err("`role_claim` needs `admin_values`: the values that mean admin".into())
-            }
-            (None, false) => {
-                return Err(
-                    "`admin_values` needs `role_claim`: the claim to look them up in".into(),
-                )
-            }
-            _ => {}
-        }
-        let leeway = parse_duration(&config.leeway).map_err(|e| format!("leeway: {e}"))?;
-        if leeway > MAX_LEEWAY {
-            return Err("leeway: at most 5m; more would accept long-expired tokens".into());
-        }
+        check_claim_settings(
+            &config.subject_claim,
+            config.role_claim.as_deref(),
+            &config.admin_values,
+        )?;
+        let leeway = parse_leeway(&config.leeway)?;
         let refresh_every =
             parse_duration(&config.jwks_refresh).map_err(|e| format!("jwks_refresh: {e}"))?;
         let cooldown =
@@ -885,6 +916,51 @@ impl Jwt {
 
     /// Verifies `token` against `keys`.
     fn verify(&self, token: &str, keys: &KeySet) -> Result<Identity, Refusal> {
+        self.verify_claims(token, keys)
+            .map(|(identity, _)| identity)
+    }
+
+    /// Verifies a token this gateway fetched itself (an OIDC ID token) with the keys
+    /// held, asking for one rate-limited refresh when its `kid` is unknown. Returns the
+    /// identity and every claim; the error is the refusal's reason.
+    pub(crate) async fn verify_fetched(
+        &self,
+        token: &str,
+    ) -> Result<(Identity, Map<String, Value>), &'static str> {
+        let check = || match &self.keys {
+            Keys::Fixed(set) => self.verify_claims(token, set),
+            Keys::Live(r) => self.verify_claims(token, &r.store.keys.load()),
+        };
+        let refusal = match check() {
+            Ok(verified) => return Ok(verified),
+            Err(r) => r,
+        };
+        let waiting = match &self.keys {
+            Keys::Live(refresher) if refusal.wants_refresh() => {
+                refresher.ensure_started();
+                refresher.ask()
+            }
+            _ => None,
+        };
+        let Some(mut fetched) = waiting else {
+            return Err(refusal.reason());
+        };
+        let _ = tokio::time::timeout(REFRESH_WAIT, fetched.changed()).await;
+        check().map_err(Refusal::reason)
+    }
+
+    /// Starts the background key refresher, if this plugin has one.
+    pub(crate) fn start_refresher(&self) {
+        if let Keys::Live(refresher) = &self.keys {
+            refresher.ensure_started();
+        }
+    }
+
+    fn verify_claims(
+        &self,
+        token: &str,
+        keys: &KeySet,
+    ) -> Result<(Identity, Map<String, Value>), Refusal> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(Refusal::Malformed);
         }
@@ -938,11 +1014,12 @@ impl Jwt {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty() && s.len() <= 512 && !s.chars().any(char::is_control))
             .ok_or(Refusal::Subject)?;
-        Ok(Identity {
+        let identity = Identity {
             subject: Arc::from(subject),
             role: self.role_of(&claims),
             method: "jwt",
-        })
+        };
+        Ok((identity, claims))
     }
 
     fn role_of(&self, claims: &Map<String, Value>) -> Role {

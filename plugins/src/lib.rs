@@ -24,6 +24,7 @@ pub mod ip_filter;
 pub mod jwt;
 pub mod line_writer;
 pub mod llm_budget;
+pub mod oidc;
 pub mod origin;
 pub mod pin_gate;
 pub mod rate_limit;

@@ -37,12 +37,11 @@ use argon2::Argon2;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::session::{self, SecureCookie, SessionError, SessionKeys};
+use crate::session::{self, SecureCookie, SessionKeys};
 use crate::units::parse_duration;
 use crate::{Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, Role, Verdict};
 
-pub const LOGIN_PATH: &str = "/.gatewarden/login";
-pub const LOGOUT_PATH: &str = "/.gatewarden/logout";
+pub use crate::session::{LOGIN_PATH, LOGOUT_PATH};
 
 /// Hashes a PIN with argon2id and a random salt, for `pin_hash`.
 pub fn hash_pin(pin: &str) -> Result<String, String> {
@@ -450,25 +449,6 @@ impl PinGate {
     }
 }
 
-/// True when an `Origin` header names another site than the request's `Host`.
-fn cross_origin(req: &RequestHeader) -> bool {
-    let Some(origin) = req
-        .headers
-        .get(http::header::ORIGIN)
-        .and_then(|o| o.to_str().ok())
-    else {
-        return false;
-    };
-    let host = req
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-        .unwrap_or("");
-    let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
-    origin == "null" || !origin_host.eq_ignore_ascii_case(host)
-}
-
 impl Plugin for PinGate {
     fn type_name(&self) -> &'static str {
         "pin_gate"
@@ -508,7 +488,7 @@ impl Plugin for PinGate {
                         .with_header(http::header::ALLOW, "POST"),
                 );
             }
-            if cross_origin(req) {
+            if session::cross_origin(req) {
                 return RequestFlow::reply(Reply::error(403, "cross-origin logout refused"));
             }
             return RequestFlow::reply(
@@ -520,16 +500,7 @@ impl Plugin for PinGate {
                     ),
             );
         }
-        let query_next = req
-            .uri
-            .query()
-            .and_then(|q| {
-                session::parse_form(q.as_bytes())
-                    .into_iter()
-                    .find(|(n, _)| n == "next")
-            })
-            .map(|(_, v)| v)
-            .unwrap_or_default();
+        let query_next = session::query_param(req, "next").unwrap_or_default();
         match *method {
             http::Method::GET | http::Method::HEAD => {
                 let next = session::safe_next(&query_next).to_string();
@@ -542,7 +513,7 @@ impl Plugin for PinGate {
                 }))
             }
             http::Method::POST => {
-                if cross_origin(req) {
+                if session::cross_origin(req) {
                     return RequestFlow::reply(Reply::error(403, "cross-origin login refused"));
                 }
                 let (https, client) = (ctx.https, ctx.client_ip);
@@ -558,43 +529,14 @@ impl Plugin for PinGate {
     }
 
     fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
-        let Some(token) = self.sessions.token_from(req, ctx.https) else {
-            return RequestFlow::CONTINUE;
-        };
-        match self.sessions.verify(token) {
-            Ok(identity) => {
-                if ctx.identity.is_none() {
-                    ctx.identity = Some(identity);
-                }
-                self.sessions.strip_cookie(req, ctx.https);
-                RequestFlow::CONTINUE
-            }
-            Err(e) => {
-                ctx.auth_failure = Some(if e == SessionError::Expired {
-                    "session_expired"
-                } else {
-                    "invalid_session"
-                });
-                let clear = self.sessions.clear_cookie(ctx.https);
-                let navigation = session::is_browser_navigation(req);
-                // A bad session is never anonymous: browsers go back to the login page,
-                // other clients get 401.
-                let reply = if navigation {
-                    let next = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                    let location = format!("{LOGIN_PATH}?next={}", session::encode_query(next));
-                    Reply::error(302, "session expired or invalid")
-                        .with_header(http::header::LOCATION, &location)
-                } else {
-                    Reply::error(401, "session expired or invalid")
-                        .with_header(http::header::WWW_AUTHENTICATE, "Bearer")
-                };
-                RequestFlow::reply(reply.with_header(http::header::SET_COOKIE, &clear))
-            }
+        match self.sessions.recognise(req, ctx) {
+            Some(reply) => RequestFlow::reply(reply),
+            None => RequestFlow::CONTINUE,
         }
     }
 }
 
-fn escape_html(text: &str) -> String {
+pub(crate) fn escape_html(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

@@ -54,6 +54,7 @@ registry! {
     "upstream_auth" => |v, _| Ok(Arc::new(crate::upstream_auth::UpstreamAuth::new(settings(v)?)?)),
     "css_inject" => |v, env| Ok(Arc::new(crate::css_inject::CssInject::new(settings(v)?, env)?)),
     "jwt" => |v, env| Ok(Arc::new(crate::jwt::Jwt::new(settings(v)?, env)?)),
+    "oidc" => |v, env| Ok(Arc::new(crate::oidc::Oidc::new(settings(v)?, env)?)),
     "rate_limit" => |v, env| Ok(Arc::new(crate::rate_limit::RateLimit::new(settings(v)?, env)?)),
     "llm_budget" => |v, env| Ok(Arc::new(crate::llm_budget::LlmBudget::new(settings(v)?, env)?)),
     "audit" => |v, _| Ok(Arc::new(crate::audit::Audit::new(settings(v)?)?)),

@@ -10,6 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Identity, Role};
 
+/// The login page every login plugin answers (`pin_gate`'s form, `oidc`'s redirect to the
+/// provider); the core sends browser navigations without an identity here.
+pub const LOGIN_PATH: &str = "/.gatewarden/login";
+/// `POST` here ends the session.
+pub const LOGOUT_PATH: &str = "/.gatewarden/logout";
+
 /// Minimum length of a session secret.
 pub const MIN_SECRET_LEN: usize = 32;
 
@@ -95,7 +101,8 @@ impl SessionKeys {
         })
     }
 
-    fn secure_for(&self, https: bool) -> bool {
+    /// Whether cookies get `Secure` (and the `__Host-` prefix) on this connection.
+    pub fn secure_for(&self, https: bool) -> bool {
         match self.secure {
             SecureCookie::Auto => https,
             SecureCookie::Always => true,
@@ -180,38 +187,116 @@ impl SessionKeys {
     /// Removes the session cookie from the request, keeping every other cookie, so the
     /// upstream never sees (and can never replay) the gateway's session.
     pub fn strip_cookie(&self, req: &mut crate::RequestHeader, https: bool) {
-        let name = self.cookie_name(https);
-        let kept: Vec<String> = req
-            .headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .map(str::trim)
-            .filter(|pair| {
-                !pair.is_empty() && pair.split_once('=').map_or(*pair, |(n, _)| n) != name
-            })
-            .map(str::to_string)
-            .collect();
-        req.remove_header(&http::header::COOKIE);
-        if !kept.is_empty() {
-            let _ = req.insert_header(http::header::COOKIE, kept.join("; "));
-        }
+        strip_cookie(req, self.cookie_name(https));
     }
 
     /// The session token in the request's cookies, if any.
     pub fn token_from<'r>(&self, req: &'r crate::RequestHeader, https: bool) -> Option<&'r str> {
-        let name = self.cookie_name(https);
-        req.headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .find_map(|pair| {
-                let (n, value) = pair.trim().split_once('=')?;
-                (n == name).then_some(value.trim())
-            })
+        cookie(req, self.cookie_name(https))
     }
+}
+
+impl SessionKeys {
+    /// Recognises the caller by the session cookie: sets the identity and strips the
+    /// cookie so the upstream never sees it. A bad or expired session is never
+    /// anonymous: the answer (a 302 to the login page for browsers, 401 otherwise,
+    /// clearing the cookie) is returned.
+    pub fn recognise(
+        &self,
+        req: &mut crate::RequestHeader,
+        ctx: &mut crate::Ctx,
+    ) -> Option<crate::Reply> {
+        let token = self.token_from(req, ctx.https)?;
+        match self.verify(token) {
+            Ok(identity) => {
+                if ctx.identity.is_none() {
+                    ctx.identity = Some(identity);
+                }
+                self.strip_cookie(req, ctx.https);
+                None
+            }
+            Err(e) => {
+                ctx.auth_failure = Some(if e == SessionError::Expired {
+                    "session_expired"
+                } else {
+                    "invalid_session"
+                });
+                let clear = self.clear_cookie(ctx.https);
+                let reply = if is_browser_navigation(req) {
+                    let next = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+                    let location = format!("{LOGIN_PATH}?next={}", encode_query(next));
+                    crate::Reply::error(302, "session expired or invalid")
+                        .with_header(http::header::LOCATION, &location)
+                } else {
+                    crate::Reply::error(401, "session expired or invalid")
+                        .with_header(http::header::WWW_AUTHENTICATE, "Bearer")
+                };
+                Some(reply.with_header(http::header::SET_COOKIE, &clear))
+            }
+        }
+    }
+}
+
+/// Removes cookie `name` from the request, keeping every other cookie.
+pub fn strip_cookie(req: &mut crate::RequestHeader, name: &str) {
+    if cookie(req, name).is_none() {
+        return;
+    }
+    let kept: Vec<String> = req
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty() && pair.split_once('=').map_or(*pair, |(n, _)| n) != name)
+        .map(str::to_string)
+        .collect();
+    req.remove_header(&http::header::COOKIE);
+    if !kept.is_empty() {
+        let _ = req.insert_header(http::header::COOKIE, kept.join("; "));
+    }
+}
+
+/// The value of the request's cookie `name`, if any.
+pub fn cookie<'r>(req: &'r crate::RequestHeader, name: &str) -> Option<&'r str> {
+    req.headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (n, value) = pair.trim().split_once('=')?;
+            (n == name).then_some(value.trim())
+        })
+}
+
+/// True when an `Origin` header names another site than the request's `Host`: such
+/// logins and logouts are refused.
+pub fn cross_origin(req: &crate::RequestHeader) -> bool {
+    let Some(origin) = req
+        .headers
+        .get(http::header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+    else {
+        return false;
+    };
+    let host = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
+    origin == "null" || !origin_host.eq_ignore_ascii_case(host)
+}
+
+/// The value of query parameter `name`, decoded.
+pub fn query_param(req: &crate::RequestHeader, name: &str) -> Option<String> {
+    parse_form(req.uri.query()?.as_bytes())
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v)
 }
 
 /// Percent-encodes a value for a query string.

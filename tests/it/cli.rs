@@ -492,9 +492,10 @@ struct ConfCopy {
 }
 
 /// The environment variables the shipped configs read their secrets from.
-const EXAMPLE_VARIABLES: [&str; 5] = [
+const EXAMPLE_VARIABLES: [&str; 6] = [
     "GATEWARDEN_PIN_HASH",
     "GATEWARDEN_SESSION_SECRET",
+    "GATEWARDEN_OIDC_CLIENT_SECRET",
     "GATEWARDEN_ADMIN_KEY",
     "LITELLM_MASTER_KEY",
     "LLM_API_KEY",
@@ -510,6 +511,10 @@ impl ConfCopy {
             (
                 "GATEWARDEN_SESSION_SECRET",
                 "a-session-secret-of-more-than-32-bytes".into(),
+            ),
+            (
+                "GATEWARDEN_OIDC_CLIENT_SECRET",
+                "an-oidc-client-secret-for-the-test".into(),
             ),
             (
                 "GATEWARDEN_ADMIN_KEY",

@@ -129,7 +129,7 @@ fn spawn_collecting(cmd: &mut Command) -> (Child, Arc<Mutex<String>>) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start gatewarden");
+        .unwrap_or_else(|e| panic!("start {:?}: {e}", cmd.get_program()));
     let output = Arc::new(Mutex::new(String::new()));
     let streams = [
         child
@@ -537,6 +537,18 @@ impl Process {
         cmd.args(args).current_dir(dir).env("RUST_LOG", "warn");
         let (child, output) = spawn_collecting(&mut cmd);
         Process { child, output }
+    }
+
+    /// Any other program (a test identity provider...), its output collected; killed
+    /// on drop like a gateway.
+    pub fn spawn_command(cmd: &mut Command) -> Process {
+        let (child, output) = spawn_collecting(cmd);
+        Process { child, output }
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Waits until `GET /healthz` on `addr` answers 200; panics with the output if the

@@ -9,6 +9,7 @@ mod cli;
 mod identity;
 mod jwt;
 mod llm_route;
+mod oidc;
 mod operations;
 mod proxying;
 mod routing;
