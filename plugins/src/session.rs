@@ -200,17 +200,27 @@ impl SessionKeys {
     }
 
     /// The session token in the request's cookies, if any.
+    ///
+    /// Two session cookies with different values (one planted by a sibling domain, say)
+    /// make the request ambiguous: the answer is then an empty token, which never
+    /// verifies, rather than whichever copy happens to come first.
     pub fn token_from<'r>(&self, req: &'r crate::RequestHeader, https: bool) -> Option<&'r str> {
         let name = self.cookie_name(https);
-        req.headers
+        let mut tokens = req
+            .headers
             .get_all(http::header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
-            .find_map(|pair| {
+            .filter_map(|pair| {
                 let (n, value) = pair.trim().split_once('=')?;
                 (n == name).then_some(value.trim())
-            })
+            });
+        let first = tokens.next()?;
+        if tokens.any(|other| other != first) {
+            return Some("");
+        }
+        Some(first)
     }
 }
 
@@ -416,6 +426,31 @@ mod tests {
         only.append_header("Cookie", "gatewarden=tok").unwrap();
         k.strip_cookie(&mut only, false);
         assert!(only.headers.get("cookie").is_none());
+    }
+
+    #[test]
+    fn two_different_session_cookies_are_ambiguous() {
+        let k = keys(&[]);
+        let token_of = |cookies: &[&str]| {
+            let mut req = crate::RequestHeader::build("GET", b"/", None).unwrap();
+            for c in cookies {
+                req.append_header("Cookie", *c).unwrap();
+            }
+            k.token_from(&req, false).map(str::to_string)
+        };
+        assert_eq!(
+            token_of(&["gatewarden=a; x=1; gatewarden=a"]).as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            token_of(&["gatewarden=a; gatewarden=b"]).as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            token_of(&["gatewarden=a", "gatewarden=b"]).as_deref(),
+            Some("")
+        );
+        assert_eq!(token_of(&["x=1"]), None);
     }
 
     #[test]
