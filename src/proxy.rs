@@ -687,6 +687,8 @@ impl ProxyHttp for Gateway {
                     ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
                         (0, "")
                     }
+                    // A client that stopped sending its body (Pingora's 60 s read timeout).
+                    ErrorType::ReadTimedout => (408, "request timed out"),
                     _ => (400, "bad request"),
                 },
                 ErrorSource::Internal | ErrorSource::Unset => (500, "internal error"),
