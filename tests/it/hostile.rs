@@ -983,10 +983,8 @@ fn catalogue(t: &Target) -> Vec<Case> {
         SMUGGLE,
         "Transfer-Encoding and Content-Length (TE.CL)",
         with_body(
-            head(&format!(
-                "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n"
-            )),
-            &format!("5c\r\n{smuggled}\r\n0\r\n\r\n"),
+            head("Transfer-Encoding: chunked\r\nContent-Length: 4\r\n"),
+            &format!("{:x}\r\n{smuggled}\r\n0\r\n\r\n", smuggled.len()),
         ),
     )
     .expect(400, Reach::No));
@@ -1500,7 +1498,7 @@ fn slow_clients_are_cut_off_and_do_not_starve_others() {
         let t = Instant::now();
         assert_eq!(get(gw.addr, "/echo", &[]).status, 200);
         assert!(
-            t.elapsed() < Duration::from_secs(2),
+            t.elapsed() < Duration::from_secs(5),
             "a request took {:?} with slow clients around",
             t.elapsed()
         );
