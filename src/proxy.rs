@@ -121,6 +121,11 @@ fn client_behind_proxies(req: &RequestHeader, nets: &[IpNet], peer: IpAddr) -> I
     client
 }
 
+/// `X-Forwarded-*` in either spelling (header names are lowercase here).
+fn is_forwarding_header(name: &str) -> bool {
+    name.starts_with("x-forwarded-") || name.starts_with("x_forwarded_")
+}
+
 /// True when the request came with both `Transfer-Encoding` and `Content-Length`.
 /// Pingora drops the `Content-Length` when it parses such a request, so the raw head
 /// is asked; it is only read for requests with a `Transfer-Encoding`.
@@ -577,6 +582,18 @@ impl ProxyHttp for Gateway {
         }
         if !ctx.peer_trusted {
             upstream.remove_header(&FORWARDED);
+            // Upstreams that trust the gateway as their proxy believe every
+            // X-Forwarded-* it passes on (Port, Prefix, Scheme, Ssl, Server build their
+            // links and redirects), so from an untrusted peer none of them goes through.
+            let foreign: Vec<HeaderName> = upstream
+                .headers
+                .keys()
+                .filter(|n| is_forwarding_header(n.as_str()))
+                .cloned()
+                .collect();
+            for name in &foreign {
+                upstream.remove_header(name);
+            }
         }
         upstream.insert_header(X_FORWARDED_FOR.clone(), xff)?;
         upstream.insert_header(X_FORWARDED_PROTO.clone(), proto)?;
@@ -783,6 +800,15 @@ mod tests {
         let client =
             client_behind_proxies(&req, &nets(&["10.0.0.0/8"]), "10.0.0.1".parse().unwrap());
         assert_eq!(client, "10.0.0.3".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn every_forwarding_header_is_recognised() {
+        for name in ["x-forwarded-port", "x-forwarded-prefix", "x_forwarded_ssl"] {
+            assert!(is_forwarding_header(name), "{name}");
+        }
+        assert!(!is_forwarding_header("x-forwardedfor"));
+        assert!(!is_forwarding_header("forwarded"));
     }
 
     #[test]
