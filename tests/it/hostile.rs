@@ -762,6 +762,31 @@ fn catalogue(t: &Target) -> Vec<Case> {
     ])));
     add(Case::new(
         SPOOF,
+        "other X-Forwarded-* (Port, Prefix, Scheme, Ssl, Server)",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &user,
+                "X-Forwarded-Port: 8443",
+                "X-Forwarded-Prefix: //evil.example",
+                "X-Forwarded-Scheme: https",
+                "X-Forwarded-Ssl: on",
+                "X-Forwarded-Server: evil.example",
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(none_of(&[
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-scheme",
+        "x-forwarded-ssl",
+        "x-forwarded-server",
+    ])));
+    add(Case::new(
+        SPOOF,
         "X-Real-IP",
         req("GET", "/app/x", &[&user, "X-Real-IP: 203.0.113.7"], b""),
     )
@@ -1097,6 +1122,19 @@ fn catalogue(t: &Target) -> Vec<Case> {
         ),
     )
     .expect(413, Reach::No));
+    // Cookies other than the session are the upstream's business; only the 1 MiB head
+    // limit applies to them.
+    add(Case::new(
+        SIZE,
+        "a 200 KiB cookie of the upstream's with a valid key",
+        req(
+            "GET",
+            "/app/x",
+            &[&user, &format!("Cookie: big={}", "c".repeat(200 * 1024))],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes));
     add(Case::new(
         SIZE,
         "request head over 1 MiB",
