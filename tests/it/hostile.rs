@@ -1097,6 +1097,34 @@ fn catalogue(t: &Target) -> Vec<Case> {
     )
     .expect(400, Reach::No));
 
+    // ------------------------------------------------------------------ authority
+    const AUTHORITY: &str = "host and authority";
+    add(Case::new(
+        AUTHORITY,
+        "absolute-form URL naming another host than Host",
+        format!("GET http://evil.example/app/x HTTP/1.1\r\nHost: localhost\r\n{user}\r\nConnection: close\r\n\r\n").into_bytes(),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        AUTHORITY,
+        "two different Host headers",
+        format!("GET /app/x HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n{user}\r\nConnection: close\r\n\r\n").into_bytes(),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        AUTHORITY,
+        "an HTTP/0.9 request line",
+        b"GET /app/x\r\n\r\n".to_vec(),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        AUTHORITY,
+        "CONNECT to tunnel elsewhere",
+        format!("CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n{user}\r\n\r\n")
+            .into_bytes(),
+    )
+    .expect(405, Reach::No));
+
     // ------------------------------------------------------------------ sizes
     const SIZE: &str = "oversized input";
     add(Case::new(
