@@ -14,8 +14,10 @@
 //! - a request with both `Content-Length` and `Transfer-Encoding` is refused (400);
 //! - two different session cookies in one request are refused (401);
 //! - headers the gateway sets are also removed in their `_` spelling, which CGI, WSGI,
-//!   PHP and Rack merge with the `-` one;
-//! - credentials are never read from query strings.
+//!   PHP and Rack merge with the `-` one, and every `X-Forwarded-*` from an untrusted
+//!   peer goes, not only the ones the gateway sets;
+//! - credentials are never read from query strings;
+//! - a client has 60 s from its first byte for its first request head (slowloris).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
