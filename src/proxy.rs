@@ -20,7 +20,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use crate::config::Snapshot;
 use crate::observe::{new_request_id, InflightGuard, RouteMetrics};
 use crate::reload::State;
-use crate::router::{host_without_port, normalize, Access, Route};
+use crate::router::{host_without_port, normalize, without_params, Access, Route};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -31,6 +31,23 @@ static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// Headers some upstream frameworks take as the "real" URL; a client must never pick it.
 static X_ORIGINAL_URL: HeaderName = HeaderName::from_static("x-original-url");
 static X_REWRITE_URL: HeaderName = HeaderName::from_static("x-rewrite-url");
+/// Headers some frameworks take as the "real" method. The gateway matched routes and
+/// checked origins on the request's own method, so the upstream must act on that one.
+static METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+/// The `_` spellings of the forwarding headers the gateway sets: CGI, WSGI, PHP and
+/// Rack turn `-` into `_`, so a client's `X_Forwarded_For` would merge with (or stand
+/// in for) the gateway's `X-Forwarded-For` there.
+static FORWARDING_UNDERSCORED: [HeaderName; 5] = [
+    HeaderName::from_static("x_forwarded_for"),
+    HeaderName::from_static("x_forwarded_proto"),
+    HeaderName::from_static("x_forwarded_host"),
+    HeaderName::from_static("x_real_ip"),
+    HeaderName::from_static("x_request_id"),
+];
 
 /// Metrics for requests that matched no route (404s, 400s, health checks).
 static UNROUTED: LazyLock<RouteMetrics> = LazyLock::new(|| RouteMetrics::new(&Arc::from("-")));
@@ -102,6 +119,33 @@ fn client_behind_proxies(req: &RequestHeader, nets: &[IpNet], peer: IpAddr) -> I
         }
     }
     client
+}
+
+/// `X-Forwarded-*` in either spelling (header names are lowercase here).
+fn is_forwarding_header(name: &str) -> bool {
+    name.starts_with("x-forwarded-") || name.starts_with("x_forwarded_")
+}
+
+/// True when the request came with both `Transfer-Encoding` and `Content-Length`.
+/// Pingora drops the `Content-Length` when it parses such a request, so the raw head
+/// is asked; it is only read for requests with a `Transfer-Encoding`.
+fn has_content_length_and_transfer_encoding(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .contains_key(header::TRANSFER_ENCODING)
+        && session
+            .as_http1()
+            .is_some_and(|h1| head_has_content_length(&h1.get_headers_raw_bytes()))
+}
+
+/// True when a raw request head has a `Content-Length` line (the parser allows no
+/// space before the colon).
+fn head_has_content_length(head: &[u8]) -> bool {
+    const NAME: &[u8] = b"content-length:";
+    head.split(|&b| b == b'\n')
+        .skip(1)
+        .any(|line| line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME))
 }
 
 impl Gateway {
@@ -316,6 +360,14 @@ impl ProxyHttp for Gateway {
             return self.respond(session, ctx, reply).await;
         }
 
+        // Pingora follows RFC 9112 (Transfer-Encoding wins, the connection closes), but
+        // a request framed both ways is how smuggling starts; like nginx, refuse it.
+        if has_content_length_and_transfer_encoding(session) {
+            let reply = Reply::error(400, "both Content-Length and Transfer-Encoding");
+            ctx.snapshot = Some(snapshot);
+            return self.respond(session, ctx, reply).await;
+        }
+
         let path = match normalize(raw_path) {
             Ok(p) => p,
             Err(e) => {
@@ -349,7 +401,11 @@ impl ProxyHttp for Gateway {
                 return self.respond(session, ctx, reply).await;
             }
         }
-        let Some(route) = snapshot.router.find(host, &path, &req.method).cloned() else {
+        let Some(route) = snapshot
+            .router
+            .find(host, &without_params(&path), &req.method)
+            .cloned()
+        else {
             ctx.snapshot = Some(snapshot);
             return self
                 .respond(session, ctx, Reply::error(404, "no route"))
@@ -517,11 +573,27 @@ impl ProxyHttp for Gateway {
             &X_REQUEST_ID,
             &X_ORIGINAL_URL,
             &X_REWRITE_URL,
-        ] {
+        ]
+        .into_iter()
+        .chain(&METHOD_OVERRIDES)
+        .chain(&FORWARDING_UNDERSCORED)
+        {
             upstream.remove_header(name);
         }
         if !ctx.peer_trusted {
             upstream.remove_header(&FORWARDED);
+            // Upstreams that trust the gateway as their proxy believe every
+            // X-Forwarded-* it passes on (Port, Prefix, Scheme, Ssl, Server build their
+            // links and redirects), so from an untrusted peer none of them goes through.
+            let foreign: Vec<HeaderName> = upstream
+                .headers
+                .keys()
+                .filter(|n| is_forwarding_header(n.as_str()))
+                .cloned()
+                .collect();
+            for name in &foreign {
+                upstream.remove_header(name);
+            }
         }
         upstream.insert_header(X_FORWARDED_FOR.clone(), xff)?;
         upstream.insert_header(X_FORWARDED_PROTO.clone(), proto)?;
@@ -632,6 +704,8 @@ impl ProxyHttp for Gateway {
                     ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
                         (0, "")
                     }
+                    // A client that stopped sending its body (Pingora's 60 s read timeout).
+                    ErrorType::ReadTimedout => (408, "request timed out"),
                     _ => (400, "bad request"),
                 },
                 ErrorSource::Internal | ErrorSource::Unset => (500, "internal error"),
@@ -726,6 +800,28 @@ mod tests {
         let client =
             client_behind_proxies(&req, &nets(&["10.0.0.0/8"]), "10.0.0.1".parse().unwrap());
         assert_eq!(client, "10.0.0.3".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn every_forwarding_header_is_recognised() {
+        for name in ["x-forwarded-port", "x-forwarded-prefix", "x_forwarded_ssl"] {
+            assert!(is_forwarding_header(name), "{name}");
+        }
+        assert!(!is_forwarding_header("x-forwardedfor"));
+        assert!(!is_forwarding_header("forwarded"));
+    }
+
+    #[test]
+    fn content_length_lines_are_found_in_a_raw_head() {
+        assert!(head_has_content_length(
+            b"POST / HTTP/1.1\r\nHost: a\r\nCONTENT-length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(!head_has_content_length(
+            b"POST / HTTP/1.1\r\nHost: a\r\nX-Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(!head_has_content_length(
+            b"POST /content-length: HTTP/1.1\r\n\r\n"
+        ));
     }
 
     #[test]

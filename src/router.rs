@@ -124,16 +124,40 @@ fn decode_unreserved(bytes: &[u8]) -> Result<String, PathError> {
     String::from_utf8(out).map_err(|_| PathError::BadEscape)
 }
 
-/// True when `path` is `prefix` or lies below it. `prefix` has no trailing slash,
-/// except the root `/`, which matches everything.
+/// True when `path` is `prefix` or lies below it, ignoring ASCII case. `prefix` has no
+/// trailing slash, except the root `/`, which matches everything.
+///
+/// Case is ignored because many upstreams ignore it (Express and ASP.NET route that
+/// way, Windows file systems store that way): were `/ADMIN` not the `/admin` route, a
+/// user could reach an admin page past the admin check. The path still goes upstream
+/// as sent, so a case-sensitive upstream sees no change.
 pub fn under_prefix(path: &str, prefix: &str) -> bool {
     if prefix == "/" {
         return true;
     }
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/'),
-        None => false,
+    let (path, prefix) = (path.as_bytes(), prefix.as_bytes());
+    path.len() >= prefix.len()
+        && path[..prefix.len()].eq_ignore_ascii_case(prefix)
+        && path.get(prefix.len()).is_none_or(|&b| b == b'/')
+}
+
+/// The path routes are matched on: `;parameters` removed from every segment.
+///
+/// Servlet containers (Tomcat, Jetty) and frameworks on them drop path parameters
+/// before routing, so `/admin;x/keys` is their `/admin/keys`; it must meet the
+/// `/admin` route's access check here too. The upstream still gets the path as sent.
+pub fn without_params(path: &str) -> Cow<'_, str> {
+    if !path.contains(';') {
+        return Cow::Borrowed(path);
     }
+    let mut out = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split(';').next().unwrap_or(""));
+    }
+    Cow::Owned(out)
 }
 
 /// Access level of a route, enforced by the core.
@@ -211,7 +235,7 @@ impl Route {
 
     fn matches(&self, host: &str, path: &str, method: &http::Method) -> bool {
         let path_ok = match &self.path {
-            PathMatch::Exact(p) => p == path,
+            PathMatch::Exact(p) => p.eq_ignore_ascii_case(path),
             PathMatch::Prefix(p) => under_prefix(path, p),
         };
         path_ok
@@ -339,6 +363,18 @@ mod tests {
         assert!(under_prefix("/admin/x", "/admin"));
         assert!(!under_prefix("/administrator", "/admin"));
         assert!(under_prefix("/anything", "/"));
+    }
+
+    #[test]
+    fn prefixes_ignore_case_and_parameters_are_not_part_of_a_match() {
+        assert!(under_prefix("/ADMIN", "/admin"));
+        assert!(under_prefix("/Admin/keys", "/admin"));
+        assert!(!under_prefix("/ADMINISTRATOR", "/admin"));
+        assert!(!under_prefix("/adm", "/admin"));
+        assert_eq!(without_params("/admin;x=1/keys"), "/admin/keys");
+        assert_eq!(without_params("/admin;"), "/admin");
+        assert_eq!(without_params("/a;b;c/d/"), "/a/d/");
+        assert!(matches!(without_params("/plain/path"), Cow::Borrowed(_)));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::config::Compiled;
+use crate::head_deadline::{HeadDeadline, HEAD_DEADLINE};
 use crate::proxy::Gateway;
 use crate::reload::{SighupReloader, State};
 use crate::upstream::HealthChecker;
@@ -97,10 +98,9 @@ pub fn run(
             tls: listener.tls.is_some(),
         };
         let addr = listener.address.to_string();
-        let mut service = pingora::proxy::http_proxy_service_with_name(
-            &conf,
-            gateway,
-            &format!("gatewarden {addr}"),
+        let mut service = Service::new(
+            format!("gatewarden {addr}"),
+            HeadDeadline::new(pingora::proxy::http_proxy(&conf, gateway), HEAD_DEADLINE),
         );
         match &listener.tls {
             Some((cert, key)) => {

@@ -136,6 +136,10 @@ pub struct ApiKey {
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often last-use times are written out (only when a key was used since).
 const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a changed keys file must stand still before it is applied. A script or
+/// editor that rewrites the file in place (truncate, then write) leaves it empty or
+/// half-written for a moment; applying that would drop valid keys until the next check.
+const SETTLE: Duration = Duration::from_millis(100);
 
 fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
@@ -271,20 +275,25 @@ fn spawn_watcher(store: Weak<Store>) {
                 };
                 let now = file_stamp(path);
                 if now != stamp {
-                    stamp = now;
-                    match KeysFile::load(path) {
-                        Ok(file) => {
-                            let table = Table::from_file(&file, Some(&store.table.load()));
-                            log::info!(
-                                "keys file {} reloaded: {} keys",
-                                path.display(),
-                                table.by_digest.len()
-                            );
-                            store.table.store(Arc::new(table));
+                    std::thread::sleep(SETTLE);
+                    let loaded = KeysFile::load(path);
+                    // Changed again meanwhile: still being written; look at the next check.
+                    if file_stamp(path) == now {
+                        stamp = now;
+                        match loaded {
+                            Ok(file) => {
+                                let table = Table::from_file(&file, Some(&store.table.load()));
+                                log::info!(
+                                    "keys file {} reloaded: {} keys",
+                                    path.display(),
+                                    table.by_digest.len()
+                                );
+                                store.table.store(Arc::new(table));
+                            }
+                            Err(e) => log::error!(
+                                "keys file changed but cannot be used, keeping the previous keys: {e}"
+                            ),
                         }
-                        Err(e) => log::error!(
-                            "keys file changed but cannot be used, keeping the previous keys: {e}"
-                        ),
                     }
                 }
                 since_flush += WATCH_INTERVAL;

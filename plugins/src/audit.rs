@@ -5,7 +5,7 @@
 //!   audit:
 //!     type: audit
 //!     file: /var/log/gatewarden/audit.jsonl
-//!     methods: unsafe          # unsafe (POST, PUT, PATCH, DELETE) | all
+//!     methods: unsafe          # unsafe (all but GET, HEAD, OPTIONS, TRACE) | all
 //! ```
 //!
 //! Each line: `ts`, `request_id`, `client_ip`, `subject`, `auth` (method), `method`,
@@ -26,7 +26,7 @@ use crate::{Ctx, Hooks, Plugin, RequestHeader};
 pub struct AuditConfig {
     /// The JSON-lines file; created if missing, appended to.
     pub file: String,
-    /// `unsafe` (default: POST, PUT, PATCH, DELETE) or `all`.
+    /// `unsafe` (default: every method but GET, HEAD, OPTIONS and TRACE) or `all`.
     #[serde(default = "default_methods")]
     pub methods: String,
     /// Lines queued for the writer before new ones are dropped (default 10000).
@@ -67,10 +67,13 @@ impl Audit {
     }
 }
 
+/// Every method but the safe ones, as the `origin` plugin counts them: WebDAV methods,
+/// extension methods and odd spellings (`delete`, which Django dispatches to its
+/// `delete()` handler) change things too and must not slip past the audit trail.
 fn is_unsafe(method: &http::Method) -> bool {
-    matches!(
+    !matches!(
         *method,
-        http::Method::POST | http::Method::PUT | http::Method::PATCH | http::Method::DELETE
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
     )
 }
 
@@ -139,6 +142,31 @@ mod tests {
         assert_eq!(v["auth"], "api_key");
         assert_eq!(v["status"], 201);
         assert_eq!(v["route"], "chat");
+    }
+
+    #[test]
+    fn every_method_but_the_safe_ones_is_unsafe() {
+        for m in [
+            "POST",
+            "PUT",
+            "PATCH",
+            "DELETE",
+            "delete",
+            "PROPPATCH",
+            "MKCOL",
+            "PURGE",
+        ] {
+            assert!(
+                is_unsafe(&http::Method::from_bytes(m.as_bytes()).unwrap()),
+                "{m}"
+            );
+        }
+        for m in ["GET", "HEAD", "OPTIONS", "TRACE"] {
+            assert!(
+                !is_unsafe(&http::Method::from_bytes(m.as_bytes()).unwrap()),
+                "{m}"
+            );
+        }
     }
 
     #[test]

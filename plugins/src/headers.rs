@@ -53,6 +53,10 @@ pub struct HeaderOps {
 struct CompiledOps {
     set: Vec<(HeaderName, Template)>,
     remove: Vec<HeaderName>,
+    /// The `_` spellings of the names in `set` that have a `-`: CGI, WSGI, PHP and Rack
+    /// read `X_Webauth_User` as `X-Webauth-User`, so a client's copy under that name
+    /// must go too.
+    underscored: Vec<HeaderName>,
 }
 
 impl CompiledOps {
@@ -72,7 +76,18 @@ impl CompiledOps {
             .iter()
             .map(|name| header_name(name, side))
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(CompiledOps { set, remove })
+        let underscored = set
+            .iter()
+            .filter(|(name, _)| name.as_str().contains('-'))
+            .filter_map(|(name, _)| {
+                HeaderName::from_bytes(name.as_str().replace('-', "_").as_bytes()).ok()
+            })
+            .collect();
+        Ok(CompiledOps {
+            set,
+            remove,
+            underscored,
+        })
     }
 
     fn is_empty(&self) -> bool {
@@ -122,7 +137,8 @@ impl Plugin for Headers {
             .set
             .iter()
             .map(|(n, _)| n)
-            .chain(&self.request.remove);
+            .chain(&self.request.remove)
+            .chain(&self.request.underscored);
         for name in names {
             req.remove_header(name);
         }
@@ -183,9 +199,11 @@ mod tests {
         req.append_header("x-webauth-user", "mallory").unwrap();
         req.append_header("X-WEBAUTH-USER", "eve").unwrap();
         req.append_header("X-Webauth-User", "trudy").unwrap();
+        req.append_header("X_Webauth_User", "oscar").unwrap();
         let mut c = ctx();
         let _ = p.on_request(&mut req, &mut c);
         assert!(req.headers.get("x-webauth-user").is_none());
+        assert!(req.headers.get("x_webauth_user").is_none());
         p.on_upstream_request(&mut req, &c);
         let values: Vec<_> = req.headers.get_all("x-webauth-user").iter().collect();
         assert_eq!(values, ["ann"]);

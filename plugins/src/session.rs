@@ -191,6 +191,10 @@ impl SessionKeys {
     }
 
     /// The session token in the request's cookies, if any.
+    ///
+    /// Two session cookies with different values (one planted by a sibling domain, say)
+    /// make the request ambiguous: the answer is then an empty token, which never
+    /// verifies, rather than whichever copy happens to come first.
     pub fn token_from<'r>(&self, req: &'r crate::RequestHeader, https: bool) -> Option<&'r str> {
         cookie(req, self.cookie_name(https))
     }
@@ -259,16 +263,26 @@ pub fn strip_cookie(req: &mut crate::RequestHeader, name: &str) {
 }
 
 /// The value of the request's cookie `name`, if any.
+///
+/// Two copies with different values (one planted by a sibling domain, say) make the
+/// request ambiguous: the answer is then an empty value, which never verifies, rather
+/// than whichever copy happens to come first. The same value twice is one cookie.
 pub fn cookie<'r>(req: &'r crate::RequestHeader, name: &str) -> Option<&'r str> {
-    req.headers
+    let mut values = req
+        .headers
         .get_all(http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
+        .filter_map(|pair| {
             let (n, value) = pair.trim().split_once('=')?;
             (n == name).then_some(value.trim())
-        })
+        });
+    let first = values.next()?;
+    if values.any(|other| other != first) {
+        return Some("");
+    }
+    Some(first)
 }
 
 /// True when an `Origin` header names another site than the request's `Host`: such
@@ -501,6 +515,31 @@ mod tests {
         only.append_header("Cookie", "gatewarden=tok").unwrap();
         k.strip_cookie(&mut only, false);
         assert!(only.headers.get("cookie").is_none());
+    }
+
+    #[test]
+    fn two_different_session_cookies_are_ambiguous() {
+        let k = keys(&[]);
+        let token_of = |cookies: &[&str]| {
+            let mut req = crate::RequestHeader::build("GET", b"/", None).unwrap();
+            for c in cookies {
+                req.append_header("Cookie", *c).unwrap();
+            }
+            k.token_from(&req, false).map(str::to_string)
+        };
+        assert_eq!(
+            token_of(&["gatewarden=a; x=1; gatewarden=a"]).as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            token_of(&["gatewarden=a; gatewarden=b"]).as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            token_of(&["gatewarden=a", "gatewarden=b"]).as_deref(),
+            Some("")
+        );
+        assert_eq!(token_of(&["x=1"]), None);
     }
 
     #[test]

@@ -457,8 +457,13 @@ pub fn compile_with(
             "{:?}",
             (
                 &section.matcher.hosts,
-                &section.matcher.path,
-                &section.matcher.path_prefix,
+                // Paths match without regard to case: `/Admin` and `/admin` are one match.
+                section.matcher.path.as_deref().map(str::to_ascii_lowercase),
+                section
+                    .matcher
+                    .path_prefix
+                    .as_deref()
+                    .map(str::to_ascii_lowercase),
                 &section.matcher.methods
             )
         );

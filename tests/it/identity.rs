@@ -22,7 +22,7 @@ pub(crate) const PIN: &str = "24681357";
 /// Session secrets: the current one signs, the old one only verifies.
 pub(crate) const SECRET: &str = "test-session-secret-0123456789abcdef";
 const OLD_SECRET: &str = "an-older-session-secret-0123456789abcd";
-const UNKNOWN_SECRET: &str = "nobody-knows-this-secret-0123456789ab";
+pub(crate) const UNKNOWN_SECRET: &str = "nobody-knows-this-secret-0123456789ab";
 /// `admin_key` of the api_key plugin, and `admin.api_key` of the admin listener.
 const PLUGIN_ADMIN_KEY: &str = "plugin-admin-key-0123456789";
 const ADMIN_API_KEY: &str = "admin-api-key-0123456789abcdef";
@@ -74,7 +74,7 @@ pub(crate) fn pin_hash() -> &'static str {
 }
 
 /// `gatewarden key new --file FILE ARGS...`; returns the plaintext key.
-fn key_new(file: &Path, args: &[&str]) -> String {
+pub(crate) fn key_new(file: &Path, args: &[&str]) -> String {
     let file = file.display().to_string();
     let mut all = vec!["key", "new", "--file", file.as_str()];
     all.extend_from_slice(args);
@@ -141,7 +141,7 @@ fn is_key(text: &str) -> bool {
 }
 
 /// Percent-encodes everything but unreserved characters (form and query values).
-fn encode(text: &str) -> String {
+pub(crate) fn encode(text: &str) -> String {
     text.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -182,7 +182,7 @@ pub(crate) fn login(addr: SocketAddr, pin: &str, next: &str, headers: &[&str]) -
 }
 
 /// `name=value` of the response's `Set-Cookie`.
-fn cookie_pair(resp: &RawResponse) -> String {
+pub(crate) fn cookie_pair(resp: &RawResponse) -> String {
     resp.header("set-cookie")
         .unwrap_or_else(|| panic!("no Set-Cookie in {resp:?}"))
         .split(';')
@@ -203,7 +203,7 @@ fn cookie_attributes(resp: &RawResponse) -> Vec<String> {
 }
 
 /// Logs in with the right PIN and returns the session cookie as `name=value`.
-fn session(addr: SocketAddr) -> String {
+pub(crate) fn session(addr: SocketAddr) -> String {
     let resp = login(addr, PIN, "/", &[]);
     assert_eq!(resp.status, 303, "login failed: {resp:?}");
     cookie_pair(&resp)
@@ -256,7 +256,7 @@ fn unix_now() -> u64 {
 }
 
 /// An HS256 session token in the gateway's format, signed with `secret`.
-fn mint(secret: &str, sub: &str, role: &str, exp_from_now: i64) -> String {
+pub(crate) fn mint(secret: &str, sub: &str, role: &str, exp_from_now: i64) -> String {
     let now = unix_now() as i64;
     let claims = serde_json::json!({
         "sub": sub, "role": role, "amr": "pin", "iat": now, "exp": now + exp_from_now,

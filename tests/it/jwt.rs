@@ -13,54 +13,54 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-const ISS: &str = "https://auth.test/application/o/gateway/";
-const AUD: &str = "gateway";
+pub(crate) const ISS: &str = "https://auth.test/application/o/gateway/";
+pub(crate) const AUD: &str = "gateway";
 
-fn key_data(name: &str) -> Vec<u8> {
+pub(crate) fn key_data(name: &str) -> Vec<u8> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("plugins/tests/data")
         .join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn rsa(n: u8) -> EncodingKey {
+pub(crate) fn rsa(n: u8) -> EncodingKey {
     EncodingKey::from_rsa_pem(&key_data(&format!("rsa{n}.key.pem"))).unwrap()
 }
 
-fn jwk(key: &EncodingKey, kid: &str) -> Value {
+pub(crate) fn jwk(key: &EncodingKey, kid: &str) -> Value {
     let mut jwk = Jwk::from_encoding_key(key, Algorithm::RS256).unwrap();
     jwk.common.key_id = Some(kid.to_string());
     serde_json::to_value(jwk).unwrap()
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     jsonwebtoken::get_current_timestamp()
 }
 
-fn claims(sub: &str) -> Value {
+pub(crate) fn claims(sub: &str) -> Value {
     json!({ "iss": ISS, "aud": AUD, "sub": sub, "exp": now() + 300, "iat": now() })
 }
 
-fn with(mut claims: Value, changes: Value) -> Value {
+pub(crate) fn with(mut claims: Value, changes: Value) -> Value {
     for (k, v) in changes.as_object().unwrap() {
         claims[k] = v.clone();
     }
     claims
 }
 
-fn token(kid: &str, key: &EncodingKey, claims: &Value) -> String {
+pub(crate) fn token(kid: &str, key: &EncodingKey, claims: &Value) -> String {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(kid.to_string());
     encode(&header, claims, key).unwrap()
 }
 
-fn b64(bytes: &[u8]) -> String {
+pub(crate) fn b64(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// Header and payload as given, signed with HMAC-SHA256 under `secret`.
-fn hs256(secret: &[u8], header: Value, claims: &Value) -> String {
+pub(crate) fn hs256(secret: &[u8], header: Value, claims: &Value) -> String {
     let unsigned = format!(
         "{}.{}",
         b64(header.to_string().as_bytes()),
@@ -76,7 +76,7 @@ fn hs256(secret: &[u8], header: Value, claims: &Value) -> String {
 }
 
 /// A JWKS endpoint on loopback: serves the current document, counts fetches.
-struct JwksServer {
+pub(crate) struct JwksServer {
     addr: SocketAddr,
     body: Arc<Mutex<String>>,
     fetches: Arc<AtomicUsize>,
@@ -84,7 +84,7 @@ struct JwksServer {
 }
 
 impl JwksServer {
-    fn start(keys: Vec<Value>) -> JwksServer {
+    pub(crate) fn start(keys: Vec<Value>) -> JwksServer {
         Self::on(TcpListener::bind("127.0.0.1:0").unwrap(), keys)
     }
 
@@ -123,7 +123,7 @@ impl JwksServer {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}/jwks", self.addr)
     }
 

@@ -6,6 +6,8 @@ mod harness;
 mod browser;
 mod browser_safety;
 mod cli;
+mod faults;
+mod hostile;
 mod identity;
 mod jwt;
 mod llm_route;

@@ -1,0 +1,1628 @@
+//! The hostile-input catalogue: one gateway with a realistic full chain (API keys, PIN
+//! login sessions, bearer JWTs, origin checks, identity headers, a per-IP rate limit,
+//! audit and access logs, user and admin routes) in front of a recording upstream, and a
+//! table of attacks read top to bottom. Every case states the exact status the client
+//! gets and whether the request may reach the upstream; cases that pass state what the
+//! upstream may and may not see. After the catalogue, the audit log, the access log and
+//! `/metrics` are searched for every secret the cases used.
+//!
+//! The decisions this suite pins down (README, "Hostile input"):
+//! - route matching ignores ASCII case and `;parameters`, so `/ADMIN` and `/admin;x`
+//!   get the `/admin` route's access check whatever the upstream makes of them;
+//! - `X-HTTP-Method-Override`, `X-HTTP-Method` and `X-Method-Override` never reach an
+//!   upstream: the method the gateway checked is the method the upstream acts on;
+//! - a request with both `Content-Length` and `Transfer-Encoding` is refused (400);
+//! - two different session cookies in one request are refused (401);
+//! - headers the gateway sets are also removed in their `_` spelling, which CGI, WSGI,
+//!   PHP and Rack merge with the `-` one, and every `X-Forwarded-*` from an untrusted
+//!   peer goes, not only the ones the gateway sets;
+//! - credentials are never read from query strings;
+//! - a client has 60 s from its first byte for its first request head (slowloris).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine;
+use serde_json::json;
+
+use crate::harness::*;
+use crate::identity::{encode, key_new, mint, pin_hash, PIN, SECRET, UNKNOWN_SECRET};
+use crate::jwt::{b64, claims, hs256, jwk, key_data, now, rsa, token, with, JwksServer, AUD, ISS};
+
+const ADMIN_API_KEY: &str = "hostile-admin-api-key-0123456789";
+
+const CONFIG: &str = r#"
+listeners: [{ address: '{listen}' }]
+admin: { address: '{admin}', api_key: '@ADMIN_API_KEY@' }
+access_log: '{dir}/access.jsonl'
+max_request_body: 64KiB
+upstreams:
+  app: { backends: ['@UP@'], read_timeout: 10s }
+plugins:
+  per_ip: { type: rate_limit, key: client_ip, rate: 1000/s, burst: 2000 }
+  audit: { type: audit, file: '{dir}/audit.jsonl', methods: all }
+  keys: { type: api_key, keys_file: '@KEYS@' }
+  pin: { type: pin_gate, pin_hash: '@PIN_HASH@', secret: '@SECRET@' }
+  same_origin: { type: origin }
+  sso:
+    type: jwt
+    issuer: '@ISS@'
+    audiences: ['@AUD@']
+    jwks_url: '@JWKS@'
+    algorithms: [RS256]
+    role_claim: groups
+    admin_values: [gw-admins]
+    jwks_cooldown: 60s
+  who:
+    type: headers
+    request:
+      set:
+        X-Webauth-User: '{identity.subject}'
+        X-Trusted-User-Email: '{identity.subject}'
+        Remote-User: '{identity.subject}'
+        X-Gatewarden-Role: '{identity.role}'
+global_plugins: [per_ip, audit]
+routes:
+  - { name: admin, match: { path_prefix: /admin }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
+  - { name: reports_read, match: { path_prefix: /reports, methods: [GET, HEAD] }, access: user, upstream: app, plugins: [pin, keys, same_origin, who] }
+  - { name: reports_write, match: { path_prefix: /reports }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
+  - { name: sso, match: { path_prefix: /sso }, access: user, upstream: app, plugins: [sso, who] }
+  - { name: public, match: { path_prefix: /public }, access: public, upstream: app, plugins: [who] }
+  - { name: app, match: { path_prefix: / }, access: user, upstream: app, plugins: [pin, keys, same_origin, who] }
+"#;
+
+/// Whether a case may reach the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Nothing of the request reaches the upstream.
+    No,
+    /// The whole request reaches the upstream.
+    Yes,
+    /// The head may reach the upstream (bodies stream), but the request never completes
+    /// there: the gateway cuts it.
+    Cut,
+}
+
+/// What the upstream saw, checked for cases that reach it.
+type UpstreamCheck = Box<dyn Fn(&Recorded) -> Result<(), String>>;
+
+struct Case {
+    category: &'static str,
+    name: String,
+    request: Vec<u8>,
+    /// The exact status; 0 means the gateway closes the connection without an answer.
+    status: u16,
+    reach: Reach,
+    /// The exact `Location` of a redirect.
+    location: Option<String>,
+    upstream: Option<UpstreamCheck>,
+}
+
+impl Case {
+    fn new(category: &'static str, name: impl Into<String>, request: Vec<u8>) -> Case {
+        Case {
+            category,
+            name: name.into(),
+            request,
+            status: 0,
+            reach: Reach::No,
+            location: None,
+            upstream: None,
+        }
+    }
+
+    fn expect(mut self, status: u16, reach: Reach) -> Case {
+        self.status = status;
+        self.reach = reach;
+        self
+    }
+
+    fn location(mut self, location: &str) -> Case {
+        self.location = Some(location.to_string());
+        self
+    }
+
+    fn upstream(mut self, check: impl Fn(&Recorded) -> Result<(), String> + 'static) -> Case {
+        self.upstream = Some(Box::new(check));
+        self
+    }
+}
+
+/// `METHOD target HTTP/1.1` with `Host: localhost`, `Connection: close`, the header
+/// lines given and, when `body` is not empty or the method usually has one, a
+/// `Content-Length`.
+fn req(method: &str, target: &str, headers: &[&str], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for h in headers {
+        out.push_str(h);
+        out.push_str("\r\n");
+    }
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        out.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Tags a request with `X-Case: id` right after its request line, so the upstream's
+/// records can be matched to cases.
+fn tagged(request: &[u8], id: usize) -> Vec<u8> {
+    let end = request
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map_or(request.len(), |p| p + 2);
+    let mut out = request[..end].to_vec();
+    out.extend_from_slice(format!("X-Case: {id}\r\n").as_bytes());
+    out.extend_from_slice(&request[end..]);
+    out
+}
+
+/// One exchange over a fresh connection: write everything (a gateway that refuses
+/// early may stop reading, so write errors are not failures), read until the gateway
+/// closes. Returns the status line's code (0 when nothing came back), the headers of
+/// the first response, and how many responses arrived.
+struct Exchange {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    responses: usize,
+}
+
+impl Exchange {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn exchange(addr: SocketAddr, request: &[u8]) -> Exchange {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to gateway");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let _ = stream.write_all(request);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                // Requests without `Connection: close` (upgrades) leave the connection
+                // open: stop at the end of the first response.
+                if first_response_complete(&got) {
+                    break;
+                }
+            }
+            // A reset after the answer (the gateway closed with unread input) still
+            // leaves the answer in `got`.
+            Err(_) => break,
+        }
+    }
+    parse_exchange(&got)
+}
+
+fn first_response_complete(got: &[u8]) -> bool {
+    let Some(head_end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    match length {
+        Some(n) => got.len() >= head_end + 4 + n,
+        None if head.contains("transfer-encoding: chunked") => got.ends_with(b"0\r\n\r\n"),
+        None => false,
+    }
+}
+
+fn parse_exchange(got: &[u8]) -> Exchange {
+    let text = String::from_utf8_lossy(got);
+    let responses = text.matches("HTTP/1.1 ").count() + text.matches("HTTP/1.0 ").count();
+    let Some(head_end) = text.find("\r\n\r\n") else {
+        return Exchange {
+            status: 0,
+            headers: Vec::new(),
+            body: Vec::new(),
+            responses,
+        };
+    };
+    let mut lines = text[..head_end].split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Exchange {
+        status,
+        headers,
+        body: got[head_end + 4..].to_vec(),
+        responses,
+    }
+}
+
+/// Every value of header `name` the upstream received.
+fn seen(rec: &Recorded, name: &str) -> Vec<String> {
+    rec.headers
+        .iter()
+        .filter(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// A check that the upstream got header `name` exactly once, with `value`.
+fn only(name: &'static str, value: &str) -> impl Fn(&Recorded) -> Result<(), String> {
+    let value = value.to_string();
+    move |rec| {
+        let got = seen(rec, name);
+        if got == [value.clone()] {
+            Ok(())
+        } else {
+            Err(format!(
+                "{name}: expected [{value:?}], upstream saw {got:?}"
+            ))
+        }
+    }
+}
+
+/// A check that none of `names` reached the upstream, in any spelling.
+fn none_of(names: &'static [&'static str]) -> impl Fn(&Recorded) -> Result<(), String> {
+    move |rec| {
+        let leaked: Vec<_> = rec
+            .headers
+            .iter()
+            .filter(|(n, _)| names.iter().any(|x| n.trim().eq_ignore_ascii_case(x)))
+            .collect();
+        if leaked.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("reached the upstream: {leaked:?}"))
+        }
+    }
+}
+
+fn all(checks: Vec<UpstreamCheck>) -> impl Fn(&Recorded) -> Result<(), String> {
+    move |rec| checks.iter().try_for_each(|c| c(rec))
+}
+
+/// The gateway under attack and everything the attacks use.
+struct Target {
+    gw: Gateway,
+    upstream: RecordingUpstream,
+    _jwks: JwksServer,
+    _keys_dir: tempfile::TempDir,
+    user_key: String,
+    admin_key: String,
+    /// `name=value` of a real session cookie from a PIN login.
+    session: String,
+    /// A valid RS256 JWT, role user, subject alice.
+    jwt: String,
+}
+
+impl Target {
+    fn start() -> Target {
+        let upstream = RecordingUpstream::start();
+        let jwks = JwksServer::start(vec![jwk(&rsa(1), "k1")]);
+        let keys_dir = tempfile::tempdir().unwrap();
+        let keys = keys_dir.path().join("keys.yaml");
+        let user_key = key_new(
+            &keys,
+            &["--name", "alice-laptop", "--subject", "alice@example.com"],
+        );
+        let admin_key = key_new(
+            &keys,
+            &["--name", "ops", "--role", "admin", "--subject", "ops"],
+        );
+        let yaml = CONFIG
+            .replace("@ADMIN_API_KEY@", ADMIN_API_KEY)
+            .replace("@UP@", &upstream.addr.to_string())
+            .replace("@KEYS@", &keys.display().to_string())
+            .replace("@PIN_HASH@", pin_hash())
+            .replace("@SECRET@", SECRET)
+            .replace("@ISS@", ISS)
+            .replace("@AUD@", AUD)
+            .replace("@JWKS@", &jwks.url());
+        let gw = Gateway::start(&yaml);
+        let login = exchange(
+            gw.addr,
+            &req(
+                "POST",
+                "/.gatewarden/login",
+                &["Content-Type: application/x-www-form-urlencoded"],
+                format!("pin={PIN}&next=%2F").as_bytes(),
+            ),
+        );
+        assert_eq!(login.status, 303, "login: {:?}", login.headers);
+        let session = login
+            .header("set-cookie")
+            .and_then(|c| c.split(';').next())
+            .expect("session cookie")
+            .to_string();
+        let jwt = token("k1", &rsa(1), &claims("alice"));
+        Target {
+            gw,
+            upstream,
+            _jwks: jwks,
+            _keys_dir: keys_dir,
+            user_key,
+            admin_key,
+            session,
+            jwt,
+        }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.gw.dir.path().to_path_buf()
+    }
+}
+
+/// The session cookie's value with its payload, signature or header changed.
+struct Forgeries {
+    promoted: String,
+    flipped_signature: String,
+    alg_none: String,
+    alg_none_with_signature: String,
+}
+
+fn forge(token: &str) -> Forgeries {
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "a JWT: {token}");
+    let payload = String::from_utf8(B64URL.decode(parts[1]).unwrap()).unwrap();
+    assert!(payload.contains(r#""role":"user""#), "{payload}");
+    let promoted_payload = B64URL.encode(payload.replace(r#""role":"user""#, r#""role":"admin""#));
+    let mut sig = parts[2].to_string();
+    let flip = if sig.starts_with('A') { "B" } else { "A" };
+    sig.replace_range(0..1, flip);
+    let none = B64URL.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    Forgeries {
+        promoted: format!("{}.{promoted_payload}.{}", parts[0], parts[2]),
+        flipped_signature: format!("{}.{}.{sig}", parts[0], parts[1]),
+        alg_none: format!("{none}.{promoted_payload}."),
+        alg_none_with_signature: format!("{none}.{}.{}", parts[1], parts[2]),
+    }
+}
+
+fn catalogue(t: &Target) -> Vec<Case> {
+    let user = format!("X-API-Key: {}", t.user_key);
+    let admin = format!("X-API-Key: {}", t.admin_key);
+    let bearer_user = format!("Authorization: Bearer {}", t.user_key);
+    let cookie = format!("Cookie: {}", t.session);
+    let session_value = t.session.split_once('=').unwrap().1.to_string();
+    let forged = forge(&session_value);
+    let json = "Accept: application/json";
+    let html = "Accept: text/html";
+    let mut cases = Vec::new();
+    let mut add = |c: Case| cases.push(c);
+
+    // ------------------------------------------------------------------ baselines
+    // The refusals below mean something only if the same routes serve real callers.
+    const BASE: &str = "baseline";
+    add(Case::new(
+        BASE,
+        "user key on a user route",
+        req("GET", "/app/x", &[&user], b""),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(all(vec![
+        Box::new(only("x-webauth-user", "alice@example.com")),
+        Box::new(only("x-gatewarden-role", "user")),
+        Box::new(none_of(&["x-api-key"])),
+    ])));
+    add(Case::new(
+        BASE,
+        "admin key on the admin route",
+        req("GET", "/admin/x", &[&admin], b""),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(only("x-gatewarden-role", "admin")));
+    add(Case::new(
+        BASE,
+        "PIN session on a user route",
+        req("GET", "/app/x", &[&cookie], b""),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(all(vec![
+        Box::new(only("x-webauth-user", "pin")),
+        Box::new(none_of(&["cookie"])),
+    ])));
+    add(Case::new(
+        BASE,
+        "valid JWT on the sso route",
+        req(
+            "GET",
+            "/sso/x",
+            &[&format!("Authorization: Bearer {}", t.jwt)],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(only("x-webauth-user", "alice")));
+    add(Case::new(
+        BASE,
+        "user key on the admin route",
+        req("GET", "/admin/x", &[&user], b""),
+    )
+    .expect(403, Reach::No));
+    add(
+        Case::new(BASE, "no credentials", req("GET", "/app/x", &[json], b""))
+            .expect(401, Reach::No),
+    );
+    add(Case::new(
+        BASE,
+        "no credentials, browser navigation",
+        req("GET", "/app/x?a=1", &[html], b""),
+    )
+    .expect(302, Reach::No)
+    .location("/.gatewarden/login?next=/app/x%3Fa%3D1"));
+
+    // ------------------------------------------------------------------ sessions
+    const SESSION: &str = "session cookie";
+    let bad_sessions: Vec<(&str, String)> = vec![
+        ("payload changed to role admin", forged.promoted.clone()),
+        ("signature changed", forged.flipped_signature.clone()),
+        ("alg none, no signature", forged.alg_none.clone()),
+        (
+            "alg none, old signature kept",
+            forged.alg_none_with_signature.clone(),
+        ),
+        ("expired", mint(SECRET, "pin", "user", -5)),
+        (
+            "signed with another secret",
+            mint(UNKNOWN_SECRET, "pin", "admin", 3600),
+        ),
+        ("not a token", "garbage".to_string()),
+        ("empty", String::new()),
+        ("200 KiB of junk", "A".repeat(200 * 1024)),
+    ];
+    for (what, value) in &bad_sessions {
+        add(Case::new(
+            SESSION,
+            *what,
+            req(
+                "GET",
+                "/admin/x",
+                &[&format!("Cookie: gatewarden={value}"), json],
+                b"",
+            ),
+        )
+        .expect(401, Reach::No));
+    }
+    add(Case::new(
+        SESSION,
+        "tampered, browser navigation: back to the login page",
+        req(
+            "GET",
+            "/app/x",
+            &[&format!("Cookie: gatewarden={}", forged.promoted), html],
+            b"",
+        ),
+    )
+    .expect(302, Reach::No)
+    .location("/.gatewarden/login?next=/app/x"));
+    add(Case::new(
+        SESSION,
+        "tampered cookie plus a valid API key: never falls through",
+        req(
+            "GET",
+            "/app/x",
+            &[&format!("Cookie: gatewarden={}", forged.promoted), &user],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        SESSION,
+        "duplicate cookie: forged first, real second",
+        req(
+            "GET",
+            "/admin/x",
+            &[
+                &format!(
+                    "Cookie: gatewarden={}; gatewarden={session_value}",
+                    forged.promoted
+                ),
+                json,
+            ],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        SESSION,
+        "duplicate cookie: real first, forged second",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &format!(
+                    "Cookie: gatewarden={session_value}; gatewarden={}",
+                    forged.promoted
+                ),
+                json,
+            ],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        SESSION,
+        "duplicate cookie in two Cookie headers",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &cookie,
+                &format!(
+                    "Cookie: gatewarden={}",
+                    mint(UNKNOWN_SECRET, "eve", "admin", 3600)
+                ),
+                json,
+            ],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        SESSION,
+        "the same real cookie twice is still one session",
+        req(
+            "GET",
+            "/app/x",
+            &[&format!(
+                "Cookie: gatewarden={session_value}; other=1; gatewarden={session_value}"
+            )],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(only("cookie", "other=1")));
+    add(Case::new(
+        SESSION,
+        "cookie name in another case is not the session",
+        req(
+            "GET",
+            "/app/x",
+            &[&format!("Cookie: GATEWARDEN={session_value}"), json],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+
+    // ------------------------------------------------------------------ JWTs
+    const JWT: &str = "bearer JWT";
+    let public_pem = key_data("rsa1.pub.pem");
+    let good_parts: Vec<&str> = t.jwt.split('.').collect();
+    let bad_jwts: Vec<(&str, String)> = vec![
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(br#"{"alg":"none","typ":"JWT"}"#),
+                b64(claims("alice").to_string().as_bytes())
+            ),
+        ),
+        (
+            "HS256 keyed with the RSA public key",
+            hs256(
+                &public_pem,
+                json!({ "alg": "HS256", "typ": "JWT", "kid": "k1" }),
+                &claims("alice"),
+            ),
+        ),
+        (
+            "wrong issuer",
+            token(
+                "k1",
+                &rsa(1),
+                &with(claims("alice"), json!({ "iss": "https://evil.example/" })),
+            ),
+        ),
+        (
+            "wrong audience",
+            token(
+                "k1",
+                &rsa(1),
+                &with(claims("alice"), json!({ "aud": "another-app" })),
+            ),
+        ),
+        (
+            "expired",
+            token(
+                "k1",
+                &rsa(1),
+                &with(claims("alice"), json!({ "exp": now() - 120 })),
+            ),
+        ),
+        ("unknown kid", token("k9", &rsa(2), &claims("alice"))),
+        (
+            "another key under the right kid",
+            token("k1", &rsa(2), &claims("alice")),
+        ),
+        (
+            "payload swapped after signing",
+            format!(
+                "{}.{}.{}",
+                good_parts[0],
+                b64(with(claims("alice"), json!({ "groups": ["gw-admins"] }))
+                    .to_string()
+                    .as_bytes()),
+                good_parts[2]
+            ),
+        ),
+    ];
+    for (what, jwt) in &bad_jwts {
+        add(Case::new(
+            JWT,
+            *what,
+            req(
+                "GET",
+                "/sso/x",
+                &[&format!("Authorization: Bearer {jwt}")],
+                b"",
+            ),
+        )
+        .expect(401, Reach::No));
+    }
+
+    // ------------------------------------------------------------------ open redirects
+    // The right PIN, and a `next` that would leave the site: the user lands on `/`.
+    const REDIRECT: &str = "login next";
+    for next in [
+        "//evil.example",
+        "/\\evil.example",
+        "https://evil.example/",
+        "/%2f%2fevil.example",
+        "/%2F%5Cevil.example",
+        "%2F%2Fevil.example",
+        "javascript:alert(1)",
+        "/\t/evil.example",
+        "/%0d%0aSet-Cookie:%20x=1",
+    ] {
+        let body = format!("pin={PIN}&next={}", encode(next));
+        add(Case::new(
+            REDIRECT,
+            format!("next={next:?}"),
+            req(
+                "POST",
+                "/.gatewarden/login",
+                &["Content-Type: application/x-www-form-urlencoded"],
+                body.as_bytes(),
+            ),
+        )
+        .expect(303, Reach::No)
+        .location("/"));
+    }
+    add(Case::new(
+        REDIRECT,
+        "a same-origin next is kept",
+        req(
+            "POST",
+            "/.gatewarden/login",
+            &["Content-Type: application/x-www-form-urlencoded"],
+            format!("pin={PIN}&next={}", encode("/app/page?x=1")).as_bytes(),
+        ),
+    )
+    .expect(303, Reach::No)
+    .location("/app/page?x=1"));
+
+    // ------------------------------------------------------------------ spoofed headers
+    const SPOOF: &str = "spoofed headers";
+    add(Case::new(
+        SPOOF,
+        "X-Forwarded-For",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &user,
+                "X-Forwarded-For: 203.0.113.7",
+                "x-forwarded-for: 10.0.0.1",
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(all(vec![
+        Box::new(only("x-forwarded-for", "127.0.0.1")),
+        Box::new(only("x-real-ip", "127.0.0.1")),
+    ])));
+    add(Case::new(
+        SPOOF,
+        "X-Forwarded-Host and -Proto",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &user,
+                "X-Forwarded-Host: evil.example",
+                "X-Forwarded-Proto: https",
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(all(vec![
+        Box::new(only("x-forwarded-host", "localhost")),
+        Box::new(only("x-forwarded-proto", "http")),
+    ])));
+    add(Case::new(
+        SPOOF,
+        "other X-Forwarded-* (Port, Prefix, Scheme, Ssl, Server)",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &user,
+                "X-Forwarded-Port: 8443",
+                "X-Forwarded-Prefix: //evil.example",
+                "X-Forwarded-Scheme: https",
+                "X-Forwarded-Ssl: on",
+                "X-Forwarded-Server: evil.example",
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(none_of(&[
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-scheme",
+        "x-forwarded-ssl",
+        "x-forwarded-server",
+    ])));
+    add(Case::new(
+        SPOOF,
+        "X-Real-IP",
+        req("GET", "/app/x", &[&user, "X-Real-IP: 203.0.113.7"], b""),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(only("x-real-ip", "127.0.0.1")));
+    add(Case::new(
+        SPOOF,
+        "X-Original-URL and X-Rewrite-URL",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &user,
+                "X-Original-URL: /admin/keys",
+                "X-Rewrite-URL: /admin/keys",
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(none_of(&["x-original-url", "x-rewrite-url"])));
+    add(Case::new(
+        SPOOF,
+        "Forwarded",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &user,
+                "Forwarded: for=203.0.113.7;host=evil.example;proto=https",
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(none_of(&["forwarded"])));
+    add(Case::new(
+        SPOOF,
+        "X-Request-Id is the gateway's",
+        req(
+            "GET",
+            "/app/x",
+            &[&user, "X-Request-Id: attacker-chosen"],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(|rec| {
+        let ids = seen(rec, "x-request-id");
+        match ids.as_slice() {
+            [id] if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(()),
+            _ => Err(format!("x-request-id: {ids:?}")),
+        }
+    }));
+    add(Case::new(
+        SPOOF,
+        "identity headers in every case and duplicated",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &user,
+                "X-Webauth-User: root",
+                "x-webauth-user: root",
+                "X-WEBAUTH-USER: root",
+                "X-Trusted-User-Email: ceo@example.com",
+                "x-trusted-user-email: ceo@example.com",
+                "Remote-User: root",
+                "REMOTE-USER: root",
+                "X-Gatewarden-Role: admin",
+                "x-gatewarden-role: admin",
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(all(vec![
+        Box::new(only("x-webauth-user", "alice@example.com")),
+        Box::new(only("x-trusted-user-email", "alice@example.com")),
+        Box::new(only("remote-user", "alice@example.com")),
+        Box::new(only("x-gatewarden-role", "user")),
+    ])));
+    add(Case::new(
+        SPOOF,
+        "identity headers with underscores (CGI/WSGI/PHP read them as dashes)",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &user,
+                "X_Webauth_User: root",
+                "Remote_User: root",
+                "X_Trusted_User_Email: ceo@example.com",
+                "X_Forwarded_For: 203.0.113.7",
+                "X_Real_IP: 203.0.113.7",
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(all(vec![
+        Box::new(none_of(&[
+            "x_webauth_user",
+            "remote_user",
+            "x_trusted_user_email",
+            "x_forwarded_for",
+            "x_real_ip",
+        ])),
+        Box::new(only("x-webauth-user", "alice@example.com")),
+    ])));
+    add(Case::new(
+        SPOOF,
+        "identity headers on a public route without identity",
+        req(
+            "GET",
+            "/public/x",
+            &[
+                "X-Webauth-User: root",
+                "Remote-User: root",
+                "X-Gatewarden-Role: admin",
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(none_of(&[
+        "x-webauth-user",
+        "remote-user",
+        "x-gatewarden-role",
+    ])));
+    add(Case::new(
+        SPOOF,
+        "identity header without credentials",
+        req(
+            "GET",
+            "/admin/x",
+            &["X-Webauth-User: ops", "X-Gatewarden-Role: admin", json],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+
+    // ------------------------------------------------------------------ paths
+    const PATH: &str = "path tricks";
+    for (target, status) in [
+        ("/%2e%2e/admin/x", 400),
+        ("/app/..%2fadmin/x", 400),
+        ("/app/..%2Fadmin/x", 400),
+        ("/app/..%5cadmin/x", 400),
+        ("/app\\..\\admin/x", 400),
+        ("/app/..;/admin/x", 400),
+        ("/admin%00/x", 400),
+        ("/admin\x00/x", 400),
+        ("/app/%e0%80%af", 200),
+    ] {
+        let reach = if status == 200 { Reach::Yes } else { Reach::No };
+        add(Case::new(
+            PATH,
+            format!("{target:?}, user key"),
+            req("GET", target, &[&user], b""),
+        )
+        .expect(status, reach));
+    }
+    // A user key must get the admin route's 403 however `/admin` is spelled.
+    for target in [
+        "/app/%2e%2e/admin/x",
+        "/app/./../admin/x",
+        "//admin/x",
+        "/admin;x=1/keys",
+        "/admin;/keys",
+        "/ADMIN/x",
+        "/Admin/x",
+        "/%41dmin/x",
+        "/%61dmin/x",
+        "http://localhost/admin/x",
+    ] {
+        add(Case::new(
+            PATH,
+            format!("{target:?}, user key: the admin route"),
+            req("GET", target, &[&user], b""),
+        )
+        .expect(403, Reach::No));
+    }
+    add(Case::new(
+        PATH,
+        "/ADMIN/x with the admin key: passes, as sent",
+        req("GET", "/ADMIN/x", &[&admin], b""),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(|rec| {
+        (rec.target() == "/ADMIN/x")
+            .then_some(())
+            .ok_or(format!("target {}", rec.target()))
+    }));
+
+    // ------------------------------------------------------------------ smuggling
+    // The smuggled request would carry a valid key to `/smuggled`; the end of the
+    // catalogue checks that the upstream never saw such a request.
+    const SMUGGLE: &str = "request smuggling";
+    let smuggled = format!("GET /smuggled HTTP/1.1\r\nHost: localhost\r\n{user}\r\n\r\n");
+    let head = |extra: &str| {
+        format!("POST /app/x HTTP/1.1\r\nHost: localhost\r\n{user}\r\n{extra}\r\n").into_bytes()
+    };
+    let with_body = |head: Vec<u8>, body: &str| {
+        let mut r = head;
+        r.extend_from_slice(body.as_bytes());
+        r
+    };
+    add(Case::new(
+        SMUGGLE,
+        "Content-Length and Transfer-Encoding (CL.TE)",
+        with_body(
+            head("Content-Length: 6\r\nTransfer-Encoding: chunked\r\n"),
+            &format!("0\r\n\r\n{smuggled}"),
+        ),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        SMUGGLE,
+        "Transfer-Encoding and Content-Length (TE.CL)",
+        with_body(
+            head("Transfer-Encoding: chunked\r\nContent-Length: 4\r\n"),
+            &format!("{:x}\r\n{smuggled}\r\n0\r\n\r\n", smuggled.len()),
+        ),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        SMUGGLE,
+        "two different Content-Lengths",
+        with_body(
+            head("Content-Length: 0\r\nContent-Length: 44\r\n"),
+            &smuggled,
+        ),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        SMUGGLE,
+        "a Content-Length list",
+        with_body(head("Content-Length: 0, 44\r\n"), &smuggled),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        SMUGGLE,
+        "obs-fold continuation line",
+        with_body(
+            head("Content-Length: 0\r\nX-Folded: a\r\n Transfer-Encoding: chunked\r\n"),
+            "",
+        ),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        SMUGGLE,
+        "space before the colon",
+        with_body(
+            head("Transfer-Encoding : chunked\r\nContent-Length: 0\r\n"),
+            &smuggled,
+        ),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        SMUGGLE,
+        "Transfer-Encoding not ending in chunked",
+        with_body(
+            head("Transfer-Encoding: chunked, identity\r\n"),
+            &format!("0\r\n\r\n{smuggled}"),
+        ),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        SMUGGLE,
+        "Transfer-Encoding: xchunked",
+        with_body(
+            head("Transfer-Encoding: xchunked\r\n"),
+            &format!("0\r\n\r\n{smuggled}"),
+        ),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(SMUGGLE, "Transfer-Encoding in HTTP/1.0", format!("POST /app/x HTTP/1.0\r\nHost: localhost\r\n{user}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}").into_bytes())
+        .expect(400, Reach::No));
+    add(Case::new(
+        SMUGGLE,
+        "invalid chunk size",
+        with_body(
+            head("Transfer-Encoding: chunked\r\nConnection: close\r\n"),
+            &format!("zz\r\nhello\r\n0\r\n\r\n{smuggled}"),
+        ),
+    )
+    .expect(400, Reach::Cut));
+    add(Case::new(
+        SMUGGLE,
+        "chunk size that overflows",
+        with_body(
+            head("Transfer-Encoding: chunked\r\nConnection: close\r\n"),
+            &format!("10000000000000000005\r\nhello\r\n0\r\n\r\n{smuggled}"),
+        ),
+    )
+    .expect(400, Reach::Cut));
+    add(Case::new(
+        SMUGGLE,
+        "negative Content-Length",
+        with_body(head("Content-Length: -1\r\n"), &smuggled),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        SMUGGLE,
+        "NUL in a header value",
+        with_body(head("X-Evil: a\x00b\r\nContent-Length: 0\r\n"), ""),
+    )
+    .expect(400, Reach::No));
+
+    // ------------------------------------------------------------------ authority
+    const AUTHORITY: &str = "host and authority";
+    add(Case::new(
+        AUTHORITY,
+        "absolute-form URL naming another host than Host",
+        format!("GET http://evil.example/app/x HTTP/1.1\r\nHost: localhost\r\n{user}\r\nConnection: close\r\n\r\n").into_bytes(),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        AUTHORITY,
+        "two different Host headers",
+        format!("GET /app/x HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n{user}\r\nConnection: close\r\n\r\n").into_bytes(),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        AUTHORITY,
+        "an HTTP/0.9 request line",
+        b"GET /app/x\r\n\r\n".to_vec(),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        AUTHORITY,
+        "CONNECT to tunnel elsewhere",
+        format!("CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n{user}\r\n\r\n")
+            .into_bytes(),
+    )
+    .expect(405, Reach::No));
+
+    // ------------------------------------------------------------------ sizes
+    const SIZE: &str = "oversized input";
+    add(Case::new(
+        SIZE,
+        "declared body over max_request_body",
+        with_body(head("Content-Length: 70000\r\nConnection: close\r\n"), ""),
+    )
+    .expect(413, Reach::No));
+    let mut chunked = head("Transfer-Encoding: chunked\r\nConnection: close\r\n");
+    for _ in 0..20 {
+        chunked.extend_from_slice(format!("{:x}\r\n{}\r\n", 4096, "b".repeat(4096)).as_bytes());
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    add(Case::new(SIZE, "chunked body over max_request_body", chunked).expect(413, Reach::Cut));
+    add(Case::new(
+        SIZE,
+        "login form over 16 KiB",
+        req(
+            "POST",
+            "/.gatewarden/login",
+            &["Content-Type: application/x-www-form-urlencoded"],
+            format!("pin={PIN}&x={}", "a".repeat(20 * 1024)).as_bytes(),
+        ),
+    )
+    .expect(413, Reach::No));
+    // Cookies other than the session are the upstream's business; only the 1 MiB head
+    // limit applies to them.
+    add(Case::new(
+        SIZE,
+        "a 200 KiB cookie of the upstream's with a valid key",
+        req(
+            "GET",
+            "/app/x",
+            &[&user, &format!("Cookie: big={}", "c".repeat(200 * 1024))],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes));
+    add(Case::new(
+        SIZE,
+        "request head over 1 MiB",
+        req(
+            "GET",
+            "/app/x",
+            &[&user, &format!("X-Big: {}", "a".repeat(1100 * 1024))],
+            b"",
+        ),
+    )
+    .expect(400, Reach::No));
+    let many: Vec<String> = (0..300).map(|i| format!("X-H{i}: v")).collect();
+    let mut many_refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    many_refs.push(&user);
+    add(Case::new(
+        SIZE,
+        "300 header lines",
+        req("GET", "/app/x", &many_refs, b""),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        SIZE,
+        "a 32 KiB URL without credentials",
+        req(
+            "GET",
+            &format!("/app/{}", "a".repeat(32 * 1024)),
+            &[json],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    // The `http` crate's URI limit (65534 bytes), before any gateway code runs.
+    add(Case::new(
+        SIZE,
+        "a URL over 64 KiB",
+        req(
+            "GET",
+            &format!("/app/{}", "a".repeat(64 * 1024)),
+            &[&user],
+            b"",
+        ),
+    )
+    .expect(400, Reach::No));
+
+    // ------------------------------------------------------------------ websocket
+    const WS: &str = "websocket";
+    let upgrade = |extra: &[&str]| {
+        let mut r = String::from("GET /app/ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
+        for h in extra {
+            r.push_str(h);
+            r.push_str("\r\n");
+        }
+        r.push_str("\r\n");
+        r.into_bytes()
+    };
+    add(Case::new(
+        WS,
+        "upgrade from a foreign Origin with a valid session",
+        upgrade(&["Origin: https://evil.example", &cookie]),
+    )
+    .expect(403, Reach::No));
+    add(Case::new(
+        WS,
+        "upgrade from Origin null",
+        upgrade(&["Origin: null", &cookie]),
+    )
+    .expect(403, Reach::No));
+    add(Case::new(
+        WS,
+        "upgrade marked Sec-Fetch-Site: cross-site",
+        upgrade(&["Sec-Fetch-Site: cross-site", &cookie]),
+    )
+    .expect(403, Reach::No));
+    add(Case::new(
+        WS,
+        "upgrade from a look-alike origin",
+        upgrade(&["Origin: http://localhost.evil.example", &cookie]),
+    )
+    .expect(403, Reach::No));
+    add(Case::new(
+        WS,
+        "upgrade without credentials",
+        upgrade(&["Origin: http://localhost"]),
+    )
+    .expect(401, Reach::No));
+    // The upstream here speaks plain HTTP: it answers 200, which is passed on.
+    add(Case::new(
+        WS,
+        "same-origin upgrade with a session reaches the upstream",
+        upgrade(&["Origin: http://localhost", &cookie]),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(only("upgrade", "websocket")));
+
+    // ------------------------------------------------------------------ query credentials
+    const QUERY: &str = "credentials in the query";
+    for (target, with) in [
+        (format!("/app/x?api_key={}", t.user_key), "api_key"),
+        (format!("/app/x?key={}", t.admin_key), "key"),
+        (format!("/admin/x?x-api-key={}", t.admin_key), "x-api-key"),
+        (format!("/sso/x?access_token={}", t.jwt), "access_token"),
+        (format!("/sso/x?token={}", t.jwt), "token"),
+        (format!("/app/x?gatewarden={session_value}"), "session"),
+    ] {
+        add(Case::new(
+            QUERY,
+            format!("?{with}= does not authenticate"),
+            req("GET", &target, &[json], b""),
+        )
+        .expect(401, Reach::No));
+    }
+
+    // ------------------------------------------------------------------ method override
+    // `/reports` answers GET to users; anything else there needs an admin. An override
+    // header must not turn a checked GET into an unchecked DELETE upstream.
+    const OVERRIDE: &str = "method override";
+    for header in [
+        "X-HTTP-Method-Override",
+        "X-HTTP-Method",
+        "X-Method-Override",
+        "x-http-method-override",
+    ] {
+        add(Case::new(
+            OVERRIDE,
+            format!("GET with {header}: DELETE reaches the upstream as a plain GET"),
+            req(
+                "GET",
+                "/reports/1",
+                &[&user, &format!("{header}: DELETE")],
+                b"",
+            ),
+        )
+        .expect(200, Reach::Yes)
+        .upstream(|rec| {
+            if !rec.request_line.starts_with("GET ") {
+                return Err(format!("request line {}", rec.request_line));
+            }
+            none_of(&[
+                "x-http-method-override",
+                "x-http-method",
+                "x-method-override",
+            ])(rec)
+        }));
+    }
+    add(Case::new(
+        OVERRIDE,
+        "DELETE itself needs an admin",
+        req("DELETE", "/reports/1", &[&user], b""),
+    )
+    .expect(403, Reach::No));
+    add(Case::new(
+        OVERRIDE,
+        "cross-site GET with an override to POST passes as a GET only",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &bearer_user,
+                "Origin: https://evil.example",
+                "X-HTTP-Method-Override: POST",
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(none_of(&["x-http-method-override"])));
+    add(Case::new(
+        OVERRIDE,
+        "cross-site POST is refused whatever it claims to be",
+        req(
+            "POST",
+            "/app/x",
+            &[
+                &cookie,
+                "Origin: https://evil.example",
+                "X-HTTP-Method-Override: GET",
+            ],
+            b"",
+        ),
+    )
+    .expect(403, Reach::No));
+
+    cases
+}
+
+#[test]
+fn the_hostile_input_catalogue() {
+    let t = Target::start();
+    let cases = catalogue(&t);
+    assert!(cases.len() >= 60, "only {} cases", cases.len());
+    let mut failures = Vec::new();
+    let mut categories: Vec<&str> = Vec::new();
+    for (id, case) in cases.iter().enumerate() {
+        if !categories.contains(&case.category) {
+            categories.push(case.category);
+        }
+        let started = Instant::now();
+        let resp = exchange(t.gw.addr, &tagged(&case.request, id));
+        let label = format!("#{id} [{}] {}", case.category, case.name);
+        if started.elapsed() > Duration::from_secs(1) {
+            eprintln!("{label}: answered in {:?}", started.elapsed());
+        }
+        if resp.status != case.status {
+            failures.push(format!(
+                "{label}: status {} (expected {}); {:?} {}",
+                resp.status,
+                case.status,
+                resp.headers,
+                String::from_utf8_lossy(&resp.body[..resp.body.len().min(200)])
+            ));
+        }
+        if resp.responses > 1 {
+            failures.push(format!(
+                "{label}: {} responses on one connection",
+                resp.responses
+            ));
+        }
+        if let Some(location) = &case.location {
+            if resp.header("location") != Some(location.as_str()) {
+                failures.push(format!(
+                    "{label}: Location {:?} (expected {location:?})",
+                    resp.header("location")
+                ));
+            }
+        }
+        if resp.status >= 400 && resp.status != 0 && !resp.body.is_empty() {
+            // The gateway's own refusals are JSON; Pingora's parser errors have no body.
+            if resp.header("content-type") != Some("application/json") {
+                failures.push(format!("{label}: refusal is not JSON: {:?}", resp.headers));
+            }
+        }
+        // Wait for a cut request's upstream side to finish, so its record is final.
+        let records = |tag: &str| -> Vec<Recorded> {
+            t.upstream
+                .requests()
+                .into_iter()
+                .filter(|r| seen(r, "x-case").iter().any(|v| v == tag))
+                .collect()
+        };
+        let tag = id.to_string();
+        if case.reach == Reach::Cut {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while records(&tag).iter().any(|r| !r.ended) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let reached = records(&tag);
+        match case.reach {
+            Reach::No if !reached.is_empty() => failures.push(format!(
+                "{label}: reached the upstream: {:?}",
+                reached[0].request_line
+            )),
+            Reach::Yes if reached.len() != 1 || !reached[0].complete => failures.push(format!(
+                "{label}: expected one complete request upstream, got {:?}",
+                reached
+                    .iter()
+                    .map(|r| (&r.request_line, r.complete))
+                    .collect::<Vec<_>>()
+            )),
+            Reach::Cut if reached.iter().any(|r| r.complete) => {
+                failures.push(format!("{label}: a cut request completed upstream"))
+            }
+            _ => {}
+        }
+        if let (Some(check), Some(rec)) = (&case.upstream, reached.first()) {
+            if let Err(e) = check(rec) {
+                failures.push(format!("{label}: {e}"));
+            }
+        }
+    }
+    // Smuggled requests would arrive after their carrier; give them time to show up.
+    std::thread::sleep(Duration::from_millis(300));
+    let smuggled: Vec<String> = t
+        .upstream
+        .requests()
+        .iter()
+        .filter(|r| r.target().contains("smuggled"))
+        .map(|r| r.request_line.clone())
+        .collect();
+    if !smuggled.is_empty() {
+        failures.push(format!(
+            "smuggled requests reached the upstream: {smuggled:?}"
+        ));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} hostile cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    eprintln!(
+        "{} hostile cases passed, in {} categories: {}",
+        cases.len(),
+        categories.len(),
+        categories.join(", ")
+    );
+
+    // Nothing any case sent as a secret was written down by the gateway.
+    secrets_stay_out_of_logs_and_metrics(&t);
+}
+
+/// The audit log, the access log, the process output and `/metrics` hold none of the
+/// secrets the catalogue used.
+fn secrets_stay_out_of_logs_and_metrics(t: &Target) {
+    let session_value = t.session.split_once('=').unwrap().1.to_string();
+    let secrets: Vec<(&str, String)> = vec![
+        ("user API key", t.user_key.clone()),
+        ("admin API key", t.admin_key.clone()),
+        ("admin API key (listener)", ADMIN_API_KEY.to_string()),
+        ("PIN", PIN.to_string()),
+        ("session secret", SECRET.to_string()),
+        ("session cookie", session_value.clone()),
+        (
+            "session signature",
+            session_value.rsplit('.').next().unwrap().to_string(),
+        ),
+        ("JWT", t.jwt.clone()),
+        (
+            "JWT signature",
+            t.jwt.rsplit('.').next().unwrap().to_string(),
+        ),
+        ("forged session secret", UNKNOWN_SECRET.to_string()),
+    ];
+    let dir = t.dir();
+    let audit = dir.join("audit.jsonl");
+    let access = dir.join("access.jsonl");
+    // Lines are written off the request path: wait until the last requests are in.
+    poll_until("the logs to be written", Duration::from_secs(10), || {
+        std::fs::read_to_string(&access).is_ok_and(|s| s.lines().count() >= 60)
+            && std::fs::read_to_string(&audit).is_ok_and(|s| s.lines().count() >= 40)
+    });
+    let metrics = String::from_utf8_lossy(&get(t.gw.admin, "/metrics", &[]).body).into_owned();
+    let sources = [
+        ("audit log", std::fs::read_to_string(&audit).unwrap()),
+        ("access log", std::fs::read_to_string(&access).unwrap()),
+        ("metrics", metrics),
+        ("process output", t.gw.output()),
+    ];
+    let mut leaks = Vec::new();
+    for (source, text) in &sources {
+        for (what, secret) in &secrets {
+            if text.contains(secret.as_str()) {
+                leaks.push(format!("{what} in the {source}"));
+            }
+        }
+        // No query string made it into a log line either.
+        if source.ends_with("log") && text.contains("api_key=") {
+            leaks.push(format!("a query string in the {source}"));
+        }
+    }
+    assert!(leaks.is_empty(), "secrets written down: {leaks:?}");
+}
+
+/// Slowloris. A client has 60 s from its first byte to send its request head (the
+/// gateway's deadline; Pingora alone times out each read, so a trickle never ended),
+/// and Pingora cuts a client silent for 60 s in the middle of its body with 408. Slow
+/// clients cost a task each, not a thread: while a hundred trickle, others are served
+/// as usual.
+#[test]
+fn slow_clients_are_cut_off_and_do_not_starve_others() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let ups = Upstreams::start(1);
+    let gw = Gateway::start(&simple_config(ups.addr(0), ""));
+    let connect = || {
+        let s = TcpStream::connect_timeout(&gw.addr, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+        s
+    };
+    let started = Instant::now();
+    let mut silent_head = connect();
+    silent_head
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        .unwrap();
+    let mut silent_body = connect();
+    silent_body
+        .write_all(
+            b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\nonly ten b",
+        )
+        .unwrap();
+
+    // A hundred clients sending a byte of their head every half second: the head would
+    // take 100 s.
+    let tricklers: Vec<TcpStream> = (0..100).map(|_| connect()).collect();
+    let watchers: Vec<TcpStream> = tricklers.iter().map(|t| t.try_clone().unwrap()).collect();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let trickling = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut head = b"GET /echo HTTP/1.1\r\nHost: localhost\r\nX-Slow: ".to_vec();
+            head.resize(200, b'a');
+            let mut tricklers = tricklers;
+            for at in 0..head.len() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                for t in &mut tricklers {
+                    let _ = t.write_all(&head[at..at + 1]);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    // Everyone else is served as usual meanwhile.
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert_eq!(get(gw.addr, "/echo", &[]).status, 200);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "a request took {:?} with slow clients around",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Silent in the headers: the connection is closed, with no answer.
+    let mut got = Vec::new();
+    let _ = silent_head.read_to_end(&mut got);
+    let cut_after = started.elapsed();
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        (Duration::from_secs(55)..Duration::from_secs(80)).contains(&cut_after),
+        "a silent head was cut after {cut_after:?}"
+    );
+    // Trickling the headers: closed at the head deadline, though bytes kept coming.
+    let mut open: Vec<TcpStream> = watchers;
+    while !open.is_empty() && started.elapsed() < Duration::from_secs(80) {
+        open.retain_mut(|w| {
+            w.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let mut byte = [0u8; 1];
+            match w.read(&mut byte) {
+                Ok(0) => false,
+                Ok(_) => panic!("a trickling client got an answer"),
+                Err(e) => matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+            }
+        });
+    }
+    assert!(
+        open.is_empty(),
+        "{} trickling clients still connected after {:?}",
+        open.len(),
+        started.elapsed()
+    );
+    assert!(
+        !trickling.is_finished(),
+        "the tricklers ran out of head to send"
+    );
+    // Silent in the body: 408.
+    let mut got = Vec::new();
+    let _ = silent_body.read_to_end(&mut got);
+    let resp = parse_exchange(&got);
+    assert_eq!(resp.status, 408, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    assert!(started.elapsed() < Duration::from_secs(80));
+    stop.store(true, Ordering::Relaxed);
+    trickling.join().unwrap();
+    assert_eq!(get(gw.addr, "/echo", &[]).status, 200);
+}
