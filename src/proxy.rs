@@ -126,6 +126,28 @@ fn is_forwarding_header(name: &str) -> bool {
     name.starts_with("x-forwarded-") || name.starts_with("x_forwarded_")
 }
 
+/// Whether a client's header (by its lowercase name) is removed before the upstream:
+/// the ones the gateway sets itself, URL and method overrides, `_` spellings of the
+/// forwarding headers, and, from an untrusted peer, `Forwarded` and every other
+/// `X-Forwarded-*`: upstreams that trust the gateway as their proxy believe them
+/// (Port, Prefix, Scheme, Ssl and Server build their links and redirects).
+fn must_not_pass(name: &str, peer_trusted: bool) -> bool {
+    let gateway_sets = [
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_PROTO,
+        &X_FORWARDED_HOST,
+        &X_REAL_IP,
+        &X_REQUEST_ID,
+        &X_ORIGINAL_URL,
+        &X_REWRITE_URL,
+    ]
+    .into_iter()
+    .chain(&METHOD_OVERRIDES)
+    .chain(&FORWARDING_UNDERSCORED)
+    .any(|n| n.as_str() == name);
+    gateway_sets || (!peer_trusted && (name == FORWARDED.as_str() || is_forwarding_header(name)))
+}
+
 /// True when the request came with both `Transfer-Encoding` and `Content-Length`.
 /// Pingora drops the `Content-Length` when it parses such a request, so the raw head
 /// is asked; it is only read for requests with a `Transfer-Encoding`.
@@ -163,7 +185,7 @@ impl Gateway {
         }
         resp.insert_header(header::CONTENT_LENGTH, reply.body.len())?;
         resp.insert_header(header::CACHE_CONTROL, "no-store")?;
-        resp.insert_header(X_REQUEST_ID.clone(), ctx.plugin.request_id.as_str())?;
+        resp.insert_header("X-Request-Id", ctx.plugin.request_id.as_str())?;
         for (name, value) in reply.headers {
             resp.append_header(name, value)?;
         }
@@ -565,43 +587,26 @@ impl ProxyHttp for Gateway {
             (true, Some(v)) => Some(v.clone()),
             _ => host.clone(),
         };
-        for name in [
-            &X_FORWARDED_FOR,
-            &X_FORWARDED_PROTO,
-            &X_FORWARDED_HOST,
-            &X_REAL_IP,
-            &X_REQUEST_ID,
-            &X_ORIGINAL_URL,
-            &X_REWRITE_URL,
-        ]
-        .into_iter()
-        .chain(&METHOD_OVERRIDES)
-        .chain(&FORWARDING_UNDERSCORED)
-        {
+        // One pass over the client's header names finds every copy the upstream must not
+        // see; nothing is collected (or allocated) unless one is there.
+        let spoofed: Vec<HeaderName> = upstream
+            .headers
+            .keys()
+            .filter(|n| must_not_pass(n.as_str(), ctx.peer_trusted))
+            .cloned()
+            .collect();
+        for name in &spoofed {
             upstream.remove_header(name);
         }
-        if !ctx.peer_trusted {
-            upstream.remove_header(&FORWARDED);
-            // Upstreams that trust the gateway as their proxy believe every
-            // X-Forwarded-* it passes on (Port, Prefix, Scheme, Ssl, Server build their
-            // links and redirects), so from an untrusted peer none of them goes through.
-            let foreign: Vec<HeaderName> = upstream
-                .headers
-                .keys()
-                .filter(|n| is_forwarding_header(n.as_str()))
-                .cloned()
-                .collect();
-            for name in &foreign {
-                upstream.remove_header(name);
-            }
-        }
-        upstream.insert_header(X_FORWARDED_FOR.clone(), xff)?;
-        upstream.insert_header(X_FORWARDED_PROTO.clone(), proto)?;
+        // Names as static spellings: Pingora copies the name of a `HeaderName` it is
+        // given, but not a `&'static str` (BENCHMARKS.md, allocations per request).
+        upstream.insert_header("X-Forwarded-For", xff)?;
+        upstream.insert_header("X-Forwarded-Proto", HeaderValue::from_static(proto))?;
         if let Some(fh) = forwarded_host {
-            upstream.insert_header(X_FORWARDED_HOST.clone(), fh)?;
+            upstream.insert_header("X-Forwarded-Host", fh)?;
         }
-        upstream.insert_header(X_REAL_IP.clone(), ctx.plugin.client_ip.to_string())?;
-        upstream.insert_header(X_REQUEST_ID.clone(), ctx.plugin.request_id.as_str())?;
+        upstream.insert_header("X-Real-IP", ctx.plugin.client_ip.to_string())?;
+        upstream.insert_header("X-Request-Id", ctx.plugin.request_id.as_str())?;
         if upstream.headers.get(header::HOST).is_none() {
             if let Some(host) = host {
                 upstream.insert_header(header::HOST, host)?;
@@ -628,7 +633,7 @@ impl ProxyHttp for Gateway {
         if let (Some(route), Some(backend)) = (&ctx.route, &ctx.backend) {
             route.pool.count_response(backend, resp.status.as_u16());
         }
-        resp.insert_header(X_REQUEST_ID.clone(), ctx.plugin.request_id.as_str())?;
+        resp.insert_header("X-Request-Id", ctx.plugin.request_id.as_str())?;
         if let Some(route) = &ctx.route {
             if route.chain.hooks.response {
                 let had_length = resp.headers.contains_key(header::CONTENT_LENGTH);

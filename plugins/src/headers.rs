@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use http::HeaderName;
 use serde::Deserialize;
 
@@ -50,8 +51,16 @@ pub struct HeaderOps {
     pub remove: Vec<String>,
 }
 
+/// A header the plugin sets: its name for lookups, and the spelling from the config
+/// that goes on the wire (shared, so inserting it never copies the name).
+struct SetHeader {
+    name: HeaderName,
+    spelling: Bytes,
+    template: Template,
+}
+
 struct CompiledOps {
-    set: Vec<(HeaderName, Template)>,
+    set: Vec<SetHeader>,
     remove: Vec<HeaderName>,
     /// The `_` spellings of the names in `set` that have a `-`: CGI, WSGI, PHP and Rack
     /// read `X_Webauth_User` as `X-Webauth-User`, so a client's copy under that name
@@ -68,7 +77,11 @@ impl CompiledOps {
                 let header = header_name(&name, side)?;
                 let template =
                     Template::parse(&value).map_err(|e| format!("{side}.set.{name}: {e}"))?;
-                Ok((header, template))
+                Ok(SetHeader {
+                    name: header,
+                    spelling: shared_bytes(name),
+                    template,
+                })
             })
             .collect::<Result<Vec<_>, String>>()?;
         let remove = ops
@@ -78,9 +91,9 @@ impl CompiledOps {
             .collect::<Result<Vec<_>, String>>()?;
         let underscored = set
             .iter()
-            .filter(|(name, _)| name.as_str().contains('-'))
-            .filter_map(|(name, _)| {
-                HeaderName::from_bytes(name.as_str().replace('-', "_").as_bytes()).ok()
+            .filter(|h| h.name.as_str().contains('-'))
+            .filter_map(|h| {
+                HeaderName::from_bytes(h.name.as_str().replace('-', "_").as_bytes()).ok()
             })
             .collect();
         Ok(CompiledOps {
@@ -93,6 +106,14 @@ impl CompiledOps {
     fn is_empty(&self) -> bool {
         self.set.is_empty() && self.remove.is_empty()
     }
+}
+
+/// `text` as `Bytes` whose clones only count references: a `Bytes` made from a
+/// `String` turns shared on its first clone, so that clone happens here, once.
+fn shared_bytes(text: String) -> Bytes {
+    let bytes = Bytes::from(text);
+    drop(bytes.clone());
+    bytes
 }
 
 fn header_name(name: &str, side: &str) -> Result<HeaderName, String> {
@@ -136,7 +157,7 @@ impl Plugin for Headers {
             .request
             .set
             .iter()
-            .map(|(n, _)| n)
+            .map(|h| &h.name)
             .chain(&self.request.remove)
             .chain(&self.request.underscored);
         for name in names {
@@ -146,11 +167,11 @@ impl Plugin for Headers {
     }
 
     fn on_upstream_request(&self, req: &mut RequestHeader, ctx: &Ctx) {
-        for (name, template) in &self.request.set {
-            req.remove_header(name);
-            if let Some(value) = template.render(ctx) {
+        for h in &self.request.set {
+            req.remove_header(&h.name);
+            if let Some(value) = h.template.render(ctx) {
                 // insert_header only fails on invalid names/values, which compile() ruled out.
-                let _ = req.insert_header(name.clone(), value);
+                let _ = req.insert_header(h.spelling.clone(), value);
             }
         }
     }
@@ -159,10 +180,10 @@ impl Plugin for Headers {
         for name in &self.response.remove {
             resp.remove_header(name);
         }
-        for (name, template) in &self.response.set {
-            resp.remove_header(name);
-            if let Some(value) = template.render(ctx) {
-                let _ = resp.insert_header(name.clone(), value);
+        for h in &self.response.set {
+            resp.remove_header(&h.name);
+            if let Some(value) = h.template.render(ctx) {
+                let _ = resp.insert_header(h.spelling.clone(), value);
             }
         }
     }

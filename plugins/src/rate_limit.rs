@@ -355,9 +355,10 @@ impl Plugin for RateLimit {
 
     fn on_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) {
         if let Some(info) = ctx.rate_limit {
-            let _ = resp.insert_header(RATELIMIT_LIMIT.clone(), info.limit);
-            let _ = resp.insert_header(RATELIMIT_REMAINING.clone(), info.remaining);
-            let _ = resp.insert_header(RATELIMIT_RESET.clone(), info.reset_secs);
+            // Static spellings: Pingora copies a `HeaderName` it is given, not these.
+            let _ = resp.insert_header("RateLimit-Limit", info.limit);
+            let _ = resp.insert_header("RateLimit-Remaining", info.remaining);
+            let _ = resp.insert_header("RateLimit-Reset", info.reset_secs);
         }
     }
 }
