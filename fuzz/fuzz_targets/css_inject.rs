@@ -69,7 +69,11 @@ fuzz_target!(|input: Input| {
         &BuildEnv::default(),
     )
     .expect("plugin");
-    let mut ctx = Ctx::new("127.0.0.1".parse().unwrap(), RequestId::from_random(1), false);
+    let mut ctx = Ctx::new(
+        "127.0.0.1".parse().unwrap(),
+        RequestId::from_random(1),
+        false,
+    );
     let (status, content_type) = match input.untouched {
         None => (200, "text/html; charset=utf-8"),
         Some(n) => match n % 4 {

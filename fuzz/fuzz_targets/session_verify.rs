@@ -328,12 +328,8 @@ fn forge(keys: &SessionKeys, case: &Case) {
         .as_ref()
         .is_some_and(|t| !matches!(t, JVal::Str(_) | JVal::Null))
         || claims.contains_key("aud");
-    let should_accept = genuinely_signed
-        && is_str("sub")
-        && is_str("amr")
-        && role_ok
-        && is_u64("iat")
-        && exp_ok;
+    let should_accept =
+        genuinely_signed && is_str("sub") && is_str("amr") && role_ok && is_u64("iat") && exp_ok;
 
     match result {
         Ok(id) => {
@@ -341,7 +337,10 @@ fn forge(keys: &SessionKeys, case: &Case) {
                 should_accept || (near_now && genuinely_signed),
                 "accepted a forged session: {token:?}"
             );
-            assert_eq!(Some(&*id.subject), claims.get("sub").and_then(Value::as_str));
+            assert_eq!(
+                Some(&*id.subject),
+                claims.get("sub").and_then(Value::as_str)
+            );
             assert_eq!(
                 Some(id.role.as_str()),
                 claims.get("role").and_then(Value::as_str)
