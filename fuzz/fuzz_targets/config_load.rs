@@ -19,6 +19,7 @@
 //! (`jwks_url`, `public_key_file`), and backends that are not IP literals (DNS).
 #![no_main]
 
+use gatewarden::config::mask::SECRET_KEYS;
 use gatewarden::config::{compile, Compiled};
 use libfuzzer_sys::fuzz_target;
 use serde_yaml_ng::Value;
@@ -31,20 +32,6 @@ const WORLDLY_KEYS: &[&str] = &[
     "public_key_file",
     "cert_file",
     "key_file",
-];
-
-const SECRET_KEYS: &[&str] = &[
-    "secret",
-    "previous_secrets",
-    "pin_hash",
-    "api_key",
-    "admin_key",
-    "value",
-    "client_secret",
-    "hs_secret",
-    "totp_secret",
-    "password",
-    "token",
 ];
 
 fn untag(v: &Value) -> &Value {

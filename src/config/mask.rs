@@ -3,7 +3,7 @@
 use serde_yaml_ng::Value;
 
 /// Keys whose values are secrets wherever they appear.
-const SECRET_KEYS: &[&str] = &[
+pub const SECRET_KEYS: &[&str] = &[
     "secret",
     "previous_secrets",
     "pin_hash",
