@@ -24,6 +24,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+mod support;
+use support::Variant;
+
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
 
@@ -47,7 +50,7 @@ fn parent() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
     let dir = tempfile::tempdir().expect("temp dir");
-    let key = make_key(dir.path());
+    let key = support::new_key(dir.path());
     let exe = std::env::current_exe().expect("own path");
 
     println!("heap allocations per request, {requests} keep-alive requests after {WARMUP} warm-up");
@@ -60,8 +63,13 @@ fn parent() {
         let proxy = free_port();
         let upstream = free_port();
         let config = dir.path().join(format!("{target}.yaml"));
-        std::fs::write(&config, gateway_config(target, dir.path(), proxy, upstream))
-            .expect("write config");
+        let variant = match target {
+            "gatewarden-chain" => Variant::Chain,
+            _ => Variant::Public,
+        };
+        let upstream_addr = SocketAddr::from(([127, 0, 0, 1], upstream));
+        let yaml = support::config(variant, 1, dir.path(), proxy, upstream_addr, "");
+        std::fs::write(&config, yaml).expect("write config");
         let out = Command::new(&exe)
             .env("ALLOCS_CHILD", target)
             .env("ALLOCS_REQUESTS", requests.to_string())
@@ -106,62 +114,11 @@ fn parent() {
     }
 }
 
-/// A user key for the chain, made with the real CLI; its plaintext comes on stdout.
-fn make_key(dir: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_gatewarden"))
-        .args(["key", "new", "--name", "bench", "--file"])
-        .arg(dir.join("keys.yaml"))
-        .output()
-        .expect("gatewarden key new");
-    assert!(out.status.success(), "gatewarden key new failed");
-    String::from_utf8(out.stdout)
-        .expect("utf-8 key")
-        .trim()
-        .to_string()
-}
-
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
-}
-
-fn gateway_config(target: &str, dir: &Path, proxy: u16, upstream: u16) -> String {
-    let dir = dir.display();
-    let head = format!(
-        "server:
-  threads: 1
-  pid_file: {dir}/{target}.pid
-  upgrade_sock: {dir}/{target}.sock
-  grace_period_seconds: 0
-  graceful_shutdown_timeout_seconds: 1
-listeners: [{{ address: '127.0.0.1:{proxy}' }}]
-upstreams:
-  app: {{ backends: ['127.0.0.1:{upstream}'] }}
-"
-    );
-    let chain = format!(
-        "plugins:
-  keys: {{ type: api_key, keys_file: {dir}/keys.yaml }}
-  per_key: {{ type: rate_limit, key: identity, rate: 10000000/s, burst: 10000000 }}
-  same_origin: {{ type: origin }}
-  proxy_headers:
-    type: headers
-    request:
-      set: {{ X-Client-IP: '{{client_ip}}', X-User: '{{identity.subject}}' }}
-      remove: [X-Debug]
-    response:
-      set: {{ X-Frame-Options: DENY }}
-      remove: [Server]
-routes:
-  - {{ name: app, access: user, upstream: app, plugins: [keys, per_key, same_origin, proxy_headers] }}
-"
-    );
-    match target {
-        "gatewarden-chain" => head + &chain,
-        _ => head + "routes:\n  - { name: app, access: public, upstream: app }\n",
-    }
 }
 
 // --- the child: upstream, proxy and client in one process under dhat -----------------

@@ -34,23 +34,16 @@
 //! The gateway inherits this process's environment, so allocator settings reach it:
 //! `MIMALLOC_ALLOW_THP=0` shows what transparent huge pages add to the resident size.
 
-use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The gateway binary: the one cargo built for this bench, unless `GATEWARDEN_BIN`
-/// names another build to compare (say, one built with `--no-default-features`).
-fn bin() -> std::path::PathBuf {
-    std::env::var_os("GATEWARDEN_BIN")
-        .map(Into::into)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_gatewarden").into())
-}
+mod support;
+use support::{bin, env_or, find, GatewayProcess, Variant};
+
 /// The issue's target, for 10,000 idle connections.
 const TARGET_BYTES: u64 = 64 << 20;
 const TARGET_CONNS: usize = 10_000;
@@ -59,16 +52,6 @@ const UPSTREAM_RESPONSE: &[u8] =
 /// Bound on any single exchange, so a wedged gateway fails the bench instead of
 /// hanging it.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
-        Err(_) => default,
-    }
-}
 
 struct Knobs {
     conns: usize,
@@ -82,16 +65,9 @@ struct Knobs {
 
 impl Knobs {
     fn from_env() -> Knobs {
-        let variants = std::env::var("IDLE_VARIANTS")
-            .unwrap_or_else(|_| "public,chain".to_string())
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| match s.trim() {
-                "public" => Variant::Public,
-                "chain" => Variant::Chain,
-                other => panic!("IDLE_VARIANTS: unknown variant {other:?} (public, chain)"),
-            })
-            .collect();
+        let variants = Variant::list(
+            &std::env::var("IDLE_VARIANTS").unwrap_or_else(|_| "public,chain".to_string()),
+        );
         Knobs {
             conns: env_or("IDLE_CONNS", TARGET_CONNS),
             concurrency: env_or("IDLE_CONCURRENCY", 100usize).max(1),
@@ -104,200 +80,29 @@ impl Knobs {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Variant {
-    /// One public route, empty chain: the proxy core alone.
-    Public,
-    /// The production chain on an `access: user` route.
-    Chain,
-}
-
-impl Variant {
-    fn name(self) -> &'static str {
-        match self {
-            Variant::Public => "public",
-            Variant::Chain => "chain",
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------
-// The gateway process
-
-/// A running gatewarden; killed and reaped on drop, so every exit path (including a
-/// panic unwinding out of the bench) takes it down.
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-    /// The request line and headers every client sends (with the key, if any).
-    request: Arc<[u8]>,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Gateway {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("gatewarden.log")).unwrap_or_default()
-    }
-
-    /// Panics with the gateway's output if it has exited.
-    fn assert_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("gatewarden exited with {status}:\n{}", self.log());
-        }
-    }
-}
-
-/// A loopback port that was free a moment ago, below the kernel's ephemeral range
-/// (32768 and up, where the 10,000 client ends get their ports).
-fn free_port() -> u16 {
-    let start = 20_000 + (std::process::id() % 1_000) as u16 * 10;
-    (start..32_000)
-        .find(|&p| StdTcpListener::bind(("127.0.0.1", p)).is_ok())
-        .expect("a free loopback port below 32000")
-}
-
-/// Runs `gatewarden key new` to completion (bounded) and returns the plaintext key.
-fn new_key(dir: &Path) -> String {
-    let mut child = Command::new(bin())
-        .args(["key", "new", "--file", "keys.yaml", "--name", "bench"])
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start gatewarden key new");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait for key new").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("gatewarden key new did not finish in 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("key new output");
-    assert!(
-        out.status.success(),
-        "gatewarden key new failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = String::from_utf8(out.stdout).expect("key is UTF-8");
-    let key = key.trim().to_string();
-    assert!(!key.is_empty(), "gatewarden key new printed no key");
-    key
-}
-
-fn config(variant: Variant, threads: usize, dir: &Path, port: u16, upstream: SocketAddr) -> String {
-    let dir = dir.display();
-    let mut yaml = format!(
-        "server:
-  threads: {threads}
-  pid_file: {dir}/gatewarden.pid
-  upgrade_sock: {dir}/upgrade.sock
-  grace_period_seconds: 0
-  graceful_shutdown_timeout_seconds: 1
-listeners: [{{ address: '127.0.0.1:{port}' }}]
-upstreams:
-  app: {{ backends: ['{upstream}'], idle_timeout: 60s }}
-"
-    );
-    match variant {
-        Variant::Public => yaml.push_str(
-            "routes:
-  - name: app
-    access: public
-    upstream: app
-",
-        ),
-        Variant::Chain => {
-            let _ = write!(
-                yaml,
-                "plugins:
-  keys: {{ type: api_key, keys_file: {dir}/keys.yaml }}
-  per_key: {{ type: rate_limit, key: identity, rate: 10000000/s, burst: 10000000 }}
-  same_origin: {{ type: origin }}
-  proxy_headers:
-    type: headers
-    request:
-      set: {{ X-Client-IP: '{{client_ip}}', X-Gateway-Request: '{{request_id}}', X-User: '{{identity.subject}}' }}
-      remove: [X-Debug]
-    response:
-      set: {{ X-Frame-Options: DENY }}
-      remove: [Server]
-routes:
-  - name: app
-    access: user
-    upstream: app
-    plugins: [keys, per_key, same_origin, proxy_headers]
-"
-            );
-        }
-    }
-    yaml
-}
-
+/// Starts the gateway of `variant` and waits until it answers through to the upstream;
+/// returns it with the request every client sends (with the key for the chain).
 fn start_gateway(
     rt: &tokio::runtime::Runtime,
     variant: Variant,
     threads: usize,
     upstream: SocketAddr,
-) -> Gateway {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let auth = match variant {
-        Variant::Public => String::new(),
-        Variant::Chain => format!("Authorization: Bearer {}\r\n", new_key(dir.path())),
-    };
-    let request: Arc<[u8]> = format!("GET /small HTTP/1.1\r\nHost: bench.local\r\n{auth}\r\n")
-        .into_bytes()
-        .into();
-    let port = free_port();
-    let path = dir.path().join("gatewarden.yaml");
-    std::fs::write(&path, config(variant, threads, dir.path(), port, upstream))
-        .expect("write config");
-    let log = std::fs::File::create(dir.path().join("gatewarden.log")).expect("log file");
-    let child = Command::new(bin())
-        .arg("run")
-        .arg("-c")
-        .arg(&path)
-        .current_dir(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log file handle"))
-        .stderr(log)
-        .spawn()
-        .expect("start gatewarden");
-    let mut gw = Gateway {
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        dir,
-        request,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        gw.assert_alive();
-        let ok = rt.block_on(async {
+) -> (GatewayProcess, Arc<[u8]>) {
+    let mut gw = GatewayProcess::spawn(variant, threads, upstream, "", 0);
+    let request: Arc<[u8]> = format!(
+        "GET /small HTTP/1.1\r\nHost: bench.local\r\n{}\r\n",
+        gw.auth
+    )
+    .into_bytes()
+    .into();
+    gw.wait_ready(|gw| {
+        rt.block_on(async {
             let mut s = TcpStream::connect(gw.addr).await?;
             s.set_nodelay(true)?;
-            exchange(&mut s, &gw.request).await
-        });
-        match ok {
-            Ok(()) => return gw,
-            Err(e) if Instant::now() > deadline => {
-                panic!("gatewarden not ready in 30 s ({e}):\n{}", gw.log())
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
+            exchange(&mut s, &request).await
+        })
+    });
+    (gw, request)
 }
 
 // ---------------------------------------------------------------------------------
@@ -334,12 +139,6 @@ fn mib(kib: u64) -> f64 {
 // ---------------------------------------------------------------------------------
 // HTTP on the wire
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Sends `request` and reads one whole response, which must be `200` with `ok\n`.
-/// The connection stays usable for the next request.
 async fn exchange(stream: &mut TcpStream, request: &[u8]) -> std::io::Result<()> {
     tokio::time::timeout(EXCHANGE_TIMEOUT, async {
         stream.write_all(request).await?;
@@ -575,7 +374,7 @@ fn run_variant(
     variant: Variant,
     upstream: SocketAddr,
 ) -> Outcome {
-    let mut gw = start_gateway(rt, variant, knobs.threads, upstream);
+    let (mut gw, request) = start_gateway(rt, variant, knobs.threads, upstream);
     let pid = gw.pid();
     let mut rows = vec![Row {
         stage: "started".into(),
@@ -583,7 +382,7 @@ fn run_variant(
         mem: mem(pid),
     }];
 
-    rt.block_on(warm_up(gw.addr, gw.request.clone(), knobs.warmup, 20));
+    rt.block_on(warm_up(gw.addr, request.clone(), knobs.warmup, 20));
     std::thread::sleep(Duration::from_millis(500));
     let baseline = mem(pid);
     rows.push(Row {
@@ -601,7 +400,7 @@ fn run_variant(
         let wave = knobs.concurrency.min(knobs.conns - conns.len());
         let opened = rt.block_on(async {
             let tasks: Vec<_> = (0..wave)
-                .map(|_| tokio::spawn(open_one(gw.addr, gw.request.clone())))
+                .map(|_| tokio::spawn(open_one(gw.addr, request.clone())))
                 .collect();
             let mut opened = Vec::with_capacity(wave);
             for t in tasks {
@@ -647,7 +446,7 @@ fn run_variant(
     let sample_ok = rt.block_on(async {
         let mut ok = 0;
         for i in 0..sample_total {
-            if exchange(&mut conns[i * step], &gw.request).await.is_ok() {
+            if exchange(&mut conns[i * step], &request).await.is_ok() {
                 ok += 1;
             }
         }

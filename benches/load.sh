@@ -25,6 +25,11 @@
 #   GW_BIN=path            the gatewarden binary (default target/release/gatewarden)
 #   PLAIN_PINGORA_BIN=path adds target `pingora`: a Pingora proxy with no filters at all,
 #                          run as `PATH LISTEN UPSTREAM THREADS` (source in BENCHMARKS.md)
+#   SOAK_REQUESTS=N        soak instead of comparing: drive the full-chain gatewarden on
+#                          /small in SOAK_SLICE (default 10s) wrk slices until N requests
+#                          are done, print the gateway's RSS after every slice, and fail
+#                          on any error or on RSS growing more than SOAK_RSS_SLACK_MIB
+#                          (default 8) after the first slice (the warm-up)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -44,6 +49,12 @@ PERF=${PERF:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 GW_BIN=${GW_BIN:-$ROOT/target/release/gatewarden}
 PLAIN_PINGORA_BIN=${PLAIN_PINGORA_BIN:-}
+SOAK_REQUESTS=${SOAK_REQUESTS:-}
+SOAK_SLICE=${SOAK_SLICE:-10s}
+SOAK_RSS_SLACK_MIB=${SOAK_RSS_SLACK_MIB:-8}
+if [[ -n "$SOAK_REQUESTS" ]]; then
+    TARGETS="gw-chain-ws" BENCH_PATHS="/small" WORK_STEALING=true
+fi
 
 say() { printf '%s\n' "$*" >&2; }
 die() { say "load.sh: $*"; exit 1; }
@@ -298,6 +309,48 @@ echo "proxies: $PROXY_THREADS threads/workers each; upstream nginx: $UPSTREAM_WO
 # Everything shares these CPUs with wrk; other load on the box skews every number.
 echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min load average before the runs)"
 echo
+
+# --- soak ------------------------------------------------------------------------------
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+if [[ -n "$SOAK_REQUESTS" ]]; then
+    t=gw-chain-ws
+    pid=${PIDS[$t]}
+    echo "soak: $t (api_key + rate_limit + origin + headers, access user) on /small,"
+    echo "      wrk -t$WRK_THREADS -c$WRK_CONNS in $SOAK_SLICE slices until $SOAK_REQUESTS requests"
+    echo
+    echo "| slice | requests | total requests | req/s | p99 ms | errors | RSS MiB |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|"
+    total=0 slice=0 errors_total=0 rss_warm="" rss_max=0 rss=0
+    while ((total < SOAK_REQUESTS)); do
+        slice=$((slice + 1))
+        out="$TMP/soak-$slice.txt"
+        wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$SOAK_SLICE" --latency -s "$TMP/report.lua" \
+            -H "Authorization: Bearer $BENCH_KEY" "http://127.0.0.1:${PORT[$t]}/small" >"$out" 2>&1 || true
+        line=$(grep '^RESULT ' "$out" || true)
+        [[ -n "$line" ]] || die "soak slice $slice: wrk gave no result: $(tail -3 "$out")"
+        kill -0 "$pid" 2>/dev/null || die "soak slice $slice: gatewarden exited; see $TMP/$t/gatewarden.log"
+        # The RESULT line is wrk's own numbers as name=value pairs (report.lua).
+        eval "$(sed 's/^RESULT //' <<<"$line")"
+        errors=$((err_connect + err_read + err_write + err_status + err_timeout))
+        total=$((total + requests)) errors_total=$((errors_total + errors))
+        rss=$(rss_kib "$pid")
+        [[ -n "$rss_warm" ]] || rss_warm=$rss
+        ((rss > rss_max)) && rss_max=$rss
+        printf '| %d | %d | %d | %.0f | %.2f | %d | %.1f |\n' "$slice" "$requests" "$total" \
+            "$(awk -v r="$requests" -v d="$duration_us" 'BEGIN {print r / d * 1e6}')" \
+            "$(awk -v v="$p99" 'BEGIN {print v / 1000}')" "$errors" "$(awk -v k="$rss" 'BEGIN {print k / 1024}')"
+    done
+    growth=$(((rss_max - rss_warm) / 1024))
+    echo
+    echo "requests: $total, errors: $errors_total, RSS after the first slice $((rss_warm / 1024)) MiB," \
+        "highest $((rss_max / 1024)) MiB, last $((rss / 1024)) MiB (growth $growth MiB, allowed $SOAK_RSS_SLACK_MIB)"
+    if ((errors_total > 0 || growth > SOAK_RSS_SLACK_MIB || problems > 0)); then
+        echo "soak: FAIL"
+        exit 1
+    fi
+    echo "soak: PASS"
+    exit 0
+fi
 
 # --- the runs ---------------------------------------------------------------------------
 RESULTS="$TMP/results.tsv"

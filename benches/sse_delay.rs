@@ -38,38 +38,21 @@
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The gateway binary: the one cargo built for this bench, unless `GATEWARDEN_BIN`
-/// names another build to compare (say, one built with `--no-default-features`).
-fn bin() -> std::path::PathBuf {
-    std::env::var_os("GATEWARDEN_BIN")
-        .map(Into::into)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_gatewarden").into())
-}
-/// The issue's target for the added delay at the median.
+mod support;
+use support::{bin, env_or, find, GatewayProcess, Variant};
+
 const TARGET: Duration = Duration::from_millis(1);
 
 /// The clock both ends of every stream measure against.
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
-        Err(_) => default,
-    }
 }
 
 struct Knobs {
@@ -84,16 +67,9 @@ struct Knobs {
 
 impl Knobs {
     fn from_env() -> Knobs {
-        let variants = std::env::var("SSE_VARIANTS")
-            .unwrap_or_else(|_| "public,chain".to_string())
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| match s.trim() {
-                "public" => Variant::Public,
-                "chain" => Variant::Chain,
-                other => panic!("SSE_VARIANTS: unknown variant {other:?} (public, chain)"),
-            })
-            .collect();
+        let variants = Variant::list(
+            &std::env::var("SSE_VARIANTS").unwrap_or_else(|_| "public,chain".to_string()),
+        );
         Knobs {
             events: env_or("SSE_EVENTS", 300usize).max(1),
             interval: Duration::from_millis(env_or("SSE_INTERVAL_MS", 20u64)),
@@ -106,196 +82,35 @@ impl Knobs {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Variant {
-    /// One public route, empty chain.
-    Public,
-    /// The production chain on an `access: user` route.
-    Chain,
-}
-
-impl Variant {
-    fn name(self) -> &'static str {
-        match self {
-            Variant::Public => "gateway public",
-            Variant::Chain => "gateway chain",
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------
-// The gateway process
-
-/// A running gatewarden; killed and reaped on drop, so every exit path (including a
-/// panic unwinding out of the bench) takes it down.
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-    /// Extra request header lines (the API key, for the chain).
-    auth: String,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Gateway {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("gatewarden.log")).unwrap_or_default()
-    }
-
-    fn assert_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("gatewarden exited with {status}:\n{}", self.log());
-        }
-    }
-}
-
-/// A loopback port that was free a moment ago, below the kernel's ephemeral range.
-fn free_port(skip: u16) -> u16 {
-    let start = 20_000 + (std::process::id() % 1_000) as u16 * 10 + skip;
-    (start..32_000)
-        .find(|&p| StdTcpListener::bind(("127.0.0.1", p)).is_ok())
-        .expect("a free loopback port below 32000")
-}
-
-/// Runs `gatewarden key new` to completion (bounded) and returns the plaintext key.
-fn new_key(dir: &Path) -> String {
-    let mut child = Command::new(bin())
-        .args(["key", "new", "--file", "keys.yaml", "--name", "bench"])
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start gatewarden key new");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait for key new").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("gatewarden key new did not finish in 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("key new output");
-    assert!(
-        out.status.success(),
-        "gatewarden key new failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = String::from_utf8(out.stdout).expect("key is UTF-8");
-    let key = key.trim().to_string();
-    assert!(!key.is_empty(), "gatewarden key new printed no key");
-    key
-}
-
-fn config(variant: Variant, threads: usize, dir: &Path, port: u16, upstream: SocketAddr) -> String {
-    let dir = dir.display();
-    let mut yaml = format!(
-        "server:
-  threads: {threads}
-  pid_file: {dir}/gatewarden.pid
-  upgrade_sock: {dir}/upgrade.sock
-  grace_period_seconds: 0
-  graceful_shutdown_timeout_seconds: 1
-listeners: [{{ address: '127.0.0.1:{port}' }}]
-upstreams:
-  app: {{ backends: ['{upstream}'], idle_timeout: 60s, read_timeout: 60s }}
-"
-    );
+/// The row label of a gateway variant.
+fn label(variant: Variant) -> &'static str {
     match variant {
-        Variant::Public => yaml.push_str(
-            "routes:
-  - name: app
-    access: public
-    upstream: app
-",
-        ),
-        Variant::Chain => {
-            let _ = write!(
-                yaml,
-                "plugins:
-  keys: {{ type: api_key, keys_file: {dir}/keys.yaml }}
-  per_key: {{ type: rate_limit, key: identity, rate: 10000000/s, burst: 10000000 }}
-  same_origin: {{ type: origin }}
-  proxy_headers:
-    type: headers
-    request:
-      set: {{ X-Client-IP: '{{client_ip}}', X-Gateway-Request: '{{request_id}}', X-User: '{{identity.subject}}' }}
-      remove: [X-Debug]
-    response:
-      set: {{ X-Frame-Options: DENY }}
-      remove: [Server]
-routes:
-  - name: app
-    access: user
-    upstream: app
-    plugins: [keys, per_key, same_origin, proxy_headers]
-"
-            );
-        }
+        Variant::Public => "gateway public",
+        Variant::Chain => "gateway chain",
     }
-    yaml
 }
 
+/// Starts the gateway of `variant` and waits until a one-event stream goes through it
+/// end to end.
 fn start_gateway(
     client: &tokio::runtime::Runtime,
     variant: Variant,
     threads: usize,
     upstream: SocketAddr,
     port_skip: u16,
-) -> Gateway {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let auth = match variant {
-        Variant::Public => String::new(),
-        Variant::Chain => format!("Authorization: Bearer {}\r\n", new_key(dir.path())),
-    };
-    let port = free_port(port_skip);
-    let path = dir.path().join("gatewarden.yaml");
-    std::fs::write(&path, config(variant, threads, dir.path(), port, upstream))
-        .expect("write config");
-    let log = std::fs::File::create(dir.path().join("gatewarden.log")).expect("log file");
-    let child = Command::new(bin())
-        .arg("run")
-        .arg("-c")
-        .arg(&path)
-        .current_dir(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log file handle"))
-        .stderr(log)
-        .spawn()
-        .expect("start gatewarden");
-    let mut gw = Gateway {
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        dir,
-        auth,
-    };
-    // Ready once a one-event stream goes through end to end.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        gw.assert_alive();
-        match client.block_on(stream_events(gw.addr, &gw.auth, 1, Duration::ZERO, 0)) {
-            Ok(_) => return gw,
-            Err(e) if Instant::now() > deadline => {
-                panic!("gatewarden not ready in 30 s ({e}):\n{}", gw.log())
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
+) -> GatewayProcess {
+    let mut gw =
+        GatewayProcess::spawn(variant, threads, upstream, ", read_timeout: 60s", port_skip);
+    gw.wait_ready(|gw| {
+        client
+            .block_on(stream_events(gw.addr, &gw.auth, 1, Duration::ZERO, 0))
+            .map(drop)
+    });
+    gw
 }
 
 // ---------------------------------------------------------------------------------
 // The SSE upstream
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
 
 /// Starts the upstream on its own thread and runtime; returns its address. The thread
 /// lives as long as the process.
@@ -726,7 +541,7 @@ fn main() {
     );
 
     // Gateways first (they stay up for every round), then the targets in a fixed turn.
-    let mut gateways: Vec<(Variant, Gateway)> = knobs
+    let mut gateways: Vec<(Variant, GatewayProcess)> = knobs
         .variants
         .iter()
         .enumerate()
@@ -745,7 +560,7 @@ fn main() {
     }];
     for (v, gw) in &gateways {
         targets.push(Target {
-            name: v.name(),
+            name: label(*v),
             addr: gw.addr,
             auth: gw.auth.clone(),
             delays: Vec::new(),

@@ -91,6 +91,9 @@ pub struct Gateway {
     pub state: Arc<State>,
     /// True on TLS listeners.
     pub tls: bool,
+    /// How long an idle HTTP/1.1 client connection waits for its next request; `None`
+    /// closes it after every response.
+    pub client_keepalive: Option<u64>,
 }
 
 fn trusted(nets: &[IpNet], ip: IpAddr) -> bool {
@@ -349,6 +352,12 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // Pingora keeps an HTTP/1.1 connection that asked for keep-alive open forever
+        // while it idles (`Some(0)`); bound that wait. A client's `Connection: close`
+        // (`None`) is left alone.
+        if session.get_keepalive() == Some(0) {
+            session.set_keepalive(self.client_keepalive);
+        }
         let snapshot = self.state.current();
         let peer_ip = session
             .client_addr()

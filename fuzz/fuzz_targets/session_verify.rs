@@ -323,11 +323,16 @@ fn forge(keys: &SessionKeys, case: &Case) {
     let genuinely_signed = signature.is_none() && equivalent_key && alg == "HS256";
     // Cases where refusing a genuinely signed, well-formed token is jsonwebtoken's
     // stricter reading rather than a bug: a `typ` that is not a string, an `aud` claim
-    // (refused when no audience is configured).
+    // (refused when no audience is configured), or an array or object in `nbf` (the
+    // library reads `nbf` as a number for itself, and its JSON reader then gives up on
+    // the whole claim set; RFC 7519 allows only a number there).
     let unusual = typ
         .as_ref()
         .is_some_and(|t| !matches!(t, JVal::Str(_) | JVal::Null))
-        || claims.contains_key("aud");
+        || claims.contains_key("aud")
+        || claims
+            .get("nbf")
+            .is_some_and(|v| v.is_array() || v.is_object());
     let should_accept =
         genuinely_signed && is_str("sub") && is_str("amr") && role_ok && is_u64("iat") && exp_ok;
 

@@ -30,6 +30,9 @@ pub struct ServerSection {
     pub upstream_keepalive_pool_size: Option<usize>,
     /// Accept tasks per listening socket.
     pub listener_tasks_per_fd: Option<usize>,
+    /// Seconds an idle HTTP/1.1 client connection is kept open between requests
+    /// (default 75, as nginx's `keepalive_timeout`; 0 closes after every response).
+    pub client_keepalive_timeout_seconds: Option<u64>,
 }
 
 /// An entry of `listeners:`.

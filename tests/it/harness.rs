@@ -207,7 +207,12 @@ pub fn raw_bytes(addr: SocketAddr, request: &[u8]) -> std::io::Result<RawRespons
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(15)))?;
     stream.write_all(request)?;
-    let mut reader = BufReader::new(stream);
+    read_response(&mut BufReader::new(stream))
+}
+
+/// Reads one response from a client connection, leaving the connection open when the
+/// response is framed by Content-Length or chunking (for keep-alive tests).
+pub fn read_response(reader: &mut BufReader<TcpStream>) -> std::io::Result<RawResponse> {
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let status = line

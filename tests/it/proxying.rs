@@ -794,3 +794,60 @@ routes:
     // GW_IT_WHOLE_BACKEND is not set for `check` either: every problem is reported at once.
     assert!(stderr.contains("GW_IT_WHOLE_BACKEND"), "{stderr}");
 }
+
+/// Opens a client connection, sends two keep-alive requests on it (both must be
+/// answered), then waits up to `wait` for the gateway to close it. Returns how long the
+/// connection stayed open after the second answer, or `None` if it was still open.
+fn idle_close_after(gw: &Gateway, wait: Duration) -> Option<Duration> {
+    let stream = TcpStream::connect(gw.addr).expect("connect");
+    let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    for _ in 0..2 {
+        writer
+            .write_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .expect("send");
+        let resp = read_response(&mut reader).expect("a keep-alive answer");
+        assert_eq!(resp.status, 200);
+    }
+    let answered = std::time::Instant::now();
+    reader.get_ref().set_read_timeout(Some(wait)).unwrap();
+    let mut byte = [0u8; 1];
+    match reader.read(&mut byte) {
+        Ok(0) => Some(answered.elapsed()),
+        Ok(_) => panic!("unexpected bytes on an idle connection"),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            None
+        }
+        // A reset is a close too.
+        Err(_) => Some(answered.elapsed()),
+    }
+}
+
+#[test]
+fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
+    let up = Upstreams::start(1);
+    let config = |server: &str| format!("{server}{}", simple_config(up.addr(0), ""));
+
+    let gw = Gateway::start(&config("server: { client_keepalive_timeout_seconds: 1 }\n"));
+    let open_for = idle_close_after(&gw, Duration::from_secs(20))
+        .expect("an idle connection must be closed after the 1 s keep-alive timeout");
+    assert!(
+        open_for >= Duration::from_millis(500),
+        "closed after {open_for:?}, before the keep-alive timeout"
+    );
+
+    // The default (75 s) keeps the same connection open well past a second.
+    let gw = Gateway::start(&config(""));
+    assert_eq!(idle_close_after(&gw, Duration::from_secs(3)), None);
+
+    // 0 turns keep-alive off: the answer says so and the connection closes.
+    let gw = Gateway::start(&config("server: { client_keepalive_timeout_seconds: 0 }\n"));
+    let resp = raw(gw.addr, "GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("answer");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("connection"), Some("close"));
+}
