@@ -28,7 +28,9 @@ const DEFAULT_CLIENT_KEEPALIVE_SECS: u64 = 75;
 /// held ~620 MiB in those alone. The HTTP/1 reader already reads heads into its own
 /// buffer and bodies in large reads, and an A/B load run showed no loss without it
 /// (BENCHMARKS.md). TLS listeners keep the default: the TLS record reader issues many
-/// small reads that the buffer saves syscalls on.
+/// small reads that the buffer saves syscalls on. The write buffer stays at Pingora's
+/// 1460 bytes: 32 KiB served small and 16 KiB responses 10-30 % faster (fewer sends)
+/// but is resident per connection (10 000 idle clients: 304 -> 600 MiB).
 fn client_read_buffer() -> L4BufferSettings {
     L4BufferSettings::default().read(0)
 }

@@ -64,6 +64,9 @@ const MATCH_LEN: usize = NEEDLE.len() + 1;
 pub struct CssState {
     /// The request may get a page, so the upstream was asked for an uncompressed body.
     asked_identity: bool,
+    /// The client offered a content coding other than `identity`, so a page the
+    /// upstream was asked not to compress is worth compressing here.
+    client_compresses: bool,
     /// Still looking for `</head` in this response's body.
     scanning: bool,
     /// Which `css_inject` plugin owns this response, when a chain has several.
@@ -292,6 +295,23 @@ fn may_get_page(req: &RequestHeader) -> bool {
         })
 }
 
+/// `Accept-Encoding` names a coding other than `identity` (Pingora's compressor does the
+/// negotiation proper; without an offer, turning it on would only cost time).
+fn offers_coding(req: &RequestHeader) -> bool {
+    req.headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|item| {
+            let coding = item
+                .split(|&b| b == b';')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
+            !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity")
+        })
+}
+
 /// The media type of `resp` is `text/html` (parameters such as charset allowed).
 fn is_html(resp: &ResponseHeader) -> bool {
     resp.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
@@ -335,6 +355,7 @@ impl Plugin for CssInject {
     fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
         if may_get_page(req) {
             ctx.css.asked_identity = true;
+            ctx.css.client_compresses = offers_coding(req);
         }
         RequestFlow::CONTINUE
     }
@@ -357,6 +378,7 @@ impl Plugin for CssInject {
         // What the upstream would have compressed, the gateway compresses instead (never
         // a stream of events, whose every event must reach the client at once).
         if state.asked_identity
+            && state.client_compresses
             && !encoded
             && !matches!(status, 101 | 204 | 206 | 304)
             && !is_event_stream(resp)
@@ -646,6 +668,20 @@ mod tests {
         assert_eq!(req.headers.get("accept-encoding").unwrap(), "identity");
         p.on_response(&mut html_response(200, "text/html"), &mut c);
         assert!(c.compress_response);
+
+        // A client that offers no coding gets the page as it is: nothing to compress.
+        for offer in [None, Some("identity"), Some(" identity;q=1 ")] {
+            let mut plain = RequestHeader::build("GET", b"/", None).unwrap();
+            if let Some(offer) = offer {
+                plain.insert_header("Accept-Encoding", offer).unwrap();
+            }
+            let mut c = ctx();
+            let _ = p.on_request(&mut plain, &mut c);
+            p.on_upstream_request(&mut plain, &c);
+            assert_eq!(plain.headers.get("accept-encoding").unwrap(), "identity");
+            p.on_response(&mut html_response(200, "text/html"), &mut c);
+            assert!(!c.compress_response, "{offer:?}");
+        }
 
         // Neither is an SSE answer to the same kind of request, nor a byte range.
         for (status, content_type) in [(200, "text/event-stream"), (206, "text/html")] {
