@@ -352,11 +352,14 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        // Pingora keeps an HTTP/1.1 connection that asked for keep-alive open forever
-        // while it idles (`Some(0)`); bound that wait. A client's `Connection: close`
-        // (`None`) is left alone.
-        if session.get_keepalive() == Some(0) {
-            session.set_keepalive(self.client_keepalive);
+        // Pingora keeps an idle HTTP/1.1 connection open forever (`Some(0)`), or as long
+        // as the client's own `Keep-Alive: timeout=N` asks; bound that wait by ours. A
+        // client's `Connection: close` (`None`) is left alone.
+        if let Some(asked) = session.get_keepalive() {
+            let ours = self.client_keepalive;
+            if asked == 0 || ours.is_none_or(|limit| asked > limit) {
+                session.set_keepalive(ours);
+            }
         }
         let snapshot = self.state.current();
         let peer_ip = session

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
-
 use pingora::prelude::Opt;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;

@@ -798,14 +798,13 @@ routes:
 /// Opens a client connection, sends two keep-alive requests on it (both must be
 /// answered), then waits up to `wait` for the gateway to close it. Returns how long the
 /// connection stayed open after the second answer, or `None` if it was still open.
-fn idle_close_after(gw: &Gateway, wait: Duration) -> Option<Duration> {
+fn idle_close_after(gw: &Gateway, extra_header: &str, wait: Duration) -> Option<Duration> {
     let stream = TcpStream::connect(gw.addr).expect("connect");
     let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
     let mut writer = stream;
     for _ in 0..2 {
-        writer
-            .write_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            .expect("send");
+        let request = format!("GET /echo HTTP/1.1\r\nHost: localhost\r\n{extra_header}\r\n");
+        writer.write_all(request.as_bytes()).expect("send");
         let resp = read_response(&mut reader).expect("a keep-alive answer");
         assert_eq!(resp.status, 200);
     }
@@ -834,16 +833,19 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
     let config = |server: &str| format!("{server}{}", simple_config(up.addr(0), ""));
 
     let gw = Gateway::start(&config("server: { client_keepalive_timeout_seconds: 1 }\n"));
-    let open_for = idle_close_after(&gw, Duration::from_secs(20))
+    let open_for = idle_close_after(&gw, "", Duration::from_secs(20))
         .expect("an idle connection must be closed after the 1 s keep-alive timeout");
     assert!(
         open_for >= Duration::from_millis(500),
         "closed after {open_for:?}, before the keep-alive timeout"
     );
+    // A client cannot ask for a longer one.
+    idle_close_after(&gw, "Keep-Alive: timeout=600\r\n", Duration::from_secs(20))
+        .expect("a client's Keep-Alive: timeout must not extend the gateway's");
 
     // The default (75 s) keeps the same connection open well past a second.
     let gw = Gateway::start(&config(""));
-    assert_eq!(idle_close_after(&gw, Duration::from_secs(3)), None);
+    assert_eq!(idle_close_after(&gw, "", Duration::from_secs(3)), None);
 
     // 0 turns keep-alive off: the answer says so and the connection closes.
     let gw = Gateway::start(&config("server: { client_keepalive_timeout_seconds: 0 }\n"));
