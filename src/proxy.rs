@@ -352,9 +352,10 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        // Pingora keeps an idle HTTP/1.1 connection open forever (`Some(0)`), or as long
-        // as the client's own `Keep-Alive: timeout=N` asks; bound that wait by ours. A
-        // client's `Connection: close` (`None`) is left alone.
+        // Pingora keeps an idle HTTP/1.1 connection open forever (`Some(0)`); bound that
+        // wait by ours. A longer `Some(n)` would come from the client's own `Keep-Alive:
+        // timeout=n`, which Pingora 0.9 does not parse yet (a TODO there): never let it
+        // exceed ours either. A client's `Connection: close` (`None`) is left alone.
         if let Some(asked) = session.get_keepalive() {
             let ours = self.client_keepalive;
             if asked == 0 || ours.is_none_or(|limit| asked > limit) {
