@@ -30,6 +30,17 @@
 #                          are done, print the gateway's RSS after every slice, and fail
 #                          on any error or on RSS growing more than SOAK_RSS_SLACK_MIB
 #                          (default 8) after the first slice (the warm-up)
+#   CALLGRIND=1            count instructions instead of timing: run nginx (as one process),
+#                          the gatewarden targets and `pingora` under valgrind's callgrind
+#                          and print the user-space instructions each spends per request
+#                          on each path, and the ratio to nginx's
+#                          (wrk -t1 -c$CALLGRIND_CONNS, default 8, for CALLGRIND_DURATION,
+#                          default 10s, after a 3 s warm-up). Unlike req/s, the count
+#                          barely moves with other load on the box, so it can show a change
+#                          of a few percent. Kernel time is not in it, and valgrind counts
+#                          each byte of a large `rep movsb` copy as one instruction (the
+#                          ~10 KiB move of Pingora's per-request future shows up as ~10 000).
+#                          KEEP_TMP=1 keeps the profiles for callgrind_annotate.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -52,6 +63,9 @@ PLAIN_PINGORA_BIN=${PLAIN_PINGORA_BIN:-}
 SOAK_REQUESTS=${SOAK_REQUESTS:-}
 SOAK_SLICE=${SOAK_SLICE:-10s}
 SOAK_RSS_SLACK_MIB=${SOAK_RSS_SLACK_MIB:-8}
+CALLGRIND=${CALLGRIND:-0}
+CALLGRIND_CONNS=${CALLGRIND_CONNS:-8}
+CALLGRIND_DURATION=${CALLGRIND_DURATION:-10s}
 if [[ -n "$SOAK_REQUESTS" ]]; then
     TARGETS="gw-chain-ws" BENCH_PATHS="/small" WORK_STEALING=true
 fi
@@ -61,13 +75,16 @@ die() { say "load.sh: $*"; exit 1; }
 
 # --- tools --------------------------------------------------------------------------
 missing=()
-for tool in wrk nginx haproxy curl; do
+tools=(wrk nginx haproxy curl)
+[[ "$CALLGRIND" == 1 ]] && tools+=(valgrind callgrind_control)
+for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then
     say "load.sh: missing: ${missing[*]}"
     say "install them with:  bash scripts/setup.sh --bench"
     say "or:                 sudo apt-get install -y wrk nginx haproxy curl"
+    [[ "$CALLGRIND" == 1 ]] && say "(CALLGRIND=1 also needs: sudo apt-get install -y valgrind)"
     exit 1
 fi
 if [[ ! -x "$GW_BIN" ]]; then
@@ -118,9 +135,11 @@ render() {
     fi
 }
 
+# Under callgrind a gateway takes seconds to start.
+WAIT_TRIES=$([[ "$CALLGRIND" == 1 ]] && echo 900 || echo 100)
 wait_http() {
     local url=$1 name=$2
-    for _ in $(seq 100); do
+    for _ in $(seq "$WAIT_TRIES"); do
         if curl -fsS -o /dev/null --max-time 1 -H "Authorization: Bearer ${BENCH_KEY:-}" "$url" 2>/dev/null; then return 0; fi
         sleep 0.1
     done
@@ -128,6 +147,13 @@ wait_http() {
 }
 
 # --- targets ---------------------------------------------------------------------------
+# How a gateway process is started: directly, or under callgrind with nothing counted
+# until the measurement asks for it.
+launcher() { # launcher DIR
+    if [[ "$CALLGRIND" == 1 ]]; then
+        echo valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$1/callgrind.out"
+    fi
+}
 declare -A PORT=() PIDS=()
 ORDER=()
 UPSTREAM_PORT=$BASE_PORT
@@ -204,7 +230,13 @@ start direct TERM "$TMP/upstream/stdout.log" nginx -p "$TMP/upstream" -e "$TMP/u
 wait_http "http://127.0.0.1:$UPSTREAM_PORT/small" "upstream nginx"
 
 render "$CONF/proxy.nginx.conf" "$TMP/nginx/nginx.conf" "${vars[@]}"
-start nginx TERM "$TMP/nginx/stdout.log" nginx -p "$TMP/nginx" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf"
+if [[ "$CALLGRIND" == 1 ]]; then
+    # One process, so callgrind sees every request (workers are forked children).
+    sed -i '1i master_process off;' "$TMP/nginx/nginx.conf"
+fi
+# shellcheck disable=SC2046
+start nginx TERM "$TMP/nginx/stdout.log" $(launcher "$TMP/nginx") \
+    nginx -p "$TMP/nginx" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf"
 
 render "$CONF/haproxy.cfg" "$TMP/haproxy/haproxy.cfg" "${vars[@]}"
 start haproxy TERM "$TMP/haproxy/haproxy.log" haproxy -db -f "$TMP/haproxy/haproxy.cfg"
@@ -221,11 +253,13 @@ for t in "${ORDER[@]}"; do
     "$GW_BIN" check -c "$dir/gatewarden.yaml" >"$dir/check.log" 2>&1 ||
         die "gatewarden check failed for $t: $(cat "$dir/check.log")"
     # SIGINT is Pingora's fast shutdown; SIGTERM would wait for the grace period.
-    start "$t" INT "$dir/gatewarden.log" "$GW_BIN" run -c "$dir/gatewarden.yaml"
+    # shellcheck disable=SC2046 # the launcher's words are meant to split
+    start "$t" INT "$dir/gatewarden.log" $(launcher "$dir") "$GW_BIN" run -c "$dir/gatewarden.yaml"
 done
 if [[ " ${ORDER[*]} " == *" pingora "* ]]; then
     mkdir -p "$TMP/pingora"
-    start pingora INT "$TMP/pingora/pingora.log" "$PLAIN_PINGORA_BIN" \
+    # shellcheck disable=SC2046
+    start pingora INT "$TMP/pingora/pingora.log" $(launcher "$TMP/pingora") "$PLAIN_PINGORA_BIN" \
         "127.0.0.1:${PORT[pingora]}" "127.0.0.1:$UPSTREAM_PORT" "$PROXY_THREADS"
 fi
 for t in "${ORDER[@]}"; do
@@ -349,6 +383,59 @@ if [[ -n "$SOAK_REQUESTS" ]]; then
         exit 1
     fi
     echo "soak: PASS"
+    exit 0
+fi
+
+# --- callgrind ----------------------------------------------------------------------------
+if [[ "$CALLGRIND" == 1 ]]; then
+    echo "callgrind: user-space instructions per request, wrk -t1 -c$CALLGRIND_CONNS -d$CALLGRIND_DURATION"
+    echo "           after a 3 s warm-up (instructions counted only during the measured run)"
+    echo
+    declare -A IR=()
+    rows=()
+    for t in "${ORDER[@]}"; do
+        [[ "$t" == gw-* || "$t" == pingora || "$t" == nginx ]] || continue
+        pid=${PIDS[$t]}
+        dir="$TMP/$t"
+        callgrind_control -i on "$pid" >/dev/null 2>&1
+        for path in $BENCH_PATHS; do
+            applies "$t" "$path" || continue
+            url="http://127.0.0.1:${PORT[$t]}$path"
+            # The warm-up pays for valgrind translating the code the requests run.
+            wrk -t1 -c"$CALLGRIND_CONNS" -d3s -H "Authorization: Bearer $BENCH_KEY" "$url" >/dev/null 2>&1 || true
+            callgrind_control -z "$pid" >/dev/null 2>&1
+            out="$TMP/callgrind-$t-${path#/}.txt"
+            wrk -t1 -c"$CALLGRIND_CONNS" -d"$CALLGRIND_DURATION" -s "$TMP/report.lua" \
+                -H "Authorization: Bearer $BENCH_KEY" "$url" >"$out" 2>&1 || true
+            line=$(grep '^RESULT ' "$out" || true)
+            [[ -n "$line" ]] || die "callgrind: wrk gave no result for $t $path: $(tail -3 "$out")"
+            n_requests=$(sed 's/^RESULT requests=\([0-9]*\).*/\1/' <<<"$line")
+            # Each dump is a new numbered part file, complete once it has its totals line.
+            parts=$(find "$dir" -name 'callgrind.out.*' | wc -l)
+            callgrind_control -d "$pid" >/dev/null 2>&1
+            profile="$dir/callgrind.out.$((parts + 1))"
+            for _ in $(seq 600); do
+                grep -q '^totals:' "$profile" 2>/dev/null && break
+                sleep 0.1
+            done
+            grep -q '^totals:' "$profile" 2>/dev/null || die "callgrind: no profile written for $t $path"
+            cp "$profile" "$TMP/callgrind-$t-${path#/}.out"
+            instructions=$(awk '/^totals:/ {print $2}' "$profile")
+            IR[$t$path]=$(awk -v i="$instructions" -v r="$n_requests" 'BEGIN {printf "%.0f", (r > 0 ? i / r : 0)}')
+            rows+=("$t $path $n_requests")
+            say "  $path  $(printf '%-14s' "$t") ${IR[$t$path]} instructions/request"
+        done
+        callgrind_control -i off "$pid" >/dev/null 2>&1
+    done
+    echo "| target | path | requests | instructions / request | vs nginx |"
+    echo "|---|---|---:|---:|---:|"
+    for row in "${rows[@]}"; do
+        read -r t path n_requests <<<"$row"
+        printf '| %s | %s | %d | %d | %s |\n' "$t" "$path" "$n_requests" "${IR[$t$path]}" \
+            "$(awk -v a="${IR[$t$path]}" -v b="${IR[nginx$path]:-0}" 'BEGIN {print (b > 0 ? sprintf("%.2f", a / b) : "-")}')"
+    done
+    [[ "$KEEP_TMP" == 1 ]] && echo && echo "profiles: $TMP/callgrind-TARGET-PATH.out (callgrind_annotate --inclusive=yes FILE)"
+    ((problems == 0)) || exit 1
     exit 0
 fi
 

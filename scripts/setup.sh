@@ -4,7 +4,7 @@
 # nothing is missing no network is used at all.
 #
 #   bash scripts/setup.sh            # build + test dependencies
-#   bash scripts/setup.sh --bench    # also wrk, nginx, haproxy (and linux-perf if available)
+#   bash scripts/setup.sh --bench    # also wrk, nginx, haproxy, valgrind (and linux-perf if available)
 set -euo pipefail
 
 bench=0
@@ -28,7 +28,7 @@ done
 # gateway by hand.
 packages=(build-essential cmake pkg-config libssl-dev redis-server chromium curl)
 if [ "$bench" = 1 ]; then
-    packages+=(wrk nginx haproxy)
+    packages+=(wrk nginx haproxy valgrind)
 fi
 
 if [ "$(id -u)" -eq 0 ]; then

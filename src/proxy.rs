@@ -1,14 +1,13 @@
 //! The one `ProxyHttp` implementation: route, run the plugin chain phase by phase,
 //! enforce access, forward with the always-on headers, and map failures to statuses.
 
-use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use gatewarden_plugins::{Ctx, Reply, RequestFlow, Verdict};
+use gatewarden_plugins::{Ctx, IpText, Reply, RequestFlow, Verdict};
 use http::header::{self, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use pingora::prelude::*;
@@ -571,18 +570,30 @@ impl ProxyHttp for Gateway {
         }
         let h = &upstream.headers;
         // Forwarding headers: believed only from trusted proxies, otherwise replaced.
-        let mut xff = String::with_capacity(48);
+        let peer = IpText::new(ctx.peer_ip);
+        let mut priors = String::new();
         if ctx.peer_trusted {
             for prior in h
                 .get_all(&X_FORWARDED_FOR)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
             {
-                xff.push_str(prior);
-                xff.push_str(", ");
+                priors.push_str(prior);
+                priors.push_str(", ");
             }
         }
-        let _ = write!(xff, "{}", ctx.peer_ip);
+        let xff = if priors.is_empty() {
+            HeaderValue::from_bytes(peer.as_bytes())
+        } else {
+            priors.push_str(peer.as_str());
+            HeaderValue::try_from(priors)
+        }
+        .or_err(ErrorType::InvalidHTTPHeader, "X-Forwarded-For")?;
+        let real_ip = if ctx.plugin.client_ip == ctx.peer_ip {
+            peer
+        } else {
+            IpText::new(ctx.plugin.client_ip)
+        };
         let proto = if ctx.plugin.https { "https" } else { "http" };
         let host = session
             .req_header()
@@ -618,7 +629,7 @@ impl ProxyHttp for Gateway {
         if let Some(fh) = forwarded_host {
             upstream.insert_header("X-Forwarded-Host", fh)?;
         }
-        upstream.insert_header("X-Real-IP", ctx.plugin.client_ip.to_string())?;
+        upstream.insert_header("X-Real-IP", real_ip.as_bytes())?;
         upstream.insert_header("X-Request-Id", ctx.plugin.request_id.as_str())?;
         if upstream.headers.get(header::HOST).is_none() {
             if let Some(host) = host {

@@ -27,11 +27,19 @@ const DEFAULT_CLIENT_KEEPALIVE_SECS: u64 = 75;
 /// held ~620 MiB in those alone. The HTTP/1 reader already reads heads into its own
 /// buffer and bodies in large reads, and an A/B load run showed no loss without it
 /// (BENCHMARKS.md). TLS listeners keep the default: the TLS record reader issues many
-/// small reads that the buffer saves syscalls on. The write buffer stays at Pingora's
-/// 1460 bytes: 32 KiB served small and 16 KiB responses 10-30 % faster (fewer sends)
-/// but is resident per connection (10 000 idle clients: 304 -> 600 MiB).
-fn client_read_buffer() -> L4BufferSettings {
-    L4BufferSettings::default().read(0)
+/// small reads that the buffer saves syscalls on.
+///
+/// The write buffer is Pingora's 1460 bytes unless `server.client_write_buffer_bytes`
+/// says otherwise. A response whose head and body fit in it leaves in one send; a larger
+/// body goes out in a second one. 32 KiB saves that send for 16 KiB pages, but the
+/// buffer is resident per connection too (10 000 idle clients: 304 -> 600 MiB), so it
+/// is the operator's choice.
+fn client_buffers(write: Option<usize>) -> L4BufferSettings {
+    let settings = L4BufferSettings::default().read(0);
+    match write {
+        Some(bytes) => settings.write(bytes),
+        None => settings,
+    }
 }
 
 /// How the process was asked to start.
@@ -113,6 +121,7 @@ pub fn run(
         Some(0) => None,
         Some(secs) => Some(secs),
     };
+    let write_buffer = server_section.client_write_buffer_bytes;
     let mut lines = Vec::new();
     for listener in &listeners {
         let gateway = Gateway {
@@ -136,7 +145,7 @@ pub fn run(
             }
             None => {
                 service.add_listener(
-                    ListenerConfig::tcp(addr.as_str()).l4_buffer(client_read_buffer()),
+                    ListenerConfig::tcp(addr.as_str()).l4_buffer(client_buffers(write_buffer)),
                 );
                 lines.push(format!("listening on http://{addr}"));
             }

@@ -112,6 +112,8 @@ pub struct Pool {
     pub retries: usize,
     slots: Vec<BackendSlot>,
     health: Option<HealthSchedule>,
+    /// The backend of a one-backend pool, picked without asking the balancer.
+    only: Option<Backend>,
 }
 
 /// Default timeouts, long enough for LLM streams.
@@ -285,6 +287,7 @@ impl Pool {
             ),
             None => (None, None),
         };
+        let only = backends.first().filter(|_| backends.len() == 1).cloned();
         let balancer = match balance {
             "random" => Balancer::Random(load_balancer(backends, check)),
             "hash" => Balancer::Hash(load_balancer(backends, check)),
@@ -307,6 +310,7 @@ impl Pool {
             retries: section.retries.unwrap_or(1),
             slots,
             health: schedule,
+            only,
         };
         pool.publish_health();
         Ok(pool)
@@ -317,6 +321,11 @@ impl Pool {
     /// health check that is wrong about all backends must not take the whole service down.
     pub fn select(&self, key: &[u8], exclude: &[SocketAddr]) -> Option<Backend> {
         let excluded = |b: &Backend| b.addr.as_inet().is_some_and(|a| exclude.contains(a));
+        // One backend: the balancer would return it healthy or not (see above), so it is
+        // the answer unless it was already tried; this skips the ring walk and hashing.
+        if let Some(only) = &self.only {
+            return (!excluded(only)).then(|| only.clone());
+        }
         with_lb!(&self.balancer, lb => lb
             .select_with(key, MAX_SELECT_STEPS, |b, healthy| healthy && !excluded(b))
             .or_else(|| lb.select_with(key, MAX_SELECT_STEPS, |b, _| !excluded(b))))
@@ -537,5 +546,39 @@ mod tests {
         );
         assert!(HashKey::parse("cookie:").is_err());
         assert!(HashKey::parse("ip").is_err());
+    }
+
+    fn pool(yaml: &str) -> Pool {
+        let section: UpstreamSection = serde_yaml_ng::from_str(yaml).unwrap();
+        Pool::build("test", &section).unwrap()
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    fn picked(pool: &Pool, exclude: &[SocketAddr]) -> Option<SocketAddr> {
+        pool.select(b"", exclude)
+            .and_then(|b| b.addr.as_inet().copied())
+    }
+
+    #[test]
+    fn a_lone_backend_is_picked_until_it_was_tried() {
+        for balance in ["round_robin", "random", "hash"] {
+            let p = pool(&format!(
+                "{{ backends: ['127.0.0.1:9'], balance: {balance} }}"
+            ));
+            assert_eq!(picked(&p, &[]), Some(addr("127.0.0.1:9")), "{balance}");
+            assert_eq!(picked(&p, &[addr("127.0.0.1:9")]), None, "{balance}");
+        }
+    }
+
+    #[test]
+    fn the_balancer_skips_backends_already_tried() {
+        let p = pool("{ backends: ['127.0.0.1:9', '127.0.0.1:10'] }");
+        let first = picked(&p, &[]).unwrap();
+        let second = picked(&p, &[first]).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(picked(&p, &[first, second]), None);
     }
 }

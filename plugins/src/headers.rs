@@ -168,10 +168,16 @@ impl Plugin for Headers {
 
     fn on_upstream_request(&self, req: &mut RequestHeader, ctx: &Ctx) {
         for h in &self.request.set {
-            req.remove_header(&h.name);
-            if let Some(value) = h.template.render(ctx) {
-                // insert_header only fails on invalid names/values, which compile() ruled out.
-                let _ = req.insert_header(h.spelling.clone(), value);
+            // Inserting replaces every copy the client sent; with nothing to render (no
+            // identity yet), the client's copies still go.
+            match h.template.render(ctx) {
+                Some(value) => {
+                    // Only fails on invalid names/values, which compile() ruled out.
+                    let _ = req.insert_header(h.spelling.clone(), value);
+                }
+                None => {
+                    req.remove_header(&h.name);
+                }
             }
         }
     }
@@ -181,9 +187,13 @@ impl Plugin for Headers {
             resp.remove_header(name);
         }
         for h in &self.response.set {
-            resp.remove_header(&h.name);
-            if let Some(value) = h.template.render(ctx) {
-                let _ = resp.insert_header(h.spelling.clone(), value);
+            match h.template.render(ctx) {
+                Some(value) => {
+                    let _ = resp.insert_header(h.spelling.clone(), value);
+                }
+                None => {
+                    resp.remove_header(&h.name);
+                }
             }
         }
     }

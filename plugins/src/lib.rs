@@ -33,7 +33,7 @@ pub mod session;
 pub mod totp;
 pub mod upstream_auth;
 
-pub use ctx::{Ctx, Identity, RequestId, Role};
+pub use ctx::{Ctx, Identity, IpText, RequestId, Role};
 pub use plugin::{Hooks, Plugin, RequestFlow, Verdict};
 pub use registry::{build, BuildEnv, BuildError, PLUGIN_TYPES};
 pub use reply::Reply;

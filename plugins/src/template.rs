@@ -1,11 +1,9 @@
 //! Header value templates: `{client_ip}`, `{request_id}`, `{identity.subject}`,
 //! `{identity.role}` and literal text. Parsed once at build time.
 
-use std::fmt::Write;
-
 use http::HeaderValue;
 
-use crate::Ctx;
+use crate::{Ctx, IpText};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
@@ -97,15 +95,14 @@ impl Template {
         for part in &self.parts {
             match part {
                 Part::Text(t) => out.push_str(t),
-                Part::ClientIp => {
-                    let _ = write!(out, "{}", ctx.client_ip);
-                }
+                Part::ClientIp => out.push_str(IpText::new(ctx.client_ip).as_str()),
                 Part::RequestId => out.push_str(ctx.request_id.as_str()),
                 Part::Subject => out.push_str(&ctx.identity.as_ref()?.subject),
                 Part::Role => out.push_str(ctx.identity.as_ref()?.role.as_str()),
             }
         }
-        HeaderValue::from_str(&out).ok()
+        // From the `String` itself: the value takes its buffer rather than a copy.
+        HeaderValue::try_from(out).ok()
     }
 }
 

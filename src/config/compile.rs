@@ -69,6 +69,8 @@ pub const DEFAULT_MAX_BODY: u64 = 10 << 20;
 /// Connect and command timeout for Redis: short, so a sick Redis costs little.
 const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
 pub const DEFAULT_LISTENER: &str = "127.0.0.1:8080";
+/// Largest `server.client_write_buffer_bytes`: every client connection holds one.
+const MAX_CLIENT_WRITE_BUFFER: usize = 1 << 20;
 
 /// Collects errors; every error is placed at a path and looked up in the line index.
 struct Errors<'a> {
@@ -199,6 +201,15 @@ pub fn compile_with(
     };
     if server.threads == Some(0) {
         errors.push("server.threads", "threads must be at least 1");
+    }
+    if server
+        .client_write_buffer_bytes
+        .is_some_and(|b| b > MAX_CLIENT_WRITE_BUFFER)
+    {
+        errors.push(
+            "server.client_write_buffer_bytes",
+            format!("at most {MAX_CLIENT_WRITE_BUFFER} bytes: the buffer is held by every client connection"),
+        );
     }
 
     let listeners = compile_listeners(take("listeners"), &mut errors);
@@ -870,5 +881,17 @@ routes:
         assert!(errs
             .iter()
             .any(|e| e.path.starts_with("plugins.g") && e.message.contains("unknown plugin type")));
+    }
+
+    #[test]
+    fn the_client_write_buffer_is_bounded() {
+        let with =
+            |bytes: usize| format!("server: {{ client_write_buffer_bytes: {bytes} }}\n{MINIMAL}");
+        let c = compile(&with(16384), 1).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(c.server.client_write_buffer_bytes, Some(16384));
+        let errs = errors_of(&with(MAX_CLIENT_WRITE_BUFFER + 1));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].path, "server.client_write_buffer_bytes");
+        assert!(errs[0].message.contains("at most"), "{errs:?}");
     }
 }

@@ -33,6 +33,10 @@ pub struct ServerSection {
     /// Seconds an idle HTTP/1.1 client connection is kept open between requests
     /// (default 75, as nginx's `keepalive_timeout`; 0 closes after every response).
     pub client_keepalive_timeout_seconds: Option<u64>,
+    /// Bytes of write buffer per plain-HTTP client connection (default 1460, Pingora's).
+    /// A response's head and body that fit in it leave in one send; it is held for the
+    /// connection's whole life.
+    pub client_write_buffer_bytes: Option<usize>,
 }
 
 /// An entry of `listeners:`.

@@ -853,3 +853,24 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("connection"), Some("close"));
 }
+
+#[test]
+fn any_client_write_buffer_size_delivers_whole_responses() {
+    let up = Upstreams::start(1);
+    // No buffer at all, one smaller than a response head, and one larger than the body.
+    for bytes in [0, 100, 65536] {
+        let gw = Gateway::start(&format!(
+            "server: {{ client_write_buffer_bytes: {bytes} }}\n{}",
+            simple_config(up.addr(0), "")
+        ));
+        for size in [1, 1460, 16384, 200_000] {
+            let resp = get(gw.addr, &format!("/bytes/{size}"), &[]);
+            assert_eq!(resp.status, 200, "buffer {bytes}, body {size}");
+            let expected: Vec<u8> = (0..size).map(|k| (k % 256) as u8).collect();
+            assert!(
+                resp.body == expected,
+                "buffer {bytes}: body of {size} bytes differs"
+            );
+        }
+    }
+}
