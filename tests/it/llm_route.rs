@@ -629,7 +629,12 @@ fn unauthenticated_requests_never_reach_the_upstream_and_the_key_never_shows() {
         }
         seen_by_client.push_str(&String::from_utf8_lossy(&resp.body));
     };
-    let wrong = format!("Authorization: Bearer {}x", &user_key[..user_key.len() - 1]);
+    // The real key with its last character changed (to another one, whatever it was).
+    let (head, last) = user_key.split_at(user_key.len() - 1);
+    let wrong = format!(
+        "Authorization: Bearer {head}{}",
+        if last == "x" { "y" } else { "x" }
+    );
     for headers in [
         &[][..],
         &[wrong.as_str()][..],
