@@ -258,6 +258,31 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Reads the keys file after a change. Unlike at startup, a missing or blank file is not
+/// taken for "no keys": it is what a writer leaves between truncating and writing, or
+/// between deleting and creating, and taking it would refuse every key until the next
+/// good read. Removing every key takes an explicit `keys: []`.
+fn read_for_reload(path: &Path) -> Result<KeysFile, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("{} is missing", path.display()))
+        }
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let blank = text
+        .lines()
+        .map(str::trim)
+        .all(|l| l.is_empty() || l.starts_with('#'));
+    if blank {
+        return Err(format!(
+            "{} is empty (write `keys: []` to remove every key)",
+            path.display()
+        ));
+    }
+    KeysFile::parse(&text).map_err(|e| format!("{} is not a valid keys file: {e}", path.display()))
+}
+
 /// Watches the keys file and writes last-use times, until the plugin is dropped.
 fn spawn_watcher(store: Weak<Store>) {
     let spawned = std::thread::Builder::new()
@@ -276,7 +301,7 @@ fn spawn_watcher(store: Weak<Store>) {
                 let now = file_stamp(path);
                 if now != stamp {
                     std::thread::sleep(SETTLE);
-                    let loaded = KeysFile::load(path);
+                    let loaded = read_for_reload(path);
                     // Changed again meanwhile: still being written; look at the next check.
                     if file_stamp(path) == now {
                         stamp = now;
@@ -511,6 +536,31 @@ mod tests {
                 .unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn a_reload_never_takes_a_missing_or_blank_file_for_no_keys() {
+        let (dir, path, _, _) = setup();
+        assert_eq!(read_for_reload(&path).unwrap().keys.len(), 2);
+        // What an in-place writer leaves between truncating and writing.
+        for blank in ["", "\n  \n", "# being rewritten\n"] {
+            std::fs::write(&path, blank).unwrap();
+            let err = read_for_reload(&path).unwrap_err();
+            assert!(
+                err.contains("is empty") && err.contains("keys: []"),
+                "{err}"
+            );
+        }
+        std::fs::write(&path, "keys:\n- id: half").unwrap();
+        assert!(read_for_reload(&path)
+            .unwrap_err()
+            .contains("not a valid keys file"));
+        // Removing every key is still possible, when said.
+        std::fs::write(&path, "keys: []\n").unwrap();
+        assert!(read_for_reload(&path).unwrap().keys.is_empty());
+        std::fs::remove_file(&path).unwrap();
+        assert!(read_for_reload(&path).unwrap_err().contains("is missing"));
+        drop(dir);
     }
 
     #[test]

@@ -390,17 +390,18 @@ fn hammer(
     (threads, ok, refused)
 }
 
-/// Rewrites `path` with `text` in place: truncate, write half, pause, write the rest,
-/// as a careless script or editor would.
-fn rewrite_in_place(path: &Path, text: &[u8]) {
+/// Rewrites `path` with `text` in place, as a careless script or editor would:
+/// truncate, pause, write half, pause, write the rest.
+fn rewrite_in_place(path: &Path, text: &[u8], pause: Duration) {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)
         .open(path)
         .unwrap();
+    std::thread::sleep(pause);
     let half = text.len() / 2;
     f.write_all(&text[..half]).unwrap();
-    std::thread::sleep(Duration::from_millis(2));
+    std::thread::sleep(pause);
     f.write_all(&text[half..]).unwrap();
 }
 
@@ -434,7 +435,15 @@ fn a_keys_file_rewritten_while_requests_are_checked_never_drops_a_valid_key() {
 
     for (how, write) in [
         ("atomic", rewrite_atomically as fn(&Path, &[u8], usize)),
-        ("in place", |p: &Path, t: &[u8], _| rewrite_in_place(p, t)),
+        ("in place", |p: &Path, t: &[u8], _| {
+            rewrite_in_place(p, t, Duration::from_millis(2))
+        }),
+        // A writer stalled long enough for the watcher to read the empty file and the
+        // half-written one (a loaded machine does this to the quick writer too): both
+        // are refused and the previous keys stay.
+        ("stalling in place", |p: &Path, t: &[u8], _| {
+            rewrite_in_place(p, t, Duration::from_millis(1300))
+        }),
     ] {
         let stop = Arc::new(AtomicBool::new(false));
         let (threads, ok, refused) = hammer(gw.addr, key.clone(), stop.clone());
