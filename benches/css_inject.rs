@@ -14,7 +14,7 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gatewarden_plugins::css_inject::{CssInject, CssInjectConfig};
-use gatewarden_plugins::{BuildEnv, Ctx, Plugin, RequestId, ResponseHeader};
+use gatewarden_plugins::{BuildEnv, Ctx, Plugin, RequestId};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -68,9 +68,11 @@ fn chunks(page: &[u8], chunk: usize) -> Vec<Bytes> {
 
 fn run(p: &CssInject, chunks: &[Bytes]) -> usize {
     let mut ctx = Ctx::new([127, 0, 0, 1].into(), RequestId::from_random(1), false);
-    let mut resp = ResponseHeader::build(200, None).expect("header");
-    resp.insert_header("content-type", "text/html; charset=utf-8")
-        .expect("header");
+    let mut resp = http::Response::new(()).into_parts().0;
+    resp.headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     p.on_response(&mut resp, &mut ctx);
     let mut out = 0;
     for (i, chunk) in chunks.iter().enumerate() {

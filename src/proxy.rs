@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use gatewarden_plugins::{Ctx, IpText, Reply, RequestFlow, Verdict};
+use gatewarden_plugins::{Ctx, IpText, Reply, RequestFlow, RequestParts, ResponseParts, Verdict};
 use http::header::{self, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use pingora::prelude::*;
@@ -150,18 +150,18 @@ fn must_not_pass(name: &str, peer_trusted: bool) -> bool {
     gateway_sets || (!peer_trusted && (name == FORWARDED.as_str() || is_forwarding_header(name)))
 }
 
-/// Runs `edit` on the upstream request's headers as a plain `http` map, and leaves the
-/// request without Pingora's second map of the client's header name spellings.
+/// Runs `edit` on the upstream request as `http`'s own head, and leaves the request
+/// without Pingora's second map of the client's header name spellings.
 ///
 /// Pingora's `insert_header` parses the name it is given (copying any name outside the
 /// standard set) and updates both maps, growing each as needed. Editing the `http` map
 /// directly inserts prebuilt names without a copy, into room reserved once; the spelling
 /// map is dropped rather than kept in step. What changes on the wire is the spelling:
-/// the upstream gets standard names in Title-Case and the others in lowercase, as HAProxy
-/// and Envoy send them (field names are case-insensitive, RFC 9110 section 5.1).
+/// Pingora then writes a dozen common names in Title-Case and all others in lowercase,
+/// as HAProxy and Envoy do (field names are case-insensitive, RFC 9110 section 5.1).
 fn without_case_map(
     upstream: &mut RequestHeader,
-    edit: impl FnOnce(&mut http::HeaderMap),
+    edit: impl FnOnce(&mut RequestParts),
 ) -> Result<()> {
     // The URI is all that survives the trip through `http`'s parts; a target it does not
     // reproduce (absolute-form, or not UTF-8) is kept aside and put back.
@@ -173,7 +173,7 @@ fn without_case_map(
     let send_end_stream = upstream.send_end_stream();
     let blank = RequestHeader::from(http::Request::new(()).into_parts().0);
     let mut parts = http::request::Parts::from(std::mem::replace(upstream, blank));
-    edit(&mut parts.headers);
+    edit(&mut parts);
     *upstream = RequestHeader::from(parts);
     if let Some(target) = target {
         upstream.set_raw_path(&target)?;
@@ -186,7 +186,7 @@ fn without_case_map(
 
 /// [`without_case_map`] for the response to the client: its header names go out in
 /// the same spelling (clients of HTTP/2 already get every name in lowercase).
-fn response_without_case_map(resp: &mut ResponseHeader, edit: impl FnOnce(&mut http::HeaderMap)) {
+fn response_without_case_map(resp: &mut ResponseHeader, edit: impl FnOnce(&mut ResponseParts)) {
     // `http`'s parts have no reason phrase; an upstream's own one is put back.
     let reason = resp
         .get_reason_phrase()
@@ -194,7 +194,7 @@ fn response_without_case_map(resp: &mut ResponseHeader, edit: impl FnOnce(&mut h
         .map(str::to_owned);
     let blank = ResponseHeader::from(http::Response::new(()).into_parts().0);
     let mut parts = http::response::Parts::from(std::mem::replace(resp, blank));
-    edit(&mut parts.headers);
+    edit(&mut parts);
     *resp = ResponseHeader::from(parts);
     if reason.is_some() {
         // Never fails: Pingora does not check the phrase.
@@ -233,15 +233,26 @@ impl Gateway {
         reply: Reply,
     ) -> Result<bool> {
         let head_only = session.req_header().method == http::Method::HEAD;
-        let mut resp = ResponseHeader::build(reply.status, Some(4 + reply.headers.len()))?;
+        let mut resp = http::Response::new(()).into_parts().0;
+        resp.status = http::StatusCode::from_u16(reply.status)
+            .or_err(ErrorType::InvalidHTTPHeader, "reply status")?;
+        let h = &mut resp.headers;
+        h.reserve(4 + reply.headers.len());
         if !reply.content_type.is_empty() {
-            resp.insert_header(header::CONTENT_TYPE, reply.content_type)?;
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(reply.content_type),
+            );
         }
-        resp.insert_header(header::CONTENT_LENGTH, reply.body.len())?;
-        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
-        resp.insert_header("X-Request-Id", ctx.plugin.request_id.as_str())?;
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(
+            X_REQUEST_ID.clone(),
+            HeaderValue::from_str(ctx.plugin.request_id.as_str())
+                .or_err(ErrorType::InvalidHTTPHeader, "X-Request-Id")?,
+        );
         for (name, value) in reply.headers {
-            resp.append_header(name, value)?;
+            h.append(name, value);
         }
         // Browsers can read a rejection only if it carries the CORS headers too.
         if let Some(route) = ctx.route.as_ref().filter(|r| r.chain.hooks.gateway_replies) {
@@ -253,7 +264,7 @@ impl Gateway {
             }
         }
         session
-            .write_response_header(Box::new(resp), head_only)
+            .write_response_header(Box::new(ResponseHeader::from(resp)), head_only)
             .await?;
         if !head_only {
             session.write_response_body(Some(reply.body), true).await?;
@@ -667,7 +678,13 @@ impl ProxyHttp for Gateway {
             .or_err(ErrorType::InvalidHTTPHeader, "X-Request-Id")?;
         let real_ip = HeaderValue::from_bytes(real_ip.as_bytes())
             .or_err(ErrorType::InvalidHTTPHeader, "X-Real-IP")?;
-        without_case_map(upstream, |h| {
+        let plugins = ctx
+            .route
+            .as_ref()
+            .filter(|r| r.chain.hooks.upstream_request)
+            .map(|r| &r.chain.plugins);
+        without_case_map(upstream, |up| {
+            let h = &mut up.headers;
             // One pass over the client's header names finds every copy the upstream must
             // not see; nothing is collected (or allocated) unless one is there.
             let spoofed: Vec<HeaderName> = h
@@ -678,7 +695,8 @@ impl ProxyHttp for Gateway {
             for name in &spoofed {
                 h.remove(name);
             }
-            h.reserve(6);
+            // The core's six, and room for what the chain's plugins set.
+            h.reserve(if plugins.is_some() { 12 } else { 6 });
             h.insert(X_FORWARDED_FOR.clone(), xff);
             h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
             if let Some(fh) = forwarded_host {
@@ -689,17 +707,12 @@ impl ProxyHttp for Gateway {
             if let (false, Some(host)) = (h.contains_key(header::HOST), host) {
                 h.insert(header::HOST, host);
             }
-        })?;
-        if let Some(route) = &ctx.route {
-            if route.chain.hooks.upstream_request {
-                for plugin in &route.chain.plugins {
-                    if plugin.hooks().upstream_request {
-                        plugin.on_upstream_request(upstream, &ctx.plugin);
-                    }
+            for plugin in plugins.into_iter().flatten() {
+                if plugin.hooks().upstream_request {
+                    plugin.on_upstream_request(up, &ctx.plugin);
                 }
             }
-        }
-        Ok(())
+        })
     }
 
     async fn response_filter(
@@ -713,42 +726,43 @@ impl ProxyHttp for Gateway {
         }
         let request_id = HeaderValue::from_str(ctx.plugin.request_id.as_str())
             .or_err(ErrorType::InvalidHTTPHeader, "X-Request-Id")?;
-        response_without_case_map(resp, |h| {
-            h.reserve(1);
-            h.insert(X_REQUEST_ID.clone(), request_id);
-        });
-        if let Some(route) = &ctx.route {
-            if route.chain.hooks.response {
-                let had_length = resp.headers.contains_key(header::CONTENT_LENGTH);
-                for plugin in &route.chain.plugins {
-                    if plugin.hooks().response {
-                        plugin.on_response(resp, &mut ctx.plugin);
-                    }
-                }
-                // Pingora picks chunked framing before this filter runs; a plugin that
-                // rewrites the body and drops Content-Length would otherwise leave an
-                // HTTP/1.1 client a body delimited only by closing the connection.
-                let no_body = session.req_header().method == http::Method::HEAD
-                    || matches!(resp.status.as_u16(), 204 | 304)
-                    || resp.status.is_informational();
-                let unframed = had_length
-                    && !no_body
-                    && !resp.headers.contains_key(header::CONTENT_LENGTH)
-                    && !resp.headers.contains_key(header::TRANSFER_ENCODING);
-                if unframed {
-                    resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
-                }
-                if ctx.plugin.compress_response {
-                    compress_for_client(session);
-                }
-                // Chunked (ours, or the compressor's) needs HTTP/1.1, as Pingora does
-                // when it adds chunked itself; an HTTP/1.0 upstream says 1.0.
-                if (unframed || ctx.plugin.compress_response)
-                    && resp.version < http::Version::HTTP_11
-                {
-                    resp.set_version(http::Version::HTTP_11);
+        let head_request = session.req_header().method == http::Method::HEAD;
+        let route = ctx.route.as_ref().filter(|r| r.chain.hooks.response);
+        let plugin_ctx = &mut ctx.plugin;
+        response_without_case_map(resp, |resp| {
+            resp.headers.reserve(if route.is_some() { 8 } else { 1 });
+            resp.headers.insert(X_REQUEST_ID.clone(), request_id);
+            let Some(route) = route else { return };
+            let had_length = resp.headers.contains_key(header::CONTENT_LENGTH);
+            for plugin in &route.chain.plugins {
+                if plugin.hooks().response {
+                    plugin.on_response(resp, plugin_ctx);
                 }
             }
+            // Pingora picks chunked framing before this filter runs; a plugin that
+            // rewrites the body and drops Content-Length would otherwise leave an
+            // HTTP/1.1 client a body delimited only by closing the connection.
+            let no_body = head_request
+                || matches!(resp.status.as_u16(), 204 | 304)
+                || resp.status.is_informational();
+            let unframed = had_length
+                && !no_body
+                && !resp.headers.contains_key(header::CONTENT_LENGTH)
+                && !resp.headers.contains_key(header::TRANSFER_ENCODING);
+            if unframed {
+                resp.headers.insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            }
+            // Chunked (ours, or the compressor's) needs HTTP/1.1, as Pingora does when it
+            // adds chunked itself; an HTTP/1.0 upstream says 1.0.
+            if (unframed || plugin_ctx.compress_response) && resp.version < http::Version::HTTP_11 {
+                resp.version = http::Version::HTTP_11;
+            }
+        });
+        if ctx.plugin.compress_response {
+            compress_for_client(session);
         }
         Ok(())
     }
@@ -883,7 +897,8 @@ mod tests {
         req.append_header("X-Client-Thing", "2").unwrap();
         req.extensions_mut().insert(7u32);
         without_case_map(&mut req, |h| {
-            h.insert(X_REAL_IP.clone(), HeaderValue::from_static("192.0.2.1"));
+            h.headers
+                .insert(X_REAL_IP.clone(), HeaderValue::from_static("192.0.2.1"));
         })
         .unwrap();
         assert!(!req.has_case());
@@ -918,7 +933,8 @@ mod tests {
             resp.set_reason_phrase(Some(reason)).unwrap();
             resp.append_header("Server", "up").unwrap();
             response_without_case_map(&mut resp, |h| {
-                h.insert(X_REQUEST_ID.clone(), HeaderValue::from_static("r1"));
+                h.headers
+                    .insert(X_REQUEST_ID.clone(), HeaderValue::from_static("r1"));
             });
             assert!(!resp.has_case());
             assert_eq!(resp.status, status);

@@ -41,7 +41,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::origin::OriginSpec;
-use crate::{Ctx, Hooks, Plugin, Reply, RequestHeader, ResponseHeader};
+use crate::{Ctx, Hooks, Plugin, Reply, RequestHeader, ResponseParts};
 
 /// Settings of a `cors` plugin.
 #[derive(Debug, Deserialize)]
@@ -243,7 +243,7 @@ fn is_preflight(req: &RequestHeader) -> bool {
 }
 
 /// Adds `Vary: Origin` unless a `Vary` already covers it.
-fn vary_on_origin(resp: &mut ResponseHeader) {
+fn vary_on_origin(resp: &mut ResponseParts) {
     let covered = resp.headers.get_all(header::VARY).iter().any(|v| {
         v.as_bytes().split(|b| *b == b',').any(|token| {
             let token = token.trim_ascii();
@@ -251,8 +251,7 @@ fn vary_on_origin(resp: &mut ResponseHeader) {
         })
     });
     if !covered {
-        // Only fails for invalid names or values; these are static and valid.
-        let _ = resp.append_header(header::VARY, ORIGIN.clone());
+        resp.headers.append(header::VARY, ORIGIN.clone());
     }
 }
 
@@ -286,13 +285,13 @@ impl Plugin for Cors {
         })
     }
 
-    fn on_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) {
+    fn on_response(&self, resp: &mut ResponseParts, ctx: &mut Ctx) {
         for name in [
             header::ACCESS_CONTROL_ALLOW_ORIGIN,
             header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
             header::ACCESS_CONTROL_EXPOSE_HEADERS,
         ] {
-            resp.remove_header(&name);
+            resp.headers.remove(name);
         }
         if matches!(self.origins, Origins::Listed(_)) {
             vary_on_origin(resp);
@@ -305,16 +304,16 @@ impl Plugin for Cors {
         else {
             return;
         };
-        // Inserting only fails for invalid names or values, which these are not.
-        let _ = resp.insert_header(
+        let h = &mut resp.headers;
+        h.insert(
             header::ACCESS_CONTROL_ALLOW_ORIGIN,
             self.allow_origin_value(origin),
         );
         if self.credentials {
-            let _ = resp.insert_header(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, TRUE.clone());
+            h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, TRUE.clone());
         }
         if let Some(expose) = &self.expose {
-            let _ = resp.insert_header(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
+            h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
         }
     }
 }
@@ -352,7 +351,7 @@ mod tests {
             .and_then(|(_, v)| v.to_str().ok())
     }
 
-    fn response_header(resp: &ResponseHeader, name: &HeaderName) -> Vec<String> {
+    fn response_header(resp: &ResponseParts, name: &HeaderName) -> Vec<String> {
         resp.headers
             .get_all(name)
             .iter()
@@ -423,10 +422,11 @@ mod tests {
             &request("POST", &[("Origin", "https://app.example")]),
             &mut ctx,
         );
-        let mut resp = ResponseHeader::build(200, None).unwrap();
+        let mut resp = crate::ResponseHeader::build(200, None).unwrap();
         resp.append_header("Access-Control-Allow-Origin", "*")
             .unwrap();
         resp.append_header("Vary", "Accept-Encoding").unwrap();
+        let mut resp = ResponseParts::from(resp);
         c.on_response(&mut resp, &mut ctx);
         c.on_response(&mut resp, &mut ctx);
         assert_eq!(
@@ -455,11 +455,12 @@ mod tests {
             &request("GET", &[("Origin", "https://evil.example")]),
             &mut ctx,
         );
-        let mut resp = ResponseHeader::build(200, None).unwrap();
+        let mut resp = crate::ResponseHeader::build(200, None).unwrap();
         resp.append_header("Access-Control-Allow-Origin", "https://evil.example")
             .unwrap();
         resp.append_header("Access-Control-Allow-Credentials", "true")
             .unwrap();
+        let mut resp = ResponseParts::from(resp);
         c.on_response(&mut resp, &mut ctx);
         assert!(resp
             .headers
@@ -485,7 +486,7 @@ mod tests {
             &request("GET", &[("Origin", "https://b.example")]),
             &mut ctx,
         );
-        let mut resp = ResponseHeader::build(200, None).unwrap();
+        let mut resp = ResponseParts::from(crate::ResponseHeader::build(200, None).unwrap());
         narrow.on_response(&mut resp, &mut ctx);
         assert!(resp
             .headers
@@ -507,7 +508,7 @@ mod tests {
             header(&reply, &header::ACCESS_CONTROL_ALLOW_CREDENTIALS),
             None
         );
-        let mut resp = ResponseHeader::build(200, None).unwrap();
+        let mut resp = ResponseParts::from(crate::ResponseHeader::build(200, None).unwrap());
         c.on_response(&mut resp, &mut ctx);
         assert_eq!(
             response_header(&resp, &header::ACCESS_CONTROL_ALLOW_ORIGIN),

@@ -38,7 +38,7 @@ use memchr::memmem::Finder;
 use serde::Deserialize;
 
 use crate::registry::BuildEnv;
-use crate::{Ctx, Hooks, Plugin, RequestFlow, RequestHeader, ResponseHeader};
+use crate::{Ctx, Hooks, Plugin, RequestFlow, RequestHeader, RequestParts, ResponseParts};
 
 /// Settings of a `css_inject` plugin: exactly one of `file` or `href`.
 #[derive(Debug, Deserialize)]
@@ -313,7 +313,7 @@ fn offers_coding(req: &RequestHeader) -> bool {
 }
 
 /// The media type of `resp` is `text/html` (parameters such as charset allowed).
-fn is_html(resp: &ResponseHeader) -> bool {
+fn is_html(resp: &ResponseParts) -> bool {
     resp.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
         let v = v.as_bytes().trim_ascii_start();
         v.len() >= 9
@@ -322,7 +322,7 @@ fn is_html(resp: &ResponseHeader) -> bool {
     })
 }
 
-fn is_event_stream(resp: &ResponseHeader) -> bool {
+fn is_event_stream(resp: &ResponseParts) -> bool {
     resp.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
         let v = v.as_bytes().trim_ascii_start();
         v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream")
@@ -330,7 +330,7 @@ fn is_event_stream(resp: &ResponseHeader) -> bool {
 }
 
 /// The body is compressed (any coding but `identity`).
-fn is_encoded(resp: &ResponseHeader) -> bool {
+fn is_encoded(resp: &ResponseParts) -> bool {
     resp.headers
         .get_all(header::CONTENT_ENCODING)
         .iter()
@@ -360,14 +360,17 @@ impl Plugin for CssInject {
         RequestFlow::CONTINUE
     }
 
-    fn on_upstream_request(&self, req: &mut RequestHeader, ctx: &Ctx) {
+    fn on_upstream_request(&self, req: &mut RequestParts, ctx: &Ctx) {
         if ctx.css.asked_identity {
-            req.remove_header(&header::ACCEPT_ENCODING);
-            let _ = req.insert_header(header::ACCEPT_ENCODING, "identity");
+            // Replaces every copy the client sent.
+            req.headers.insert(
+                header::ACCEPT_ENCODING,
+                http::HeaderValue::from_static("identity"),
+            );
         }
     }
 
-    fn on_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) {
+    fn on_response(&self, resp: &mut ResponseParts, ctx: &mut Ctx) {
         let state = &mut ctx.css;
         if state.owner != 0 && state.owner != self.id() {
             return;
@@ -389,8 +392,8 @@ impl Plugin for CssInject {
             return;
         }
         state.scanning = true;
-        resp.remove_header(&header::CONTENT_LENGTH);
-        resp.remove_header(&header::ACCEPT_RANGES);
+        resp.headers.remove(header::CONTENT_LENGTH);
+        resp.headers.remove(header::ACCEPT_RANGES);
         // The page is no longer byte for byte the upstream's: a strong validator would
         // let a client splice ranges of two different representations.
         if let Some(etag) = resp.headers.get(header::ETAG) {
@@ -399,7 +402,7 @@ impl Plugin for CssInject {
                 weak.extend_from_slice(b"W/");
                 weak.extend_from_slice(etag.as_bytes());
                 if let Ok(weak) = http::HeaderValue::from_bytes(&weak) {
-                    let _ = resp.insert_header(header::ETAG, weak);
+                    resp.headers.insert(header::ETAG, weak);
                 }
             }
         }
@@ -466,16 +469,31 @@ mod tests {
         )
     }
 
-    fn html_response(status: u16, content_type: &str) -> ResponseHeader {
-        let mut resp = ResponseHeader::build(status, None).unwrap();
-        resp.insert_header("Content-Type", content_type).unwrap();
-        resp.insert_header("Content-Length", "1234").unwrap();
+    fn html_response(status: u16, content_type: &str) -> ResponseParts {
+        let mut resp = http::Response::new(()).into_parts().0;
+        resp.status = http::StatusCode::from_u16(status).unwrap();
+        set(&mut resp, "Content-Type", content_type);
+        set(&mut resp, "Content-Length", "1234");
         resp
+    }
+
+    fn set(resp: &mut ResponseParts, name: &str, value: &str) {
+        resp.headers.insert(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(value).unwrap(),
+        );
+    }
+
+    /// The request as the upstream-request hook leaves it.
+    fn upstream_of(p: &CssInject, req: &RequestHeader, c: &Ctx) -> RequestParts {
+        let mut up = RequestParts::from(req.clone());
+        p.on_upstream_request(&mut up, c);
+        up
     }
 
     /// Runs a whole response through the plugin, chunk by chunk; returns the headers and
     /// the body the client would get.
-    fn run(p: &CssInject, resp: &mut ResponseHeader, chunks: &[&[u8]]) -> Vec<u8> {
+    fn run(p: &CssInject, resp: &mut ResponseParts, chunks: &[&[u8]]) -> Vec<u8> {
         let mut c = ctx();
         p.on_response(resp, &mut c);
         let mut out = Vec::new();
@@ -631,13 +649,13 @@ mod tests {
     #[test]
     fn compressed_pages_are_passed_untouched() {
         let mut resp = html_response(200, "text/html");
-        resp.insert_header("Content-Encoding", "gzip").unwrap();
+        set(&mut resp, "Content-Encoding", "gzip");
         let body: &[u8] = b"\x1f\x8b</head>";
         assert_eq!(run(&plugin(), &mut resp, &[body]), body);
         assert!(resp.headers.get("content-length").is_some());
 
         let mut resp = html_response(200, "text/html");
-        resp.insert_header("Content-Encoding", "identity").unwrap();
+        set(&mut resp, "Content-Encoding", "identity");
         assert_eq!(
             run(&plugin(), &mut resp, &[b"<head></head>"]),
             format!("<head>{TAG}</head>").as_bytes()
@@ -647,8 +665,8 @@ mod tests {
     #[test]
     fn headers_of_a_rewritten_page_no_longer_promise_its_length() {
         let mut resp = html_response(200, "TEXT/HTML;charset=utf-8");
-        resp.insert_header("ETag", "\"v1\"").unwrap();
-        resp.insert_header("Accept-Ranges", "bytes").unwrap();
+        set(&mut resp, "ETag", "\"v1\"");
+        set(&mut resp, "Accept-Ranges", "bytes");
         run(&plugin(), &mut resp, &[b"<head></head>"]);
         assert!(resp.headers.get("content-length").is_none());
         assert!(resp.headers.get("accept-ranges").is_none());
@@ -664,8 +682,8 @@ mod tests {
             .unwrap();
         req.insert_header("Accept-Encoding", "gzip, br").unwrap();
         let _ = p.on_request(&mut req, &mut c);
-        p.on_upstream_request(&mut req, &c);
-        assert_eq!(req.headers.get("accept-encoding").unwrap(), "identity");
+        let up = upstream_of(&p, &req, &c);
+        assert_eq!(up.headers.get("accept-encoding").unwrap(), "identity");
         p.on_response(&mut html_response(200, "text/html"), &mut c);
         assert!(c.compress_response);
 
@@ -677,8 +695,8 @@ mod tests {
             }
             let mut c = ctx();
             let _ = p.on_request(&mut plain, &mut c);
-            p.on_upstream_request(&mut plain, &c);
-            assert_eq!(plain.headers.get("accept-encoding").unwrap(), "identity");
+            let up = upstream_of(&p, &plain, &c);
+            assert_eq!(up.headers.get("accept-encoding").unwrap(), "identity");
             p.on_response(&mut html_response(200, "text/html"), &mut c);
             assert!(!c.compress_response, "{offer:?}");
         }
@@ -710,9 +728,9 @@ mod tests {
                 req.insert_header(*n, *v).unwrap();
             }
             let _ = p.on_request(&mut req, &mut c);
-            p.on_upstream_request(&mut req, &c);
+            let up = upstream_of(&p, &req, &c);
             assert_eq!(
-                req.headers.get("accept-encoding").unwrap(),
+                up.headers.get("accept-encoding").unwrap(),
                 "gzip",
                 "{method} {headers:?}"
             );

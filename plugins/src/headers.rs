@@ -19,12 +19,11 @@
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
-use http::HeaderName;
+use http::{HeaderMap, HeaderName};
 use serde::Deserialize;
 
 use crate::template::Template;
-use crate::{Ctx, Hooks, Plugin, RequestFlow, RequestHeader, ResponseHeader};
+use crate::{Ctx, Hooks, Plugin, RequestFlow, RequestHeader, RequestParts, ResponseParts};
 
 /// Settings of a `headers` plugin.
 #[derive(Debug, Default, Deserialize)]
@@ -51,11 +50,9 @@ pub struct HeaderOps {
     pub remove: Vec<String>,
 }
 
-/// A header the plugin sets: its name for lookups, and the spelling from the config
-/// that goes on the wire (shared, so inserting it never copies the name).
+/// A header the plugin sets (the name prebuilt, so inserting it copies nothing).
 struct SetHeader {
     name: HeaderName,
-    spelling: Bytes,
     template: Template,
 }
 
@@ -79,7 +76,6 @@ impl CompiledOps {
                     Template::parse(&value).map_err(|e| format!("{side}.set.{name}: {e}"))?;
                 Ok(SetHeader {
                     name: header,
-                    spelling: shared_bytes(name),
                     template,
                 })
             })
@@ -106,14 +102,21 @@ impl CompiledOps {
     fn is_empty(&self) -> bool {
         self.set.is_empty() && self.remove.is_empty()
     }
-}
 
-/// `text` as `Bytes` whose clones only count references: a `Bytes` made from a
-/// `String` turns shared on its first clone, so that clone happens here, once.
-fn shared_bytes(text: String) -> Bytes {
-    let bytes = Bytes::from(text);
-    drop(bytes.clone());
-    bytes
+    /// Sets every header of `set` (replacing every copy already there) or, when its
+    /// value has nothing to show (no identity yet), removes it.
+    fn apply_set(&self, headers: &mut HeaderMap, ctx: &Ctx) {
+        for h in &self.set {
+            match h.template.render(ctx) {
+                Some(value) => {
+                    headers.insert(h.name.clone(), value);
+                }
+                None => {
+                    headers.remove(&h.name);
+                }
+            }
+        }
+    }
 }
 
 fn header_name(name: &str, side: &str) -> Result<HeaderName, String> {
@@ -166,43 +169,22 @@ impl Plugin for Headers {
         RequestFlow::CONTINUE
     }
 
-    fn on_upstream_request(&self, req: &mut RequestHeader, ctx: &Ctx) {
-        for h in &self.request.set {
-            // Inserting replaces every copy the client sent; with nothing to render (no
-            // identity yet), the client's copies still go.
-            match h.template.render(ctx) {
-                Some(value) => {
-                    // Only fails on invalid names/values, which compile() ruled out.
-                    let _ = req.insert_header(h.spelling.clone(), value);
-                }
-                None => {
-                    req.remove_header(&h.name);
-                }
-            }
-        }
+    fn on_upstream_request(&self, req: &mut RequestParts, ctx: &Ctx) {
+        self.request.apply_set(&mut req.headers, ctx);
     }
 
-    fn on_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) {
+    fn on_response(&self, resp: &mut ResponseParts, ctx: &mut Ctx) {
         for name in &self.response.remove {
-            resp.remove_header(name);
+            resp.headers.remove(name);
         }
-        for h in &self.response.set {
-            match h.template.render(ctx) {
-                Some(value) => {
-                    let _ = resp.insert_header(h.spelling.clone(), value);
-                }
-                None => {
-                    resp.remove_header(&h.name);
-                }
-            }
-        }
+        self.response.apply_set(&mut resp.headers, ctx);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Identity, RequestId, Role};
+    use crate::{Identity, RequestId, ResponseHeader, Role};
     use std::sync::Arc;
 
     fn plugin(yaml: &str) -> Headers {
@@ -235,6 +217,7 @@ mod tests {
         let _ = p.on_request(&mut req, &mut c);
         assert!(req.headers.get("x-webauth-user").is_none());
         assert!(req.headers.get("x_webauth_user").is_none());
+        let mut req = RequestParts::from(req);
         p.on_upstream_request(&mut req, &c);
         let values: Vec<_> = req.headers.get_all("x-webauth-user").iter().collect();
         assert_eq!(values, ["ann"]);
@@ -248,6 +231,7 @@ mod tests {
         let mut c = ctx();
         c.identity = None;
         let _ = p.on_request(&mut req, &mut c);
+        let mut req = RequestParts::from(req);
         p.on_upstream_request(&mut req, &c);
         assert!(req.headers.get("remote-user").is_none());
     }
@@ -258,6 +242,7 @@ mod tests {
         let mut resp = ResponseHeader::build(200, None).unwrap();
         resp.append_header("Server", "upstream/1.0").unwrap();
         resp.append_header("x-frame-options", "ALLOW").unwrap();
+        let mut resp = ResponseParts::from(resp);
         p.on_response(&mut resp, &mut ctx());
         assert!(resp.headers.get("server").is_none());
         let values: Vec<_> = resp.headers.get_all("x-frame-options").iter().collect();

@@ -40,3 +40,9 @@ pub use reply::Reply;
 
 /// Re-exported so the core and plugins agree on the header types.
 pub use pingora_http::{RequestHeader, ResponseHeader};
+
+/// What the upstream-request and response hooks edit: `http`'s own heads. Inserting a
+/// prebuilt `HeaderName` into their maps parses and copies nothing, where Pingora's
+/// `insert_header` parses every name (copying any custom one) and keeps a second map
+/// of spellings in step.
+pub use http::{request::Parts as RequestParts, response::Parts as ResponseParts};

@@ -25,7 +25,7 @@ use crate::gcra::{Gcra, LocalTable, RedisGcra, RedisMode};
 use crate::rate_limit::{Backend, OnError};
 use crate::redis_store;
 use crate::{
-    BuildEnv, Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, ResponseHeader, Verdict,
+    BuildEnv, Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, ResponseParts, Verdict,
 };
 
 /// Settings of an `llm_budget` plugin.
@@ -212,7 +212,7 @@ impl Plugin for LlmBudget {
         }))
     }
 
-    fn on_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) {
+    fn on_response(&self, resp: &mut ResponseParts, ctx: &mut Ctx) {
         let countable = resp.status == 200
             && resp
                 .headers
@@ -323,9 +323,10 @@ mod tests {
             p.on_request(&mut req, &mut ctx),
             RequestFlow::Done(Verdict::Continue)
         ));
-        let mut resp = ResponseHeader::build(200, None).unwrap();
+        let mut resp = crate::ResponseHeader::build(200, None).unwrap();
         resp.insert_header("content-type", "application/json")
             .unwrap();
+        let mut resp = ResponseParts::from(resp);
         p.on_response(&mut resp, &mut ctx);
         let mut body = Some(bytes::Bytes::from_static(
             b"{\"usage\":{\"total_tokens\":150}}",

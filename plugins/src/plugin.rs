@@ -4,9 +4,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 use bytes::Bytes;
-use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_http::RequestHeader;
 
-use crate::{Ctx, Reply};
+use crate::{Ctx, Reply, RequestParts, ResponseParts};
 
 /// What a request hook decided.
 #[derive(Debug)]
@@ -128,10 +128,11 @@ pub trait Plugin: Send + Sync + 'static {
     }
 
     /// Edit the request about to be sent upstream (after access passed).
-    fn on_upstream_request(&self, _req: &mut RequestHeader, _ctx: &Ctx) {}
+    fn on_upstream_request(&self, _req: &mut RequestParts, _ctx: &Ctx) {}
 
-    /// Edit the response headers about to be sent to the client.
-    fn on_response(&self, _resp: &mut ResponseHeader, _ctx: &mut Ctx) {}
+    /// Edit the response headers about to be sent to the client: the upstream's, and
+    /// the gateway's own replies for a plugin that sets [`Hooks::gateway_replies`].
+    fn on_response(&self, _resp: &mut ResponseParts, _ctx: &mut Ctx) {}
 
     /// Edit one response body chunk as it streams; never buffer a whole body.
     fn on_response_body(&self, _body: &mut Option<Bytes>, _end_of_stream: bool, _ctx: &mut Ctx) {}

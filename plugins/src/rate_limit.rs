@@ -33,7 +33,7 @@ use serde::Deserialize;
 use crate::gcra::{Decision, Gcra, LocalTable, RedisGcra, RedisMode};
 use crate::redis_store;
 use crate::{
-    BuildEnv, Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, ResponseHeader, Verdict,
+    BuildEnv, Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, ResponseParts, Verdict,
 };
 
 static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
@@ -353,12 +353,12 @@ impl Plugin for RateLimit {
         }))
     }
 
-    fn on_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) {
+    fn on_response(&self, resp: &mut ResponseParts, ctx: &mut Ctx) {
         if let Some(info) = ctx.rate_limit {
-            // Static spellings: Pingora copies a `HeaderName` it is given, not these.
-            let _ = resp.insert_header("RateLimit-Limit", info.limit);
-            let _ = resp.insert_header("RateLimit-Remaining", info.remaining);
-            let _ = resp.insert_header("RateLimit-Reset", info.reset_secs);
+            let h = &mut resp.headers;
+            h.insert(RATELIMIT_LIMIT.clone(), info.limit.into());
+            h.insert(RATELIMIT_REMAINING.clone(), info.remaining.into());
+            h.insert(RATELIMIT_RESET.clone(), info.reset_secs.into());
         }
     }
 }

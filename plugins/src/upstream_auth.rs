@@ -25,7 +25,7 @@
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
-use crate::{Ctx, Hooks, Plugin, RequestHeader};
+use crate::{Ctx, Hooks, Plugin, RequestParts};
 
 /// Settings of an `upstream_auth` plugin.
 #[derive(Deserialize)]
@@ -104,22 +104,15 @@ impl Plugin for UpstreamAuth {
     // wherever it sits in the chain: an identity plugin listed after it still sees the
     // caller's own key in `Authorization`, and the upstream still never does. Inserting
     // replaces every value under the name, whatever its spelling.
-    fn on_upstream_request(&self, req: &mut RequestHeader, _ctx: &Ctx) {
-        if req
-            .insert_header(self.header.clone(), self.value.clone())
-            .is_err()
-        {
-            // Cannot happen with a name and value validated at build time; named without
-            // the value all the same.
-            log::error!("upstream_auth: cannot set the {} header", self.header);
-        }
+    fn on_upstream_request(&self, req: &mut RequestParts, _ctx: &Ctx) {
+        req.headers.insert(self.header.clone(), self.value.clone());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::RequestId;
+    use crate::{RequestHeader, RequestId};
 
     fn ctx() -> Ctx {
         Ctx::new(
@@ -133,7 +126,7 @@ mod tests {
         UpstreamAuth::new(serde_yaml_ng::from_str(yaml).map_err(|e| e.to_string())?)
     }
 
-    fn values(req: &RequestHeader, name: &str) -> Vec<String> {
+    fn values(req: &RequestParts, name: &str) -> Vec<String> {
         req.headers
             .get_all(name)
             .iter()
@@ -149,6 +142,7 @@ mod tests {
             .unwrap();
         req.append_header("AUTHORIZATION", "Basic eDp5").unwrap();
         req.append_header("Authorization", "Bearer third").unwrap();
+        let mut req = RequestParts::from(req);
         p.on_upstream_request(&mut req, &ctx());
         assert_eq!(values(&req, "authorization"), ["Bearer sk-server"]);
         assert!(req.headers.get("authorization").unwrap().is_sensitive());
@@ -160,6 +154,7 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.append_header("Authorization", "Bearer untouched")
             .unwrap();
+        let mut req = RequestParts::from(req);
         p.on_upstream_request(&mut req, &ctx());
         assert_eq!(values(&req, "x-api-key"), ["sk-server"]);
         // Only the configured header is this plugin's business.

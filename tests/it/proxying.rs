@@ -112,6 +112,50 @@ fn forwarding_headers_from_an_untrusted_peer_are_replaced() {
     );
 }
 
+/// README, "Header name spelling": one spelling per name on the way up, whatever the
+/// client wrote, with every value and duplicate intact.
+#[test]
+fn header_names_reach_the_upstream_in_one_spelling_with_every_value() {
+    let up = RecordingUpstream::start();
+    let gw = Gateway::start_with(&simple_config(up.addr, ""), &[]);
+    let sent = [
+        "X-Custom-Thing: one",
+        "x-CUSTOM-thing: two",
+        "USER-AGENT: probe/1",
+        "content-type: text/plain",
+    ];
+    let resp = get_with(&gw, "/x", "app.test", &sent);
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let requests = up.requests();
+    let lines: Vec<String> = requests[0]
+        .headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}"))
+        .collect();
+    for expected in [
+        "Host: app.test",
+        "x-custom-thing: one",
+        "x-custom-thing: two",
+        "user-agent: probe/1",
+        "Content-Type: text/plain",
+        "x-forwarded-for: 127.0.0.1",
+        "x-real-ip: 127.0.0.1",
+    ] {
+        assert!(
+            lines.iter().any(|l| l == expected),
+            "{expected:?} not among {lines:?}"
+        );
+    }
+    // The same on the way down, for the upstream's headers and the gateway's own.
+    let names: Vec<&str> = resp.headers.iter().map(|(n, _)| n.as_str()).collect();
+    for expected in ["Content-Length", "x-demo-upstream", "x-request-id"] {
+        assert!(
+            names.contains(&expected),
+            "{expected:?} not among {names:?}"
+        );
+    }
+}
+
 #[test]
 fn a_trusted_proxy_is_believed() {
     let ups = Upstreams::start(1);
