@@ -27,7 +27,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::gcra::{Decision, Gcra, LocalTable, RedisGcra, RedisMode};
@@ -356,11 +356,18 @@ impl Plugin for RateLimit {
     fn on_response(&self, resp: &mut ResponseParts, ctx: &mut Ctx) {
         if let Some(info) = ctx.rate_limit {
             let h = &mut resp.headers;
-            h.insert(RATELIMIT_LIMIT.clone(), info.limit.into());
-            h.insert(RATELIMIT_REMAINING.clone(), info.remaining.into());
-            h.insert(RATELIMIT_RESET.clone(), info.reset_secs.into());
+            h.insert(RATELIMIT_LIMIT.clone(), number(info.limit));
+            h.insert(RATELIMIT_REMAINING.clone(), number(info.remaining));
+            h.insert(RATELIMIT_RESET.clone(), number(info.reset_secs));
         }
     }
+}
+
+/// `n` as a header value, in one allocation (`HeaderValue::from(u64)` makes two).
+fn number(n: u64) -> HeaderValue {
+    let mut digits = itoa::Buffer::new();
+    // Digits are always a valid value; the fallback is never taken.
+    HeaderValue::from_str(digits.format(n)).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// The verdict while Redis is unreachable.
@@ -399,6 +406,13 @@ mod tests {
             RequestFlow::Wait(_) => 0,
         };
         status
+    }
+
+    #[test]
+    fn numbers_become_their_decimal_digits() {
+        for n in [0, 7, 1_000_000, u64::MAX] {
+            assert_eq!(number(n), n.to_string().as_str());
+        }
     }
 
     #[test]

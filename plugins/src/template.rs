@@ -91,19 +91,35 @@ impl Template {
         if let Some(v) = &self.constant {
             return Some(v.clone());
         }
-        let mut out = String::with_capacity(64);
+        let ip = self
+            .parts
+            .iter()
+            .any(|p| matches!(p, Part::ClientIp))
+            .then(|| IpText::new(ctx.client_ip));
+        let mut len = 0;
         for part in &self.parts {
-            match part {
-                Part::Text(t) => out.push_str(t),
-                Part::ClientIp => out.push_str(IpText::new(ctx.client_ip).as_str()),
-                Part::RequestId => out.push_str(ctx.request_id.as_str()),
-                Part::Subject => out.push_str(&ctx.identity.as_ref()?.subject),
-                Part::Role => out.push_str(ctx.identity.as_ref()?.role.as_str()),
-            }
+            len += piece(part, ctx, ip.as_ref())?.len();
         }
-        // From the `String` itself: the value takes its buffer rather than a copy.
+        // Sized exactly: the value then takes the `String`'s buffer as it is, where spare
+        // room would cost it a second allocation.
+        let mut out = String::with_capacity(len);
+        for part in &self.parts {
+            out.push_str(piece(part, ctx, ip.as_ref())?);
+        }
         HeaderValue::try_from(out).ok()
     }
+}
+
+/// What one part of a template says for this request; `None` for an identity the
+/// request does not have.
+fn piece<'a>(part: &'a Part, ctx: &'a Ctx, ip: Option<&'a IpText>) -> Option<&'a str> {
+    Some(match part {
+        Part::Text(t) => t,
+        Part::ClientIp => ip?.as_str(),
+        Part::RequestId => ctx.request_id.as_str(),
+        Part::Subject => &ctx.identity.as_ref()?.subject,
+        Part::Role => ctx.identity.as_ref()?.role.as_str(),
+    })
 }
 
 #[cfg(test)]
