@@ -246,11 +246,7 @@ impl Gateway {
         }
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        h.insert(
-            X_REQUEST_ID.clone(),
-            HeaderValue::from_str(ctx.plugin.request_id.as_str())
-                .or_err(ErrorType::InvalidHTTPHeader, "X-Request-Id")?,
-        );
+        h.insert(X_REQUEST_ID.clone(), ctx.plugin.request_id.header_value());
         for (name, value) in reply.headers {
             h.append(name, value);
         }
@@ -674,8 +670,7 @@ impl ProxyHttp for Gateway {
             (true, Some(v)) => Some(v.clone()),
             _ => host.clone(),
         };
-        let request_id = HeaderValue::from_str(ctx.plugin.request_id.as_str())
-            .or_err(ErrorType::InvalidHTTPHeader, "X-Request-Id")?;
+        let request_id = ctx.plugin.request_id.header_value();
         let real_ip = HeaderValue::from_bytes(real_ip.as_bytes())
             .or_err(ErrorType::InvalidHTTPHeader, "X-Real-IP")?;
         let plugins = ctx
@@ -724,8 +719,7 @@ impl ProxyHttp for Gateway {
         if let (Some(route), Some(backend)) = (&ctx.route, &ctx.backend) {
             route.pool.count_response(backend, resp.status.as_u16());
         }
-        let request_id = HeaderValue::from_str(ctx.plugin.request_id.as_str())
-            .or_err(ErrorType::InvalidHTTPHeader, "X-Request-Id")?;
+        let request_id = ctx.plugin.request_id.header_value();
         let head_request = session.req_header().method == http::Method::HEAD;
         let route = ctx.route.as_ref().filter(|r| r.chain.hooks.response);
         let plugin_ctx = &mut ctx.plugin;

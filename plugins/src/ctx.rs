@@ -79,6 +79,13 @@ impl RequestId {
         // Only ASCII is ever stored, so this cannot fail; fall back to "" rather than panic.
         std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
     }
+
+    /// The id as an `X-Request-Id` value (one allocation: the value owns its bytes).
+    pub fn header_value(&self) -> http::HeaderValue {
+        // Visible ASCII is always a valid value; the fallback is never taken.
+        http::HeaderValue::from_str(self.as_str())
+            .unwrap_or_else(|_| http::HeaderValue::from_static(""))
+    }
 }
 
 impl std::fmt::Debug for RequestId {
@@ -244,6 +251,14 @@ mod tests {
             ));
             assert_eq!(IpText::new(ip).as_str(), ip.to_string());
         }
+    }
+
+    #[test]
+    fn ids_become_header_values_as_they_are() {
+        let random = RequestId::from_random(0xfeed);
+        assert_eq!(random.header_value(), random.as_str());
+        let trusted = RequestId::from_trusted(b"lb-7f3a:req/42~x").unwrap();
+        assert_eq!(trusted.header_value(), "lb-7f3a:req/42~x");
     }
 
     #[test]
