@@ -9,6 +9,7 @@ pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod demo_upstream;
+pub mod downstream;
 pub mod head_deadline;
 pub mod observe;
 pub mod proxy;

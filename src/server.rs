@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
@@ -13,7 +14,8 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::config::Compiled;
-use crate::head_deadline::{HeadDeadline, HEAD_DEADLINE};
+use crate::downstream::{ClientConnections, ClientSettings, DEFAULT_WRITE_BUFFER};
+use crate::head_deadline::HEAD_DEADLINE;
 use crate::proxy::Gateway;
 use crate::reload::{SighupReloader, State};
 use crate::upstream::HealthChecker;
@@ -22,24 +24,15 @@ use crate::upstream::HealthChecker;
 /// `server.client_keepalive_timeout_seconds` says otherwise (nginx's default).
 const DEFAULT_CLIENT_KEEPALIVE_SECS: u64 = 75;
 
-/// Plain-TCP client sockets get no L4 read buffer of their own. Pingora's default is a
-/// 64 KiB buffer per accepted socket for its whole life: 10 000 idle keep-alive clients
-/// held ~620 MiB in those alone. The HTTP/1 reader already reads heads into its own
-/// buffer and bodies in large reads, and an A/B load run showed no loss without it
-/// (BENCHMARKS.md). TLS listeners keep the default: the TLS record reader issues many
-/// small reads that the buffer saves syscalls on.
-///
-/// The write buffer is Pingora's 1460 bytes unless `server.client_write_buffer_bytes`
-/// says otherwise. A response whose head and body fit in it leaves in one send; a larger
-/// body goes out in a second one. 32 KiB saves that send for 16 KiB pages, but the
-/// buffer is resident per connection too (10 000 idle clients: 304 -> 600 MiB), so it
-/// is the operator's choice.
-fn client_buffers(write: Option<usize>) -> L4BufferSettings {
-    let settings = L4BufferSettings::default().read(0);
-    match write {
-        Some(bytes) => settings.write(bytes),
-        None => settings,
-    }
+/// Plain-TCP client sockets get no L4 buffers of their own. Pingora's default is a
+/// 64 KiB read buffer per accepted socket for its whole life: 10 000 idle keep-alive
+/// clients held ~620 MiB in those alone. The HTTP/1 reader already reads heads into its
+/// own buffer and bodies in large reads, and an A/B load run showed no loss without it
+/// (BENCHMARKS.md). Writes are coalesced by [`ClientStream`](crate::downstream), whose
+/// buffer is held only while a response is written. TLS listeners keep the defaults:
+/// the TLS record reader issues many small reads that the buffer saves syscalls on.
+fn client_buffers() -> L4BufferSettings {
+    L4BufferSettings::default().read(0).write(0)
 }
 
 /// How the process was asked to start.
@@ -121,7 +114,13 @@ pub fn run(
         Some(0) => None,
         Some(secs) => Some(secs),
     };
-    let write_buffer = server_section.client_write_buffer_bytes;
+    let clients = ClientSettings {
+        head_limit: HEAD_DEADLINE,
+        keepalive: client_keepalive.map(Duration::from_secs),
+        write_buffer: server_section
+            .client_write_buffer_bytes
+            .unwrap_or(DEFAULT_WRITE_BUFFER),
+    };
     let mut lines = Vec::new();
     for listener in &listeners {
         let gateway = Gateway {
@@ -132,7 +131,7 @@ pub fn run(
         let addr = listener.address.to_string();
         let mut service = Service::new(
             format!("gatewarden {addr}"),
-            HeadDeadline::new(pingora::proxy::http_proxy(&conf, gateway), HEAD_DEADLINE),
+            ClientConnections::new(pingora::proxy::http_proxy(&conf, gateway), clients),
         );
         match &listener.tls {
             Some((cert, key)) => {
@@ -144,9 +143,8 @@ pub fn run(
                 lines.push(format!("listening on https://{addr} (HTTP/1.1 and HTTP/2)"));
             }
             None => {
-                service.add_listener(
-                    ListenerConfig::tcp(addr.as_str()).l4_buffer(client_buffers(write_buffer)),
-                );
+                service
+                    .add_listener(ListenerConfig::tcp(addr.as_str()).l4_buffer(client_buffers()));
                 lines.push(format!("listening on http://{addr}"));
             }
         }

@@ -69,7 +69,7 @@ pub const DEFAULT_MAX_BODY: u64 = 10 << 20;
 /// Connect and command timeout for Redis: short, so a sick Redis costs little.
 const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
 pub const DEFAULT_LISTENER: &str = "127.0.0.1:8080";
-/// Largest `server.client_write_buffer_bytes`: every client connection holds one.
+/// Largest `server.client_write_buffer_bytes`: every response being written holds one.
 const MAX_CLIENT_WRITE_BUFFER: usize = 1 << 20;
 
 /// Collects errors; every error is placed at a path and looked up in the line index.
@@ -208,7 +208,9 @@ pub fn compile_with(
     {
         errors.push(
             "server.client_write_buffer_bytes",
-            format!("at most {MAX_CLIENT_WRITE_BUFFER} bytes: the buffer is held by every client connection"),
+            format!(
+                "at most {MAX_CLIENT_WRITE_BUFFER} bytes: every response being written holds one"
+            ),
         );
     }
 

@@ -899,6 +899,49 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
 }
 
 #[test]
+fn a_graceful_stop_closes_idle_client_connections_at_once() {
+    let up = Upstreams::start(1);
+    // Connections left to the grace period would stay open for its 10 s.
+    let gw = Gateway::start(&format!(
+        "server: {{ grace_period_seconds: 10, graceful_shutdown_timeout_seconds: 10 }}\n{}",
+        simple_config(up.addr(0), "")
+    ));
+    // One connection between two requests, and one that never sent a byte.
+    let used = TcpStream::connect(gw.addr).expect("connect");
+    let mut reader = std::io::BufReader::new(used.try_clone().expect("clone"));
+    (&used)
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("send");
+    assert_eq!(read_response(&mut reader).expect("an answer").status, 200);
+    let silent = TcpStream::connect(gw.addr).expect("connect");
+    std::thread::sleep(Duration::from_millis(300));
+
+    gw.signal("TERM");
+    let stopped = std::time::Instant::now();
+    for (name, mut stream) in [("kept-alive", &used), ("silent", &silent)] {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(8)))
+            .unwrap();
+        match stream.read(&mut [0u8; 1]) {
+            Ok(0) => {}
+            Ok(_) => panic!("{name}: unexpected bytes on an idle connection"),
+            Err(e) => assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "{name}: still open 8 s after the stop"
+            ),
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(3),
+            "{name}: closed only after {:?}",
+            stopped.elapsed()
+        );
+    }
+}
+
+#[test]
 fn any_client_write_buffer_size_delivers_whole_responses() {
     let up = Upstreams::start(1);
     // No buffer at all, one smaller than a response head, and one larger than the body.
