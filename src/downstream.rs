@@ -8,11 +8,12 @@
 //! of idle keep-alive clients that is most of the gateway's memory.
 //!
 //! Here every plain-TCP HTTP/1 connection is served by a small task of its own. It
-//! waits for the next request with a zero-length read (which completes once the
-//! socket is readable and consumes nothing), and only then builds a session and hands
-//! it to Pingora. Its write buffer is held only while a response is being written. A
-//! parked connection holds its socket, Pingora's per-socket state and a few hundred
-//! bytes of loop state.
+//! waits for the next request itself, reads what arrives into a buffer of its own, and
+//! only then builds a session and hands it to Pingora, whose first read is served from
+//! that buffer: no more reads than Pingora would make. The read and write buffers are
+//! taken from per-thread spare lists only while there is something in them. A parked
+//! connection holds its socket, Pingora's per-socket state and a few hundred bytes of
+//! loop state.
 //!
 //! The wait is bounded as Pingora bounds it: the first request of a connection by
 //! [`FIRST_REQUEST_WAIT`], each later one by the client keep-alive timeout. A
@@ -25,6 +26,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::thread::LocalKey;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -86,7 +88,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientConnections<A> {
     }
 
     /// The keep-alive loop of one plain HTTP/1 connection.
-    async fn serve(self: Arc<Self>, mut stream: Stream, mut shutdown: ShutdownWatch) {
+    async fn serve(self: Arc<Self>, mut stream: Box<ClientStream>, mut shutdown: ShutdownWatch) {
         let mut carried = None;
         let mut wait = FIRST_REQUEST_WAIT;
         while next_request(&mut stream, wait, &mut shutdown).await {
@@ -94,7 +96,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientConnections<A> {
             let Some(reused) = self.app.process_new_http(session, &shutdown).await else {
                 return;
             };
-            (stream, carried) = reused.consume();
+            let (back, settings) = reused.consume();
+            // The session hands back the stream it was given.
+            let Ok(back) = back.into_any().downcast::<ClientStream>() else {
+                log::error!("client connection: the session handed back another stream");
+                return;
+            };
+            (stream, carried) = (back, settings);
             // Unreachable without keep-alive: the proxy does not hand the stream back.
             wait = self.settings.keepalive.unwrap_or(FIRST_REQUEST_WAIT);
         }
@@ -103,7 +111,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientConnections<A> {
     /// A session for the next request, set up as Pingora sets one up.
     fn session(
         &self,
-        stream: Stream,
+        stream: Box<ClientStream>,
         carried: Option<HttpPersistentSettings>,
         shutdown: &ShutdownWatch,
     ) -> ServerSession {
@@ -135,7 +143,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientConnections<A
         let parks = self.parks(&stream);
         // Under TLS, Pingora's own buffer sits below the encryption.
         let write_buffer = if parks { self.settings.write_buffer } else { 0 };
-        let stream: Stream = Box::new(ClientStream::new(
+        let stream = Box::new(ClientStream::new(
             stream,
             self.settings.head_limit,
             write_buffer,
@@ -155,14 +163,18 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientConnections<A
     }
 }
 
-/// Parks until the client sends something (or closes), without reading it. False
-/// when the wait ran out, the server is shutting down or the socket failed: the
+/// Parks until the client sends something, and reads it ahead. False when the client
+/// closed, the wait ran out, the server is shutting down or the socket failed: the
 /// connection is then closed without an answer, as Pingora closes an idle one.
-async fn next_request(stream: &mut Stream, wait: Duration, shutdown: &mut ShutdownWatch) -> bool {
-    let readable = poll_fn(|cx| Pin::new(&mut **stream).poll_read(cx, &mut ReadBuf::new(&mut [])));
+async fn next_request(
+    stream: &mut ClientStream,
+    wait: Duration,
+    shutdown: &mut ShutdownWatch,
+) -> bool {
+    let arrived = poll_fn(|cx| stream.poll_read_ahead(cx));
     tokio::select! {
         biased;
-        ready = pingora::time::timeout(wait, readable) => matches!(ready, Ok(Ok(()))),
+        read = pingora::time::timeout(wait, arrived) => matches!(read, Ok(Ok(n)) if n > 0),
         () = shutting_down(shutdown) => false,
     }
 }
@@ -176,12 +188,13 @@ async fn shutting_down(shutdown: &mut ShutdownWatch) {
     }
 }
 
-/// A client connection's stream: a deadline on the first request head, and a write
-/// buffer that exists only while there is something in it.
+/// A client connection's stream: a deadline on the first request head, and read and
+/// write buffers that exist only while there is something in them.
 #[derive(Debug)]
 pub struct ClientStream {
     inner: Stream,
     head: HeadDeadline,
+    ahead: ReadAhead,
     out: WriteBuffer,
 }
 
@@ -192,7 +205,57 @@ impl ClientStream {
         ClientStream {
             inner,
             head: HeadDeadline::new(head_limit),
+            ahead: ReadAhead::default(),
             out: WriteBuffer::new(write_buffer),
+        }
+    }
+
+    /// Waits until the client sends something and reads it into the read-ahead
+    /// buffer, which the next reads are served from. Ready with the bytes waiting
+    /// there, 0 once the client has closed. No buffer is held while waiting.
+    fn poll_read_ahead(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let waiting = self.ahead.unread().len();
+        if waiting > 0 {
+            return Poll::Ready(Ok(waiting));
+        }
+        let mut bytes = take_spare(&READ_SPARES, READ_AHEAD);
+        bytes.resize(READ_AHEAD, 0);
+        let mut buf = ReadBuf::new(&mut bytes);
+        let polled = Pin::new(&mut self.inner).poll_read(cx, &mut buf);
+        let n = buf.filled().len();
+        if matches!(polled, Poll::Ready(Ok(()))) && n > 0 {
+            self.ahead = ReadAhead {
+                bytes,
+                start: 0,
+                end: n,
+            };
+        } else {
+            give_back(&READ_SPARES, bytes);
+        }
+        polled.map_ok(|()| n)
+    }
+}
+
+/// Bytes of a request read while parked, waiting for Pingora to ask for them.
+#[derive(Debug, Default)]
+struct ReadAhead {
+    /// `READ_AHEAD` initialized bytes while anything is unread; no allocation else.
+    bytes: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl ReadAhead {
+    fn unread(&self) -> &[u8] {
+        &self.bytes[self.start..self.end]
+    }
+
+    /// Moves `n` bytes on, letting the buffer go once all is read.
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            give_back(&READ_SPARES, std::mem::take(&mut self.bytes));
+            (self.start, self.end) = (0, 0);
         }
     }
 }
@@ -211,7 +274,15 @@ impl AsyncRead for ClientStream {
             )));
         }
         let before = buf.filled().len();
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let ahead = this.ahead.unread();
+        let result = if ahead.is_empty() {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        } else {
+            let n = ahead.len().min(buf.remaining());
+            buf.put_slice(&ahead[..n]);
+            this.ahead.consume(n);
+            Poll::Ready(Ok(()))
+        };
         if !this.head.done() && matches!(result, Poll::Ready(Ok(()))) {
             this.head.saw(&buf.filled()[before..]);
         }
@@ -267,15 +338,47 @@ impl Drop for ClientStream {
     }
 }
 
-/// Most bytes of spare write buffers a thread keeps: 179 of the default size, 8 of
-/// 32 KiB. Buffers larger than this are freed once sent.
+/// Most bytes of spare buffers a thread keeps of each kind: 179 write buffers of the
+/// default size, 8 of 32 KiB, 64 read-ahead buffers. Larger buffers are freed once
+/// used.
 const SPARE_BYTES: usize = 256 * 1024;
 
+/// Size of the read-ahead buffer: Pingora's first read of a request head.
+const READ_AHEAD: usize = 4096;
+
+type Spares = RefCell<Vec<Vec<u8>>>;
+
 thread_local! {
-    /// Write buffers between uses. A busy connection takes one for each response and
-    /// puts it back once sent, so the heap is not asked per request, and an idle
-    /// connection holds none.
-    static SPARES: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    /// Buffers between uses. A busy connection takes one for each request or response
+    /// and puts it back once done with it, so the heap is not asked per request, and
+    /// an idle connection holds none.
+    static WRITE_SPARES: Spares = const { RefCell::new(Vec::new()) };
+    static READ_SPARES: Spares = const { RefCell::new(Vec::new()) };
+}
+
+/// A spare buffer with room for `capacity` bytes, or a new one.
+fn take_spare(list: &'static LocalKey<Spares>, capacity: usize) -> Vec<u8> {
+    list.try_with(|spares| spares.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .filter(|spare| spare.capacity() >= capacity)
+        .unwrap_or_else(|| Vec::with_capacity(capacity))
+}
+
+/// Keeps `spare` for the next use, within [`SPARE_BYTES`]. Its contents stay: a
+/// read-ahead buffer is initialized once.
+fn give_back(list: &'static LocalKey<Spares>, spare: Vec<u8>) {
+    if spare.capacity() == 0 {
+        return;
+    }
+    // A stream dropped while the thread exits finds the list gone: then the buffer is
+    // simply freed.
+    let _ = list.try_with(|spares| {
+        let mut spares = spares.borrow_mut();
+        if (spares.len() + 1).saturating_mul(spare.capacity()) <= SPARE_BYTES {
+            spares.push(spare);
+        }
+    });
 }
 
 /// Coalesces small writes (a response head and a short body) into one send, as the
@@ -308,12 +411,8 @@ impl WriteBuffer {
             return false;
         }
         if self.bytes.capacity() == 0 {
-            self.bytes = SPARES
-                .try_with(|spares| spares.borrow_mut().pop())
-                .ok()
-                .flatten()
-                .filter(|spare| spare.capacity() >= self.capacity)
-                .unwrap_or_else(|| Vec::with_capacity(self.capacity));
+            self.bytes = take_spare(&WRITE_SPARES, self.capacity);
+            self.bytes.clear();
         }
         true
     }
@@ -408,19 +507,7 @@ impl WriteBuffer {
     /// Puts the buffer, all of it sent, back among this thread's spares.
     fn release(&mut self) {
         self.sent = 0;
-        if self.bytes.capacity() == 0 {
-            return;
-        }
-        let mut spare = std::mem::take(&mut self.bytes);
-        spare.clear();
-        // A stream dropped while the thread exits finds the list gone: then the buffer
-        // is simply freed.
-        let _ = SPARES.try_with(|spares| {
-            let mut spares = spares.borrow_mut();
-            if (spares.len() + 1).saturating_mul(spare.capacity()) <= SPARE_BYTES {
-                spares.push(spare);
-            }
-        });
+        give_back(&WRITE_SPARES, std::mem::take(&mut self.bytes));
     }
 }
 
@@ -494,7 +581,13 @@ impl GetSocketDigest for ClientStream {
 
 #[async_trait]
 impl Peek for ClientStream {
+    /// Pingora peeks only before the first request, for an HTTP/2 preface over
+    /// plain TCP, on connections that never read ahead; with bytes read ahead, say
+    /// that peeking is not supported rather than peek past them.
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        if !self.ahead.unread().is_empty() {
+            return Ok(false);
+        }
         self.inner.try_peek(buf).await
     }
 }
@@ -547,6 +640,39 @@ mod tests {
         tokio::time::sleep(limit * 2).await;
         client.write_all(b"later").await.unwrap();
         assert_eq!(stream.read(&mut buf).await.unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_request_read_ahead_is_served_to_the_next_reads_and_then_let_go() {
+        let (mut client, server) = tokio::io::duplex(8192);
+        let mut stream = ClientStream::new(Box::new(server), Duration::from_secs(1), 0);
+
+        // Nothing sent yet: waiting holds no buffer.
+        let waiting = poll_fn(|cx| Poll::Ready(stream.poll_read_ahead(cx))).await;
+        assert!(waiting.is_pending());
+        assert_eq!(stream.ahead.bytes.capacity(), 0);
+
+        let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        client.write_all(request).await.unwrap();
+        let n = poll_fn(|cx| stream.poll_read_ahead(cx)).await.unwrap();
+        assert_eq!(n, request.len());
+        // Asked again, it reports what is waiting without reading more.
+        assert_eq!(poll_fn(|cx| stream.poll_read_ahead(cx)).await.unwrap(), n);
+
+        // Served in parts to a reader with little room, then from the socket again.
+        let mut first = [0u8; 10];
+        assert_eq!(stream.read(&mut first).await.unwrap(), 10);
+        let mut rest = vec![0u8; 100];
+        let m = stream.read(&mut rest).await.unwrap();
+        assert_eq!([&first[..], &rest[..m]].concat(), request);
+        assert_eq!(stream.ahead.bytes.capacity(), 0, "let go once read");
+        client.write_all(b"more").await.unwrap();
+        assert_eq!(stream.read(&mut rest).await.unwrap(), 4);
+
+        // A client that closes reads ahead nothing.
+        drop(client);
+        assert_eq!(poll_fn(|cx| stream.poll_read_ahead(cx)).await.unwrap(), 0);
+        assert_eq!(stream.ahead.bytes.capacity(), 0);
     }
 
     /// A peer that records the size of every write it is handed.
