@@ -103,7 +103,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientConnections<A> {
                 return;
             };
             (stream, carried) = (back, settings);
-            // Unreachable without keep-alive: the proxy does not hand the stream back.
+            // (Without keep-alive the proxy never hands the stream back.)
             wait = self.settings.keepalive.unwrap_or(FIRST_REQUEST_WAIT);
         }
     }
@@ -237,12 +237,31 @@ impl ClientStream {
 }
 
 /// Bytes of a request read while parked, waiting for Pingora to ask for them.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct ReadAhead {
     /// `READ_AHEAD` initialized bytes while anything is unread; no allocation else.
     bytes: Vec<u8>,
     start: usize,
     end: usize,
+}
+
+// Buffers hold requests and responses, credentials among them: debug output shows
+// only how much they hold.
+impl std::fmt::Debug for ReadAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReadAhead({} bytes unread)", self.unread().len())
+    }
+}
+
+impl std::fmt::Debug for WriteBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "WriteBuffer({} of {} bytes unsent)",
+            self.bytes.len() - self.sent,
+            self.capacity
+        )
+    }
 }
 
 impl ReadAhead {
@@ -386,7 +405,6 @@ fn give_back(list: &'static LocalKey<Spares>, spare: Vec<u8>) {
 /// write to the send. A write that does not fit leaves in the same vectored send as
 /// what is buffered: a response head and a large body go out together, where
 /// `BufWriter` sends the head on its own first.
-#[derive(Debug)]
 struct WriteBuffer {
     /// Unsent bytes; no allocation while empty.
     bytes: Vec<u8>,
@@ -673,6 +691,28 @@ mod tests {
         drop(client);
         assert_eq!(poll_fn(|cx| stream.poll_read_ahead(cx)).await.unwrap(), 0);
         assert_eq!(stream.ahead.bytes.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn debug_output_shows_no_request_or_response_bytes() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut stream = ClientStream::new(Box::new(server), Duration::from_secs(1), 1460);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nAuthorization: Bearer sk-secret\r\n\r\n")
+            .await
+            .unwrap();
+        poll_fn(|cx| stream.poll_read_ahead(cx)).await.unwrap();
+        stream
+            .write_all(b"set-cookie: gw_session=secret")
+            .await
+            .unwrap();
+        let shown = format!("{stream:?}");
+        // Neither as text nor as the numbers a derived `Debug` prints for bytes.
+        let as_numbers = format!("{:?}", b"secret");
+        let as_numbers = as_numbers.trim_matches(|c| c == '[' || c == ']');
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(!shown.contains(as_numbers), "{shown}");
+        assert!(shown.contains("bytes unread"), "{shown}");
     }
 
     /// A peer that records the size of every write it is handed.
