@@ -28,7 +28,7 @@ const DEFAULT_CLIENT_KEEPALIVE_SECS: u64 = 75;
 /// 64 KiB read buffer per accepted socket for its whole life: 10 000 idle keep-alive
 /// clients held ~620 MiB in those alone. The HTTP/1 reader already reads heads into its
 /// own buffer and bodies in large reads, and an A/B load run showed no loss without it
-/// (BENCHMARKS.md). Writes are coalesced by [`ClientStream`](crate::downstream), whose
+/// (BENCHMARKS.md). Writes are coalesced by [`crate::downstream::ClientStream`], whose
 /// buffer is held only while a response is written. TLS listeners keep the defaults:
 /// the TLS record reader issues many small reads that the buffer saves syscalls on.
 fn client_buffers() -> L4BufferSettings {
