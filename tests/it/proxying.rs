@@ -933,8 +933,9 @@ fn a_graceful_stop_closes_idle_client_connections_at_once() {
                 "{name}: still open 8 s after the stop"
             ),
         }
+        // Well under the 10 s grace period, with room for a loaded machine.
         assert!(
-            stopped.elapsed() < Duration::from_secs(3),
+            stopped.elapsed() < Duration::from_secs(6),
             "{name}: closed only after {:?}",
             stopped.elapsed()
         );
