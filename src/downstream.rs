@@ -245,22 +245,11 @@ struct ReadAhead {
     end: usize,
 }
 
-// Buffers hold requests and responses, credentials among them: debug output shows
-// only how much they hold.
+// A request read ahead may carry credentials: debug output shows only how much is
+// there.
 impl std::fmt::Debug for ReadAhead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ReadAhead({} bytes unread)", self.unread().len())
-    }
-}
-
-impl std::fmt::Debug for WriteBuffer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "WriteBuffer({} of {} bytes unsent)",
-            self.bytes.len() - self.sent,
-            self.capacity
-        )
     }
 }
 
@@ -414,6 +403,19 @@ struct WriteBuffer {
     capacity: usize,
 }
 
+// A response may carry credentials (a session cookie): debug output shows only how
+// much is unsent.
+impl std::fmt::Debug for WriteBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "WriteBuffer({} of {} bytes unsent)",
+            self.bytes.len() - self.sent,
+            self.capacity
+        )
+    }
+}
+
 impl WriteBuffer {
     fn new(capacity: usize) -> Self {
         WriteBuffer {
@@ -447,10 +449,6 @@ impl WriteBuffer {
         if self.room_for(data.len()) {
             self.bytes.extend_from_slice(data);
             return Poll::Ready(Ok(data.len()));
-        }
-        if self.sent == self.bytes.len() {
-            self.release();
-            return Pin::new(inner).poll_write(cx, data);
         }
         self.poll_write_through(inner, cx, &[io::IoSlice::new(data)])
     }
