@@ -15,16 +15,24 @@
 //! connection holds its socket, Pingora's per-socket state and a few hundred bytes of
 //! loop state.
 //!
+//! Flushes are made when the session waits. Pingora flushes after a response head
+//! without a length, after each chunk and after the last one: three sends for a
+//! chunked page that arrived in one read. Here a flush only notes that a send is owed,
+//! and the loop makes it as soon as the session waits for anything (the upstream, the
+//! client, a timer) or is done. What one turn of the task writes leaves together, and
+//! nothing waits longer than that turn: an event streamed to the client still leaves
+//! as soon as it is written.
+//!
 //! The wait is bounded as Pingora bounds it: the first request of a connection by
 //! [`FIRST_REQUEST_WAIT`], each later one by the client keep-alive timeout. A
 //! graceful shutdown or upgrade closes parked connections at once. TLS connections
 //! (where ALPN may pick HTTP/2) and h2c keep Pingora's own loop.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
-use std::pin::Pin;
-use std::sync::Arc;
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::thread::LocalKey;
 use std::time::Duration;
@@ -46,6 +54,15 @@ use crate::head_deadline::HeadDeadline;
 /// How long a new connection may stay silent before its first request: Pingora's
 /// wait, and nginx's `client_header_timeout`.
 pub const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(60);
+
+/// How long the end of a response may wait for the client to take it once the
+/// session is done with it: the last bytes of a response, at most what one turn
+/// gathers.
+const SEND_WAIT: Duration = Duration::from_secs(60);
+
+/// Most bytes a turn gathers once a flush is owed: a 16 KiB page with its head and
+/// chunk framing.
+const OWED_GATHER: usize = 32 * 1024;
 
 /// The client write buffer unless configured: Pingora's size, one Ethernet segment.
 pub const DEFAULT_WRITE_BUFFER: usize = 1460;
@@ -88,21 +105,27 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientConnections<A> {
     }
 
     /// The keep-alive loop of one plain HTTP/1 connection.
-    async fn serve(self: Arc<Self>, mut stream: Box<ClientStream>, mut shutdown: ShutdownWatch) {
+    async fn serve(self: Arc<Self>, stream: ClientStream, mut shutdown: ShutdownWatch) {
+        let conn = SharedStream::new(stream);
+        let mut handle = Box::new(conn.clone());
         let mut carried = None;
         let mut wait = FIRST_REQUEST_WAIT;
-        while next_request(&mut stream, wait, &mut shutdown).await {
-            let session = self.session(stream, carried.take(), &shutdown);
-            let Some(reused) = self.app.process_new_http(session, &shutdown).await else {
+        while next_request(&conn, wait, &mut shutdown).await {
+            let session = self.session(handle, carried.take(), &shutdown);
+            let served = in_turns(&conn, self.app.process_new_http(session, &shutdown)).await;
+            if !send_the_rest(&conn).await {
+                return;
+            }
+            let Some(reused) = served else {
                 return;
             };
             let (back, settings) = reused.consume();
             // The session hands back the stream it was given.
-            let Ok(back) = back.into_any().downcast::<ClientStream>() else {
+            let Ok(back) = back.into_any().downcast::<SharedStream>() else {
                 log::error!("client connection: the session handed back another stream");
                 return;
             };
-            (stream, carried) = (back, settings);
+            (handle, carried) = (back, settings);
             // (Without keep-alive the proxy never hands the stream back.)
             wait = self.settings.keepalive.unwrap_or(FIRST_REQUEST_WAIT);
         }
@@ -111,7 +134,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientConnections<A> {
     /// A session for the next request, set up as Pingora sets one up.
     fn session(
         &self,
-        stream: Box<ClientStream>,
+        stream: Box<SharedStream>,
         carried: Option<HttpPersistentSettings>,
         shutdown: &ShutdownWatch,
     ) -> ServerSession {
@@ -143,13 +166,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientConnections<A
         let parks = self.parks(&stream);
         // Under TLS, Pingora's own buffer sits below the encryption.
         let write_buffer = if parks { self.settings.write_buffer } else { 0 };
-        let stream = Box::new(ClientStream::new(
-            stream,
-            self.settings.head_limit,
-            write_buffer,
-        ));
+        let stream = ClientStream::new(stream, self.settings.head_limit, write_buffer);
         if !parks {
-            return ServerApp::process_new(&self.app, stream, shutdown).await;
+            return ServerApp::process_new(&self.app, Box::new(stream), shutdown).await;
         }
         // Pingora's task for the connection is sized for a TLS handshake this one did
         // not need, and would be held for the connection's life. A task of our own, a
@@ -166,17 +185,35 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientConnections<A
 /// Parks until the client sends something, and reads it ahead. False when the client
 /// closed, the wait ran out, the server is shutting down or the socket failed: the
 /// connection is then closed without an answer, as Pingora closes an idle one.
-async fn next_request(
-    stream: &mut ClientStream,
-    wait: Duration,
-    shutdown: &mut ShutdownWatch,
-) -> bool {
-    let arrived = poll_fn(|cx| stream.poll_read_ahead(cx));
+async fn next_request(conn: &SharedStream, wait: Duration, shutdown: &mut ShutdownWatch) -> bool {
+    let arrived = poll_fn(|cx| conn.lock().poll_read_ahead(cx));
     tokio::select! {
         biased;
         read = pingora::time::timeout(wait, arrived) => matches!(read, Ok(Ok(n)) if n > 0),
         () = shutting_down(shutdown) => false,
     }
+}
+
+/// Runs `served`, Pingora serving a request on `conn`, and makes the flushes it asked
+/// for each time it waits. Everything one turn of the task writes (a response head,
+/// a chunk, the last chunk) leaves in as few sends as the write buffer allows, where
+/// each flush used to be a send of its own; nothing waits longer than the turn.
+async fn in_turns<F: Future>(conn: &SharedStream, served: F) -> F::Output {
+    let mut served = pin!(served);
+    poll_fn(|cx| {
+        let polled = served.as_mut().poll(cx);
+        // A failure is the session's to report, at its next write.
+        let _ = conn.lock().poll_owed_flush(cx);
+        polled
+    })
+    .await
+}
+
+/// Sends what the session left buffered once it is done with the request, waiting up
+/// to [`SEND_WAIT`] for the client to take it. False if it could not be sent.
+async fn send_the_rest(conn: &SharedStream) -> bool {
+    let sent = poll_fn(|cx| conn.lock().poll_flush_now(cx));
+    matches!(pingora::time::timeout(SEND_WAIT, sent).await, Ok(Ok(())))
 }
 
 /// Completes once the server starts shutting down.
@@ -196,6 +233,12 @@ pub struct ClientStream {
     head: HeadDeadline,
     ahead: ReadAhead,
     out: WriteBuffer,
+    /// Flushes only note that a send is owed: the keep-alive loop sends once the
+    /// session waits ([`in_turns`]).
+    defer_flushes: bool,
+    flush_owed: bool,
+    /// Why a deferred send failed: the session's next write or flush reports it.
+    failed: Option<io::ErrorKind>,
 }
 
 impl ClientStream {
@@ -207,7 +250,55 @@ impl ClientStream {
             head: HeadDeadline::new(head_limit),
             ahead: ReadAhead::default(),
             out: WriteBuffer::new(write_buffer),
+            defer_flushes: false,
+            flush_owed: false,
+            failed: None,
         }
+    }
+
+    /// How many bytes the write buffer may gather. Once a flush is owed, what the same
+    /// turn writes next is gathered up to [`OWED_GATHER`] instead of being sent at
+    /// once: a chunked page's chunk and last chunk, written after its head was
+    /// flushed, then leave with the head in one send. A larger write still goes
+    /// straight through, and nothing is gathered without a write buffer.
+    fn gather_limit(&self) -> usize {
+        if self.flush_owed && self.out.capacity > 0 {
+            self.out.capacity.max(OWED_GATHER)
+        } else {
+            self.out.capacity
+        }
+    }
+
+    /// The error a deferred send met, for the session's next write.
+    fn failure(&self) -> Option<io::Error> {
+        self.failed.map(io::Error::from)
+    }
+
+    /// Sends everything buffered and flushes the socket.
+    fn poll_flush_now(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.failure() {
+            return Poll::Ready(Err(e));
+        }
+        ready!(self.out.poll_send(&mut self.inner, cx))?;
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        self.flush_owed = false;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Makes the flushes the session asked for since the last one. A failure is kept
+    /// for the session's next write, as its own flush would have reported it, and
+    /// what was buffered is dropped: the connection is lost.
+    fn poll_owed_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.flush_owed {
+            return Poll::Ready(Ok(()));
+        }
+        let sent = ready!(self.poll_flush_now(cx));
+        if let Err(e) = &sent {
+            self.failed.get_or_insert(e.kind());
+            self.flush_owed = false;
+            self.out.discard();
+        }
+        Poll::Ready(sent)
     }
 
     /// Waits until the client sends something and reads it into the read-ahead
@@ -305,7 +396,11 @@ impl AsyncWrite for ClientStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.out.poll_write(&mut this.inner, cx, data)
+        if let Some(e) = this.failure() {
+            return Poll::Ready(Err(e));
+        }
+        let gather = this.gather_limit();
+        this.out.poll_write(&mut this.inner, cx, data, gather)
     }
 
     fn poll_write_vectored(
@@ -314,7 +409,12 @@ impl AsyncWrite for ClientStream {
         data: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.out.poll_write_vectored(&mut this.inner, cx, data)
+        if let Some(e) = this.failure() {
+            return Poll::Ready(Err(e));
+        }
+        let gather = this.gather_limit();
+        this.out
+            .poll_write_vectored(&mut this.inner, cx, data, gather)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -323,13 +423,19 @@ impl AsyncWrite for ClientStream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.out.poll_send(&mut this.inner, cx))?;
-        Pin::new(&mut this.inner).poll_flush(cx)
+        if this.defer_flushes {
+            if let Some(e) = this.failure() {
+                return Poll::Ready(Err(e));
+            }
+            this.flush_owed = true;
+            return Poll::Ready(Ok(()));
+        }
+        this.poll_flush_now(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.out.poll_send(&mut this.inner, cx))?;
+        ready!(this.poll_flush_now(cx))?;
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
@@ -425,9 +531,10 @@ impl WriteBuffer {
         }
     }
 
-    /// Buffers `len` more bytes if they fit, taking a buffer if none is held.
-    fn room_for(&mut self, len: usize) -> bool {
-        if self.bytes.len().saturating_add(len) > self.capacity {
+    /// Buffers `len` more bytes if that makes at most `limit`, taking a buffer if none
+    /// is held.
+    fn room_for(&mut self, len: usize, limit: usize) -> bool {
+        if self.bytes.len().saturating_add(len) > limit {
             return false;
         }
         if self.bytes.capacity() == 0 {
@@ -442,11 +549,12 @@ impl WriteBuffer {
         inner: &mut Stream,
         cx: &mut Context<'_>,
         data: &[u8],
+        limit: usize,
     ) -> Poll<io::Result<usize>> {
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if self.room_for(data.len()) {
+        if self.room_for(data.len(), limit) {
             self.bytes.extend_from_slice(data);
             return Poll::Ready(Ok(data.len()));
         }
@@ -458,6 +566,7 @@ impl WriteBuffer {
         inner: &mut Stream,
         cx: &mut Context<'_>,
         data: &[io::IoSlice<'_>],
+        limit: usize,
     ) -> Poll<io::Result<usize>> {
         let len = data
             .iter()
@@ -465,7 +574,7 @@ impl WriteBuffer {
         if len == 0 {
             return Poll::Ready(Ok(0));
         }
-        if self.room_for(len) {
+        if self.room_for(len, limit) {
             for slice in data {
                 self.bytes.extend_from_slice(slice);
             }
@@ -518,6 +627,12 @@ impl WriteBuffer {
         }
         self.release();
         Poll::Ready(Ok(()))
+    }
+
+    /// Forgets what is unsent: the connection is lost.
+    fn discard(&mut self) {
+        self.bytes.clear();
+        self.release();
     }
 
     /// Puts the buffer, all of it sent, back among this thread's spares.
@@ -607,6 +722,122 @@ impl Peek for ClientStream {
         self.inner.try_peek(buf).await
     }
 }
+
+/// A parked connection's [`ClientStream`], shared by the connection's keep-alive loop
+/// and the session Pingora serves a request in: the loop makes the session's flushes
+/// once the session waits ([`in_turns`]). Both live in one task, so the lock is never
+/// contended.
+#[derive(Debug, Clone)]
+struct SharedStream(Arc<Mutex<ClientStream>>);
+
+impl SharedStream {
+    fn new(mut stream: ClientStream) -> Self {
+        stream.defer_flushes = true;
+        SharedStream(Arc::new(Mutex::new(stream)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ClientStream> {
+        // Nothing panics while holding it; if something did, the stream is still whole.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl AsyncRead for SharedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SharedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.lock()).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.lock()).poll_write_vectored(cx, data)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.lock().is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for SharedStream {
+    async fn shutdown(&mut self) {
+        // What Pingora's TCP stream does: send what is buffered, then shut down.
+        let done = poll_fn(|cx| Pin::new(&mut *self.lock()).poll_shutdown(cx)).await;
+        if let Err(e) = done {
+            log::debug!("client connection: shutdown: {e}");
+        }
+    }
+}
+
+impl UniqueID for SharedStream {
+    fn id(&self) -> UniqueIDType {
+        self.lock().id()
+    }
+}
+
+/// Parked connections are plain TCP: no TLS to describe.
+impl Ssl for SharedStream {}
+
+impl GetTimingDigest for SharedStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.lock().get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.lock().get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.lock().get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for SharedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.lock().get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.lock().set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for SharedStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.lock().get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.lock().set_socket_digest(digest)
+    }
+}
+
+/// Pingora peeks only for an HTTP/2 preface over plain TCP (h2c), which never parks.
+impl Peek for SharedStream {}
 
 #[cfg(test)]
 mod tests {
@@ -718,6 +949,10 @@ mod tests {
     struct Sends {
         sizes: Vec<usize>,
         bytes: Vec<u8>,
+        /// The peer is gone: every send fails.
+        broken: bool,
+        /// Most bytes one send takes.
+        most: usize,
     }
 
     #[derive(Debug)]
@@ -747,11 +982,15 @@ mod tests {
             _cx: &mut Context<'_>,
             data: &[io::IoSlice<'_>],
         ) -> Poll<io::Result<usize>> {
-            // Takes at most 1000 bytes a call, so partial sends are exercised too.
+            // Takes few bytes a call (1000 unless a test says otherwise), so partial
+            // sends are exercised too.
             let mut sends = self.0.lock().unwrap();
+            if sends.broken {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
             let mut n = 0;
             for slice in data {
-                let take = slice.len().min(1000 - n);
+                let take = slice.len().min(sends.most - n);
                 sends.bytes.extend_from_slice(&slice[..take]);
                 n += take;
             }
@@ -801,7 +1040,10 @@ mod tests {
     impl Peek for Recorder {}
 
     fn recorded(capacity: usize) -> (ClientStream, Arc<std::sync::Mutex<Sends>>) {
-        let sends = Arc::new(std::sync::Mutex::new(Sends::default()));
+        let sends = Arc::new(std::sync::Mutex::new(Sends {
+            most: 1000,
+            ..Sends::default()
+        }));
         let stream = ClientStream::new(
             Box::new(Recorder(sends.clone())),
             Duration::from_secs(1),
@@ -896,5 +1138,109 @@ mod tests {
         stream.write_all(b"body").await.unwrap();
         assert_eq!(sends.lock().unwrap().sizes, [4, 4]);
         assert_eq!(stream.out.bytes.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_flushes_of_one_turn_leave_in_one_send_before_the_session_waits() {
+        let (stream, sends) = recorded(1460);
+        let conn = SharedStream::new(stream);
+        let mut session = conn.clone();
+        let (more, wait_for_more) = tokio::sync::oneshot::channel::<()>();
+        // A chunked response as Pingora writes it: the head, flushed because it has
+        // no length; a chunk, flushed; then the wait for the upstream's next read.
+        let served = async move {
+            session.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await?;
+            session.flush().await?;
+            session.write_all(b"5\r\nhello\r\n").await?;
+            session.flush().await?;
+            let _ = wait_for_more.await;
+            session.write_all(b"0\r\n\r\n").await?;
+            session.flush().await?;
+            io::Result::Ok(())
+        };
+        let mut turns = pin!(in_turns(&conn, served));
+        let first = poll_fn(|cx| Poll::Ready(turns.as_mut().poll(cx))).await;
+        assert!(first.is_pending());
+        {
+            let sends = sends.lock().unwrap();
+            assert_eq!(sends.sizes, [29], "both flushes made in one send");
+            assert_eq!(sends.bytes, b"HTTP/1.1 200 OK\r\n\r\n5\r\nhello\r\n");
+        }
+        more.send(()).unwrap();
+        turns.await.unwrap();
+        assert_eq!(
+            sends.lock().unwrap().sizes,
+            [29, 5],
+            "sent as the turn ended"
+        );
+        assert!(send_the_rest(&conn).await);
+        assert_eq!(sends.lock().unwrap().sizes, [29, 5], "nothing left to send");
+    }
+
+    #[tokio::test]
+    async fn the_session_hears_of_a_deferred_send_that_failed_at_its_next_write() {
+        let (stream, sends) = recorded(1460);
+        let conn = SharedStream::new(stream);
+        let mut session = conn.clone();
+        session.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        session.flush().await.unwrap();
+        assert!(
+            sends.lock().unwrap().sizes.is_empty(),
+            "the flush is deferred"
+        );
+
+        sends.lock().unwrap().broken = true;
+        let owed = poll_fn(|cx| conn.lock().poll_owed_flush(cx)).await;
+        assert_eq!(owed.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(
+            conn.lock().out.bytes.capacity(),
+            0,
+            "what was unsent is let go"
+        );
+        let next = session.write_all(b"more").await;
+        assert_eq!(next.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(
+            session.flush().await.unwrap_err().kind(),
+            io::ErrorKind::BrokenPipe
+        );
+        assert!(!send_the_rest(&conn).await, "the connection is not kept");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_page_written_in_one_turn_leaves_in_one_send() {
+        let (stream, sends) = recorded(1460);
+        sends.lock().unwrap().most = usize::MAX;
+        let conn = SharedStream::new(stream);
+        let mut session = conn.clone();
+        let page = vec![b'p'; 16 * 1024];
+        let size_line = format!("{:X}\r\n", page.len());
+        let served = async {
+            session.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await?;
+            session.flush().await?;
+            let chunk = [
+                io::IoSlice::new(size_line.as_bytes()),
+                io::IoSlice::new(&page),
+                io::IoSlice::new(b"\r\n"),
+            ];
+            assert_eq!(session.write_vectored(&chunk).await?, page.len() + 8);
+            session.flush().await?;
+            session.write_all(b"0\r\n\r\n").await?;
+            session.flush().await
+        };
+        in_turns(&conn, served).await.unwrap();
+        assert!(send_the_rest(&conn).await);
+        {
+            let sends = sends.lock().unwrap();
+            assert_eq!(sends.sizes, [19 + 16 * 1024 + 8 + 5]);
+            assert!(sends.bytes.ends_with(b"pp\r\n0\r\n\r\n"));
+        }
+
+        // Without a flush owed, a large write still goes straight through.
+        let (mut stream, sends) = recorded(1460);
+        sends.lock().unwrap().most = usize::MAX;
+        stream.defer_flushes = true;
+        stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        stream.write_all(&page).await.unwrap();
+        assert_eq!(sends.lock().unwrap().sizes, [19 + 16 * 1024]);
     }
 }
