@@ -216,6 +216,20 @@ async fn send_the_rest(conn: &SharedStream) -> bool {
     matches!(pingora::time::timeout(SEND_WAIT, sent).await, Ok(Ok(())))
 }
 
+/// Sends what the client is owed now, if its socket takes it at once. The proxy calls
+/// this as soon as a response is complete, so the client has it before the request's
+/// bookkeeping (metrics, logs) runs, as it would with Pingora's own flush; anything
+/// the socket does not take at once is sent when the session next waits. Streams of
+/// other connections (TLS, h2c) flush themselves.
+pub fn send_owed(stream: Option<&Stream>) {
+    let Some(shared) = stream.and_then(|s| s.as_any().downcast_ref::<SharedStream>()) else {
+        return;
+    };
+    // The loop polls again with the task's waker whenever the session waits.
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    let _ = shared.lock().poll_owed_flush(&mut cx);
+}
+
 /// Completes once the server starts shutting down.
 async fn shutting_down(shutdown: &mut ShutdownWatch) {
     while !*shutdown.borrow_and_update() {
@@ -1242,5 +1256,39 @@ mod tests {
         stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
         stream.write_all(&page).await.unwrap();
         assert_eq!(sends.lock().unwrap().sizes, [19 + 16 * 1024]);
+    }
+
+    #[tokio::test]
+    async fn a_complete_response_is_sent_when_the_proxy_says_so() {
+        let (stream, sends) = recorded(1460);
+        let conn = SharedStream::new(stream);
+        let mut session = conn.clone();
+        session
+            .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+        session.flush().await.unwrap();
+        assert!(
+            sends.lock().unwrap().sizes.is_empty(),
+            "the flush is deferred"
+        );
+
+        // As the proxy's logging hook sees it: the session's stream, boxed.
+        let boxed: Stream = Box::new(session);
+        send_owed(Some(&boxed));
+        assert_eq!(sends.lock().unwrap().sizes, [27]);
+        send_owed(Some(&boxed));
+        assert_eq!(sends.lock().unwrap().sizes, [27], "nothing more was owed");
+
+        // Other streams flush themselves; asking changes nothing.
+        let (other, sends) = recorded(1460);
+        let mut other: Stream = Box::new(other);
+        other
+            .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+        send_owed(Some(&other));
+        send_owed(None);
+        assert!(sends.lock().unwrap().sizes.is_empty());
     }
 }

@@ -829,6 +829,8 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // The response is complete: the client gets it before the bookkeeping below.
+        crate::downstream::send_owed(session.downstream_session.stream());
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed().as_secs_f64();
         match &ctx.route {
