@@ -16,8 +16,8 @@
 //! Nagle: the upstream and the client set `TCP_NODELAY` on their sockets; Pingora sets
 //! it on the gateway's accepted and upstream sockets and flushes each body chunk (the
 //! gateway makes the flush as soon as the connection waits again), so a small event is
-//! never held back waiting for an ACK. The upstream sends each event as
-//! one HTTP chunk and flushes it at once.
+//! never held back waiting for an ACK. The upstream sends each event as one HTTP chunk
+//! and flushes it at once.
 //!
 //! Upstream and client each run on their own single-threaded runtime and OS thread, so
 //! neither waits for the other's work to be scheduled.
