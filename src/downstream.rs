@@ -409,12 +409,7 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some(e) = this.failure() {
-            return Poll::Ready(Err(e));
-        }
-        let gather = this.gather_limit();
-        this.out.poll_write(&mut this.inner, cx, data, gather)
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
@@ -558,23 +553,7 @@ impl WriteBuffer {
         true
     }
 
-    fn poll_write(
-        &mut self,
-        inner: &mut Stream,
-        cx: &mut Context<'_>,
-        data: &[u8],
-        limit: usize,
-    ) -> Poll<io::Result<usize>> {
-        if data.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        if self.room_for(data.len(), limit) {
-            self.bytes.extend_from_slice(data);
-            return Poll::Ready(Ok(data.len()));
-        }
-        self.poll_write_through(inner, cx, &[io::IoSlice::new(data)])
-    }
-
+    /// Buffers `data` if it fits within `limit`, else writes it through.
     fn poll_write_vectored(
         &mut self,
         inner: &mut Stream,
