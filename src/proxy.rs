@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use gatewarden_plugins::{Ctx, IpText, Reply, RequestFlow, RequestParts, ResponseParts, Verdict};
+use gatewarden_plugins::{
+    value, Ctx, IpText, Reply, RequestFlow, RequestParts, ResponseParts, Verdict,
+};
 use http::header::{self, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use pingora::prelude::*;
@@ -81,8 +83,19 @@ pub struct RequestCtx {
     body_bytes: u64,
     tried: Vec<SocketAddr>,
     backend: Option<SocketAddr>,
+    /// The `X-Request-Id` value, made once for the upstream request and the response.
+    request_id_value: Option<HeaderValue>,
     started: Instant,
     _inflight: InflightGuard,
+}
+
+impl RequestCtx {
+    fn request_id_value(&mut self) -> HeaderValue {
+        let id = &self.plugin.request_id;
+        self.request_id_value
+            .get_or_insert_with(|| id.header_value())
+            .clone()
+    }
 }
 
 /// The proxy service of one listener.
@@ -404,6 +417,7 @@ impl ProxyHttp for Gateway {
             body_bytes: 0,
             tried: Vec::new(),
             backend: None,
+            request_id_value: None,
             started: Instant::now(),
             _inflight: InflightGuard::enter(),
         }
@@ -630,29 +644,29 @@ impl ProxyHttp for Gateway {
         let h = &upstream.headers;
         // Forwarding headers: believed only from trusted proxies, otherwise replaced.
         let peer = IpText::new(ctx.peer_ip);
-        let mut priors = String::new();
-        if ctx.peer_trusted {
-            for prior in h
-                .get_all(&X_FORWARDED_FOR)
+        let priors = ctx.peer_trusted.then(|| h.get_all(&X_FORWARDED_FOR));
+        let prior_texts = || {
+            priors
                 .iter()
+                .flat_map(|all| all.iter())
                 .filter_map(|v| v.to_str().ok())
-            {
-                priors.push_str(prior);
-                priors.push_str(", ");
+        };
+        let xff_len = prior_texts().map(|p| p.len() + 2).sum::<usize>() + peer.as_bytes().len();
+        let xff = value::header_value_with(xff_len, |out| {
+            for prior in prior_texts() {
+                out.extend_from_slice(prior.as_bytes());
+                out.extend_from_slice(b", ");
             }
-        }
-        let xff = if priors.is_empty() {
-            HeaderValue::from_bytes(peer.as_bytes())
-        } else {
-            priors.push_str(peer.as_str());
-            HeaderValue::try_from(priors)
-        }
+            out.extend_from_slice(peer.as_bytes());
+        })
         .or_err(ErrorType::InvalidHTTPHeader, "X-Forwarded-For")?;
         let real_ip = if ctx.plugin.client_ip == ctx.peer_ip {
             peer
         } else {
             IpText::new(ctx.plugin.client_ip)
         };
+        let real_ip = value::header_value(real_ip.as_bytes())
+            .or_err(ErrorType::InvalidHTTPHeader, "X-Real-IP")?;
         let proto = if ctx.plugin.https { "https" } else { "http" };
         let host = session
             .req_header()
@@ -670,9 +684,7 @@ impl ProxyHttp for Gateway {
             (true, Some(v)) => Some(v.clone()),
             _ => host.clone(),
         };
-        let request_id = ctx.plugin.request_id.header_value();
-        let real_ip = HeaderValue::from_bytes(real_ip.as_bytes())
-            .or_err(ErrorType::InvalidHTTPHeader, "X-Real-IP")?;
+        let request_id = ctx.request_id_value();
         let plugins = ctx
             .route
             .as_ref()
@@ -719,12 +731,16 @@ impl ProxyHttp for Gateway {
         if let (Some(route), Some(backend)) = (&ctx.route, &ctx.backend) {
             route.pool.count_response(backend, resp.status.as_u16());
         }
-        let request_id = ctx.plugin.request_id.header_value();
+        let request_id = ctx.request_id_value();
         let head_request = session.req_header().method == http::Method::HEAD;
         let route = ctx.route.as_ref().filter(|r| r.chain.hooks.response);
         let plugin_ctx = &mut ctx.plugin;
         response_without_case_map(resp, |resp| {
-            resp.headers.reserve(if route.is_some() { 8 } else { 1 });
+            // X-Request-Id and what the chain's plugins set, plus the Date and
+            // Connection headers Pingora adds when it writes the head (room left unused
+            // when the upstream sent them already).
+            let ours = if route.is_some() { 8 } else { 1 };
+            resp.headers.reserve(ours + 2);
             resp.headers.insert(X_REQUEST_ID.clone(), request_id);
             let Some(route) = route else { return };
             let had_length = resp.headers.contains_key(header::CONTENT_LENGTH);

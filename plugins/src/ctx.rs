@@ -80,11 +80,11 @@ impl RequestId {
         std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
     }
 
-    /// The id as an `X-Request-Id` value (one allocation: the value owns its bytes).
+    /// The id as an `X-Request-Id` value, cut from this thread's value block.
     pub fn header_value(&self) -> http::HeaderValue {
         // Visible ASCII is always a valid value; the fallback is never taken.
-        http::HeaderValue::from_str(self.as_str())
-            .unwrap_or_else(|_| http::HeaderValue::from_static(""))
+        crate::value::header_value(self.as_str().as_bytes())
+            .unwrap_or_else(|| http::HeaderValue::from_static(""))
     }
 }
 

@@ -32,6 +32,7 @@ pub mod redis_store;
 pub mod session;
 pub mod totp;
 pub mod upstream_auth;
+pub mod value;
 
 pub use ctx::{Ctx, Identity, IpText, RequestId, Role};
 pub use plugin::{Hooks, Plugin, RequestFlow, Verdict};

@@ -363,11 +363,13 @@ impl Plugin for RateLimit {
     }
 }
 
-/// `n` as a header value, in one allocation (`HeaderValue::from(u64)` makes two).
+/// `n` as a header value, cut from this thread's value block (`HeaderValue::from(u64)`
+/// allocates twice).
 fn number(n: u64) -> HeaderValue {
     let mut digits = itoa::Buffer::new();
     // Digits are always a valid value; the fallback is never taken.
-    HeaderValue::from_str(digits.format(n)).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    crate::value::header_value(digits.format(n).as_bytes())
+        .unwrap_or_else(|| HeaderValue::from_static("0"))
 }
 
 /// The verdict while Redis is unreachable.

@@ -100,13 +100,14 @@ impl Template {
         for part in &self.parts {
             len += piece(part, ctx, ip.as_ref())?.len();
         }
-        // Sized exactly: the value then takes the `String`'s buffer as it is, where spare
-        // room would cost it a second allocation.
-        let mut out = String::with_capacity(len);
-        for part in &self.parts {
-            out.push_str(piece(part, ctx, ip.as_ref())?);
-        }
-        HeaderValue::try_from(out).ok()
+        crate::value::header_value_with(len, |out| {
+            for part in &self.parts {
+                // Every piece was there when measured above.
+                if let Some(text) = piece(part, ctx, ip.as_ref()) {
+                    out.extend_from_slice(text.as_bytes());
+                }
+            }
+        })
     }
 }
 
