@@ -1,6 +1,7 @@
 //! Heap allocations per proxied request: gatewarden (no plugins, and the full chain of
 //! `api_key` + `rate_limit` + `origin` + `headers` on a route that needs a user)
-//! against a bare Pingora proxy that does nothing but forward.
+//! against a bare Pingora proxy that does nothing but forward, once without any timeout
+//! and once with the upstream timeouts gatewarden sets by default.
 //!
 //! ```sh
 //! cargo bench --bench allocs            # ALLOCS_REQUESTS=20000 for a longer count
@@ -15,8 +16,11 @@
 //! Background tasks (the keys-file watcher, timers) are counted too; they add a few
 //! allocations per second, which over thousands of requests rounds to nothing.
 //!
-//! The parent prints one row per proxy and the difference to bare Pingora: that
-//! difference is what gatewarden itself allocates per request.
+//! The parent prints one row per proxy and gatewarden's difference to both bare
+//! proxies. Pingora boxes a timer each time a timed wait has to wait (twice: the timer
+//! and the box around it), so a proxy that bounds its upstream reads and pooled
+//! connections pays for that on every request; the second row is bare Pingora doing
+//! the same, and the difference to it is what gatewarden itself allocates.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -30,7 +34,12 @@ use support::Variant;
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
 
-const TARGETS: [&str; 3] = ["pingora", "gatewarden-empty", "gatewarden-chain"];
+const TARGETS: [&str; 4] = [
+    "pingora",
+    "pingora-timeouts",
+    "gatewarden-empty",
+    "gatewarden-chain",
+];
 const WARMUP: u64 = 2_000;
 const UPSTREAM_REPLY: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n";
@@ -105,11 +114,17 @@ fn parent() {
         rows.push((target, blocks, bytes));
     }
     let base = baseline.unwrap_or_default();
+    let with_timeouts = rows
+        .iter()
+        .find(|(target, ..)| *target == "pingora-timeouts")
+        .map_or(base, |row| row.1);
     println!();
-    for (target, blocks, _) in rows.iter().skip(1) {
+    for (target, blocks, _) in rows.iter().filter(|r| r.0.starts_with("gatewarden")) {
         println!(
-            "{target}: {:+.1} allocations per request over bare Pingora",
-            blocks - base
+            "{target}: {:+.1} allocations per request over bare Pingora, \
+             {:+.1} over bare Pingora with the same upstream timeouts",
+            blocks - base,
+            blocks - with_timeouts
         );
     }
 }
@@ -152,8 +167,9 @@ fn child(target: &str) {
         }
     });
 
-    if target == "pingora" {
-        std::thread::spawn(move || bare::run(proxy, upstream));
+    if let Some(kind) = target.strip_prefix("pingora") {
+        let timeouts = kind == "-timeouts";
+        std::thread::spawn(move || bare::run(proxy, upstream, timeouts));
     } else {
         let path = std::path::PathBuf::from(env("ALLOCS_CONFIG"));
         let compiled = match gatewarden::config::load(&path, 1) {
@@ -266,33 +282,47 @@ fn serve_upstream(mut conn: TcpStream) {
     }
 }
 
-/// The smallest Pingora proxy: one fixed peer, no filters.
+/// The smallest Pingora proxy: one fixed peer, no filters. With `timeouts`, its peer
+/// has the upstream timeouts gatewarden sets by default (connect 2 s, read 300 s,
+/// write 60 s, idle 60 s), which Pingora enforces with timers of its own.
 mod bare {
     use std::net::SocketAddr;
+    use std::time::Duration;
 
     use async_trait::async_trait;
     use pingora::prelude::*;
     use pingora::server::configuration::ServerConf;
 
-    struct Plain(SocketAddr);
+    struct Plain {
+        upstream: SocketAddr,
+        timeouts: bool,
+    }
 
     #[async_trait]
     impl ProxyHttp for Plain {
         type CTX = ();
         fn new_ctx(&self) {}
         async fn upstream_peer(&self, _s: &mut Session, _c: &mut ()) -> Result<Box<HttpPeer>> {
-            Ok(Box::new(HttpPeer::new(self.0, false, String::new())))
+            let mut peer = Box::new(HttpPeer::new(self.upstream, false, String::new()));
+            if self.timeouts {
+                let options = &mut peer.options;
+                options.connection_timeout = Some(Duration::from_secs(2));
+                options.read_timeout = Some(Duration::from_secs(300));
+                options.write_timeout = Some(Duration::from_secs(60));
+                options.idle_timeout = Some(Duration::from_secs(60));
+            }
+            Ok(peer)
         }
     }
 
-    pub fn run(listen: SocketAddr, upstream: SocketAddr) {
+    pub fn run(listen: SocketAddr, upstream: SocketAddr, timeouts: bool) {
         let conf = ServerConf {
             threads: 1,
             ..ServerConf::default()
         };
         let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
         server.bootstrap();
-        let mut service = http_proxy_service(&server.configuration, Plain(upstream));
+        let mut service = http_proxy_service(&server.configuration, Plain { upstream, timeouts });
         service.add_tcp(&listen.to_string());
         server.add_service(service);
         server.run_forever();

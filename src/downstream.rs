@@ -38,6 +38,7 @@ use std::thread::LocalKey;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::future::Either;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::raw_connect::ProxyDigest;
@@ -189,8 +190,24 @@ async fn next_request(conn: &SharedStream, wait: Duration, shutdown: &mut Shutdo
     let arrived = poll_fn(|cx| conn.lock().poll_read_ahead(cx));
     tokio::select! {
         biased;
-        read = pingora::time::timeout(wait, arrived) => matches!(read, Ok(Ok(n)) if n > 0),
+        read = arrived => matches!(read, Ok(n) if n > 0),
+        () = idle_timer(wait) => false,
         () = shutting_down(shutdown) => false,
+    }
+}
+
+/// Ends after `wait`. Pingora's `timeout` boxes its timer twice each time a wait
+/// begins, once per request here; its `sleep` waits on the same shared 10 ms timers
+/// from inside this future. Those timers stay registered until due even when the wait
+/// ends early, so a wait longer than Pingora's limit for that (15 minutes unless
+/// changed) takes tokio's timer instead, as Pingora's `timeout` would.
+fn idle_timer(wait: Duration) -> impl Future<Output = ()> {
+    let long = pingora::time::fast_timeout::fast_timeout_to_tokio_threshold()
+        .is_some_and(|limit| wait > limit);
+    if long {
+        Either::Left(Box::pin(tokio::time::sleep(wait)))
+    } else {
+        Either::Right(pingora::time::sleep(wait))
     }
 }
 
@@ -836,6 +853,23 @@ impl Peek for SharedStream {}
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_wait_past_pingoras_limit_takes_tokios_timer() {
+        // Paused time moves tokio's timers only. On Pingora's clock this wait would take
+        // 16 real minutes, and the bound would end the test first.
+        let wait = Duration::from_secs(16 * 60);
+        let ended = tokio::time::timeout(wait + Duration::from_secs(1), idle_timer(wait)).await;
+        assert!(ended.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_short_idle_wait_ends_on_pingoras_timers() {
+        let wait = idle_timer(Duration::from_millis(20));
+        assert!(tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .is_ok());
+    }
 
     #[tokio::test]
     async fn a_trickled_head_fails_at_the_deadline_and_a_prompt_one_passes() {
