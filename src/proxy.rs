@@ -652,6 +652,8 @@ impl ProxyHttp for Gateway {
                 .filter_map(|v| v.to_str().ok())
         };
         let xff_len = prior_texts().map(|p| p.len() + 2).sum::<usize>() + peer.as_bytes().len();
+        // (`or_err_with`: Pingora's `or_err` on an `Option` builds its error, one
+        // allocation, even when there is a value.)
         let xff = value::header_value_with(xff_len, |out| {
             for prior in prior_texts() {
                 out.extend_from_slice(prior.as_bytes());
@@ -659,14 +661,14 @@ impl ProxyHttp for Gateway {
             }
             out.extend_from_slice(peer.as_bytes());
         })
-        .or_err(ErrorType::InvalidHTTPHeader, "X-Forwarded-For")?;
+        .or_err_with(ErrorType::InvalidHTTPHeader, || "X-Forwarded-For")?;
         let real_ip = if ctx.plugin.client_ip == ctx.peer_ip {
             peer
         } else {
             IpText::new(ctx.plugin.client_ip)
         };
         let real_ip = value::header_value(real_ip.as_bytes())
-            .or_err(ErrorType::InvalidHTTPHeader, "X-Real-IP")?;
+            .or_err_with(ErrorType::InvalidHTTPHeader, || "X-Real-IP")?;
         let proto = if ctx.plugin.https { "https" } else { "http" };
         let host = session
             .req_header()
