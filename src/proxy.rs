@@ -90,6 +90,8 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// The `X-Request-Id` value for every head the gateway writes: made on first use,
+    /// once `request_filter` has settled the id (a trusted proxy may hand one on).
     fn request_id_value(&mut self) -> HeaderValue {
         let id = &self.plugin.request_id;
         self.request_id_value
@@ -259,7 +261,7 @@ impl Gateway {
         }
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.body.len()));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        h.insert(X_REQUEST_ID.clone(), ctx.plugin.request_id.header_value());
+        h.insert(X_REQUEST_ID.clone(), ctx.request_id_value());
         for (name, value) in reply.headers {
             h.append(name, value);
         }
