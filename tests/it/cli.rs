@@ -26,7 +26,7 @@ fn loopback(port: u16) -> SocketAddr {
 fn with_config(command: &str, yaml: &str, env: &[(&str, &str)]) -> (Output, String, String) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("g.yaml"), yaml).unwrap();
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args([command, "-c", "g.yaml"])
         .current_dir(dir.path())
         .env("RUST_LOG", "warn")
@@ -576,7 +576,7 @@ fn shipped_conf_copy() -> ConfCopy {
 
 /// Runs the binary in `dir` with exactly the given extra environment, bounded in time.
 fn run_with_env(args: &[&str], dir: &std::path::Path, env: &[(&str, String)]) -> Output {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(args)
         .current_dir(dir)
         .env("RUST_LOG", "warn")
@@ -737,7 +737,7 @@ fn systemd_unit_is_hardened_and_verifies() {
     // verify insists that the binaries exist, so point the unit at the one under test.
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("gatewarden.service");
-    std::fs::write(&copy, text.replace("/usr/local/bin/gatewarden", BIN)).unwrap();
+    std::fs::write(&copy, text.replace("/usr/local/bin/gatewarden", bin())).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&copy)

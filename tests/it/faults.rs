@@ -513,7 +513,7 @@ fn killing_key_new_mid_write_never_leaves_a_broken_keys_file() {
         let delay = Duration::from_micros(
             (seed.wrapping_mul(2654435761).wrapping_add(i * 7919)) % (run + run / 5),
         );
-        let mut child = std::process::Command::new(BIN)
+        let mut child = std::process::Command::new(bin())
             .args(["key", "new", "--file", &file, "--name", &format!("k{i}")])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -11,7 +11,15 @@ use std::time::{Duration, Instant};
 
 pub use gatewarden::demo_upstream::DemoUpstream;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_gatewarden");
+/// The gatewarden binary the tests run: the one cargo built for them, or the one named
+/// by `GATEWARDEN_BIN` (to run the suite against a release or PGO build).
+pub fn bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("GATEWARDEN_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_gatewarden").to_string())
+    })
+}
 
 /// A loopback port that was free a moment ago.
 ///
@@ -63,7 +71,7 @@ impl Gateway {
             .replace("{dir}", &dir.path().display().to_string());
         let config = dir.path().join("gatewarden.yaml");
         std::fs::write(&config, &yaml).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.arg("run")
             .arg("-c")
             .arg(&config)
@@ -154,7 +162,7 @@ fn spawn_collecting(cmd: &mut Command) -> (Child, Arc<Mutex<String>>) {
 
 /// Runs the binary to completion with a time bound.
 pub fn run_cli(args: &[&str], dir: &Path) -> Output {
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .args(args)
         .current_dir(dir)
         .stdout(Stdio::piped())
@@ -538,7 +546,7 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(args: &[&str], dir: &Path) -> Process {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(args).current_dir(dir).env("RUST_LOG", "warn");
         let (child, output) = spawn_collecting(&mut cmd);
         Process { child, output }

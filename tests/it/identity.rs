@@ -37,7 +37,7 @@ const PICKUP: Duration = Duration::from_secs(5);
 
 /// Runs the binary with `input` on stdin, bounded in time.
 fn run_with_stdin(args: &[&str], input: &str) -> Output {
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .args(args)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())

@@ -394,7 +394,7 @@ fn a_token_budget_in_redis_is_shared_by_replicas() {
 fn two_gateways_share_pin_lockouts_through_redis() {
     let redis = Redis::start();
     let up = Upstreams::start(1);
-    let mut hash_pin = std::process::Command::new(BIN)
+    let mut hash_pin = std::process::Command::new(bin())
         .arg("hash-pin")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
