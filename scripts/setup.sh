@@ -5,18 +5,21 @@
 #
 #   bash scripts/setup.sh            # build + test dependencies
 #   bash scripts/setup.sh --bench    # also wrk, nginx, haproxy, valgrind (and linux-perf if available)
+#   bash scripts/setup.sh --pgo      # also llvm-19, whose llvm-profdata scripts/pgo-build.sh uses
 set -euo pipefail
 
 bench=0
+pgo=0
 for arg in "$@"; do
     case "$arg" in
         --bench) bench=1 ;;
+        --pgo) pgo=1 ;;
         -h|--help)
-            sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
-            echo "setup.sh: unknown argument $arg (use --bench or --help)" >&2
+            echo "setup.sh: unknown argument $arg (use --bench, --pgo or --help)" >&2
             exit 2
             ;;
     esac
@@ -29,6 +32,9 @@ done
 packages=(build-essential cmake pkg-config libssl-dev redis-server chromium curl)
 if [ "$bench" = 1 ]; then
     packages+=(wrk nginx haproxy valgrind)
+fi
+if [ "$pgo" = 1 ]; then
+    packages+=(llvm-19)
 fi
 
 if [ "$(id -u)" -eq 0 ]; then
