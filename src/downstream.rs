@@ -25,7 +25,9 @@
 //!
 //! The wait is bounded as Pingora bounds it: the first request of a connection by
 //! [`FIRST_REQUEST_WAIT`], each later one by the client keep-alive timeout. A
-//! graceful shutdown or upgrade closes parked connections at once. TLS connections
+//! graceful shutdown or upgrade closes parked connections at once, except that a
+//! connection accepted moments before and still waiting for its first request gets
+//! [`FIRST_REQUEST_SHUTDOWN_GRACE`] for it to arrive. TLS connections
 //! (where ALPN may pick HTTP/2) and h2c keep Pingora's own loop.
 
 use std::cell::RefCell;
@@ -55,6 +57,13 @@ use crate::head_deadline::HeadDeadline;
 /// How long a new connection may stay silent before its first request: Pingora's
 /// wait, and nginx's `client_header_timeout`.
 pub const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(60);
+
+/// How long a new connection may still send its first request once the server is
+/// shutting down. A client whose connection was accepted just before a graceful stop
+/// or upgrade has its request on the way, and retries nothing on a connection that
+/// never answered; an idle connection between requests is closed at once (clients
+/// retry those on a new one).
+const FIRST_REQUEST_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 /// How long the end of a response may wait for the client to take it once the
 /// session is done with it: the last bytes of a response, at most what one turn
@@ -111,7 +120,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientConnections<A> {
         let mut handle = Box::new(conn.clone());
         let mut carried = None;
         let mut wait = FIRST_REQUEST_WAIT;
-        while next_request(&conn, wait, &mut shutdown).await {
+        let mut first = true;
+        while next_request(&conn, wait, first, &mut shutdown).await {
+            first = false;
             let session = self.session(handle, carried.take(), &shutdown);
             let served = in_turns(&conn, self.app.process_new_http(session, &shutdown)).await;
             if !send_the_rest(&conn).await {
@@ -185,14 +196,30 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientConnections<A
 
 /// Parks until the client sends something, and reads it ahead. False when the client
 /// closed, the wait ran out, the server is shutting down or the socket failed: the
-/// connection is then closed without an answer, as Pingora closes an idle one.
-async fn next_request(conn: &SharedStream, wait: Duration, shutdown: &mut ShutdownWatch) -> bool {
-    let arrived = poll_fn(|cx| conn.lock().poll_read_ahead(cx));
+/// connection is then closed without an answer, as Pingora closes an idle one. The
+/// `first` request of a connection still has [`FIRST_REQUEST_SHUTDOWN_GRACE`] to
+/// arrive once the server is shutting down.
+async fn next_request(
+    conn: &SharedStream,
+    wait: Duration,
+    first: bool,
+    shutdown: &mut ShutdownWatch,
+) -> bool {
+    let mut arrived = pin!(poll_fn(|cx| conn.lock().poll_read_ahead(cx)));
+    let timer = idle_timer(wait);
+    tokio::select! {
+        biased;
+        read = &mut arrived => return matches!(read, Ok(n) if n > 0),
+        () = timer => return false,
+        () = shutting_down(shutdown) => {}
+    }
+    if !first {
+        return false;
+    }
     tokio::select! {
         biased;
         read = arrived => matches!(read, Ok(n) if n > 0),
-        () = idle_timer(wait) => false,
-        () = shutting_down(shutdown) => false,
+        () = pingora::time::sleep(FIRST_REQUEST_SHUTDOWN_GRACE) => false,
     }
 }
 

@@ -943,6 +943,28 @@ fn a_graceful_stop_closes_idle_client_connections_at_once() {
 }
 
 #[test]
+fn a_first_request_just_after_a_graceful_stop_is_still_served() {
+    let up = Upstreams::start(1);
+    let gw = Gateway::start(&format!(
+        "server: {{ grace_period_seconds: 10, graceful_shutdown_timeout_seconds: 10 }}\n{}",
+        simple_config(up.addr(0), "")
+    ));
+    // Accepted and parked before the stop; its request is still on the way when the
+    // stop begins (a client racing a graceful upgrade). It must not be dropped unanswered.
+    let late = TcpStream::connect(gw.addr).expect("connect");
+    std::thread::sleep(Duration::from_millis(300));
+    gw.signal("TERM");
+    std::thread::sleep(Duration::from_millis(100));
+    (&late)
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("send");
+    late.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let mut reader = std::io::BufReader::new(late);
+    let response = read_response(&mut reader).expect("an answer, not a closed connection");
+    assert_eq!(response.status, 200);
+}
+
+#[test]
 fn any_client_write_buffer_size_delivers_whole_responses() {
     let up = Upstreams::start(1);
     // No buffer at all, one smaller than a response head, and one larger than the body.
