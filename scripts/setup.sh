@@ -5,7 +5,7 @@
 #
 #   bash scripts/setup.sh            # build + test dependencies
 #   bash scripts/setup.sh --bench    # also wrk, nginx, haproxy, valgrind (and linux-perf if available)
-#   bash scripts/setup.sh --pgo      # also llvm-19, whose llvm-profdata scripts/pgo-build.sh uses
+#   bash scripts/setup.sh --pgo      # also llvm-19 and bolt-19, for scripts/pgo-build.sh
 set -euo pipefail
 
 bench=0
@@ -34,7 +34,7 @@ if [ "$bench" = 1 ]; then
     packages+=(wrk nginx haproxy valgrind)
 fi
 if [ "$pgo" = 1 ]; then
-    packages+=(llvm-19)
+    packages+=(llvm-19 bolt-19)
 fi
 
 if [ "$(id -u)" -eq 0 ]; then
