@@ -30,18 +30,18 @@ logged() {
 }
 status=0
 
-echo "== cargo test"
+echo "== cargo test" | tee -a "$log"
 # --no-fail-fast: one failing test binary must not hide the results of the others.
 logged cargo test --workspace --no-fail-fast || status=$?
 
 echo "== cargo build --release"
 cargo build --release --bin gatewarden
-echo "== cargo test --test it, against the release binary"
+echo "== cargo test --test it, against the release binary" | tee -a "$log"
 logged env GATEWARDEN_BIN="$PWD/target/release/gatewarden" \
     cargo test --test it --no-fail-fast || status=$?
 
 echo "== summary"
-grep -E '^\s*Running |^\s*Doc-tests |^test result:' "$log" || true
+grep -E '^== |^\s*Running |^\s*Doc-tests |^test result:' "$log" || true
 awk '/^test result:/ {
         for (i = 1; i <= NF; i++) {
             if ($(i + 1) ~ /^passed/) passed += $i
