@@ -14,6 +14,7 @@ pub mod head_deadline;
 pub mod observe;
 pub mod proxy;
 pub mod reload;
+pub mod request_rules;
 pub mod router;
 pub mod server;
 pub mod upstream;

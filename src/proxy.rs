@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use gatewarden_plugins::{
-    value, Ctx, IpText, Reply, RequestFlow, RequestParts, ResponseParts, Verdict,
+    spelling, value, Ctx, IpText, Reply, RequestFlow, RequestParts, ResponseParts, Verdict,
 };
 use http::header::{self, HeaderName, HeaderValue};
 use ipnet::IpNet;
@@ -21,7 +21,8 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use crate::config::Snapshot;
 use crate::observe::{new_request_id, InflightGuard, RouteMetrics};
 use crate::reload::State;
-use crate::router::{host_without_port, normalize, without_params, Access, Route};
+use crate::request_rules::{self, Refusal};
+use crate::router::{normalize, without_params, Access, Route};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -38,16 +39,6 @@ static METHOD_OVERRIDES: [HeaderName; 3] = [
     HeaderName::from_static("x-http-method-override"),
     HeaderName::from_static("x-http-method"),
     HeaderName::from_static("x-method-override"),
-];
-/// The `_` spellings of the forwarding headers the gateway sets: CGI, WSGI, PHP and
-/// Rack turn `-` into `_`, so a client's `X_Forwarded_For` would merge with (or stand
-/// in for) the gateway's `X-Forwarded-For` there.
-static FORWARDING_UNDERSCORED: [HeaderName; 5] = [
-    HeaderName::from_static("x_forwarded_for"),
-    HeaderName::from_static("x_forwarded_proto"),
-    HeaderName::from_static("x_forwarded_host"),
-    HeaderName::from_static("x_real_ip"),
-    HeaderName::from_static("x_request_id"),
 ];
 
 /// Metrics for requests that matched no route (404s, 400s, health checks).
@@ -138,16 +129,17 @@ fn client_behind_proxies(req: &RequestHeader, nets: &[IpNet], peer: IpAddr) -> I
     client
 }
 
-/// `X-Forwarded-*` in either spelling (header names are lowercase here).
+/// `X-Forwarded-*`, with `_` for `-` anywhere (header names are lowercase here).
 fn is_forwarding_header(name: &str) -> bool {
-    name.starts_with("x-forwarded-") || name.starts_with("x_forwarded_")
+    spelling::has_variable_prefix(name.as_bytes(), b"x-forwarded-")
 }
 
 /// Whether a client's header (by its lowercase name) is removed before the upstream:
-/// the ones the gateway sets itself, URL and method overrides, `_` spellings of the
-/// forwarding headers, and, from an untrusted peer, `Forwarded` and every other
-/// `X-Forwarded-*`: upstreams that trust the gateway as their proxy believe them
-/// (Port, Prefix, Scheme, Ssl and Server build their links and redirects).
+/// the ones the gateway sets itself, URL and method overrides, and, from an untrusted
+/// peer, `Forwarded` and every other `X-Forwarded-*`: upstreams that trust the gateway
+/// as their proxy believe them (Port, Prefix, Scheme, Ssl and Server build their links
+/// and redirects). Each in every spelling that CGI, WSGI, PHP and Rack read as the same
+/// header (`X-Forwarded_For` is their `X-Forwarded-For`).
 fn must_not_pass(name: &str, peer_trusted: bool) -> bool {
     let gateway_sets = [
         &X_FORWARDED_FOR,
@@ -160,8 +152,7 @@ fn must_not_pass(name: &str, peer_trusted: bool) -> bool {
     ]
     .into_iter()
     .chain(&METHOD_OVERRIDES)
-    .chain(&FORWARDING_UNDERSCORED)
-    .any(|n| n.as_str() == name);
+    .any(|n| spelling::same_variable(n.as_str().as_bytes(), name.as_bytes()));
     gateway_sets || (!peer_trusted && (name == FORWARDED.as_str() || is_forwarding_header(name)))
 }
 
@@ -215,6 +206,36 @@ fn response_without_case_map(resp: &mut ResponseHeader, edit: impl FnOnce(&mut R
         // Never fails: Pingora does not check the phrase.
         let _ = resp.set_reason_phrase(reason.as_deref());
     }
+}
+
+/// The `Host` value a request goes on with, and its new target when that changes too:
+/// origin form for an absolute-form target, or an HTTP/2 `:authority` respelled.
+fn canonical_target(
+    req: &RequestHeader,
+    authority: &str,
+    absolute_form: bool,
+) -> Result<(HeaderValue, Option<http::Uri>)> {
+    let host =
+        HeaderValue::from_str(authority).or_err(ErrorType::InvalidHTTPHeader, "normalised Host")?;
+    let uri = if absolute_form {
+        let origin_form = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        Some(
+            http::Uri::try_from(origin_form)
+                .or_err(ErrorType::InvalidHTTPHeader, "origin-form target")?,
+        )
+    } else if req.uri.authority().is_some() {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = req.uri.scheme().cloned();
+        parts.authority = Some(
+            http::uri::Authority::try_from(authority)
+                .or_err(ErrorType::InvalidHTTPHeader, "normalised authority")?,
+        );
+        parts.path_and_query = req.uri.path_and_query().cloned();
+        Some(http::Uri::from_parts(parts).or_err(ErrorType::InvalidHTTPHeader, "request target")?)
+    } else {
+        None
+    };
+    Ok((host, uri))
 }
 
 /// True when the request came with both `Transfer-Encoding` and `Content-Length`.
@@ -476,6 +497,17 @@ impl ProxyHttp for Gateway {
             ctx.snapshot = Some(snapshot);
             return self.respond(session, ctx, reply).await;
         }
+        let checked =
+            request_rules::check_request(req).and_then(|()| request_rules::request_host(req));
+        let request_host = match checked {
+            Ok(host) => host,
+            Err(Refusal { status, reason }) => {
+                ctx.snapshot = Some(snapshot);
+                return self
+                    .respond(session, ctx, Reply::error(status, reason))
+                    .await;
+            }
+        };
 
         let path = match normalize(raw_path) {
             Ok(p) => p,
@@ -485,11 +517,16 @@ impl ProxyHttp for Gateway {
                 return self.respond(session, ctx, reply).await;
             }
         };
-        let host = req
-            .uri
-            .host()
-            .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
-            .map_or("", host_without_port);
+        let host = request_host.as_ref().map_or("", |h| h.host());
+        // An absolute-form target (`GET http://host/path`) goes on in origin form, and a
+        // host spelled otherwise than normalised is rewritten, so plugins and the
+        // upstream see the host the route was chosen by.
+        let absolute_form = request_rules::absolute_form_authority(req.raw_path()).is_some();
+        let canonical_target = request_host
+            .as_ref()
+            .filter(|h| h.rewritten() || absolute_form)
+            .map(|h| canonical_target(req, &h.authority, absolute_form))
+            .transpose()?;
         if path.starts_with(GATEWAY_PATHS) {
             if let Some(plugin) = snapshot.router.endpoint(host, &path) {
                 ctx.snapshot = Some(snapshot);
@@ -533,19 +570,35 @@ impl ProxyHttp for Gateway {
         }
         drop(path);
 
-        if !session.is_upgrade_req() {
-            if let Some(len) = req.headers.get(header::CONTENT_LENGTH) {
-                let too_large = std::str::from_utf8(len.as_bytes())
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .is_none_or(|n| n > route.max_request_body);
-                if too_large {
-                    ctx.snapshot = Some(snapshot);
-                    ctx.route = Some(route);
-                    return self
-                        .respond(session, ctx, Reply::error(413, "request body too large"))
-                        .await;
-                }
+        // Whatever else the request says (an `Upgrade` among it): a declared body over
+        // the limit never reaches an upstream.
+        if let Some(len) = req.headers.get(header::CONTENT_LENGTH) {
+            let too_large = std::str::from_utf8(len.as_bytes())
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .is_none_or(|n| n > route.max_request_body);
+            if too_large {
+                ctx.snapshot = Some(snapshot);
+                ctx.route = Some(route);
+                return self
+                    .respond(session, ctx, Reply::error(413, "request body too large"))
+                    .await;
+            }
+        }
+        if let Err(Refusal { status, reason }) =
+            request_rules::check_upgrade(req, session.is_upgrade_req())
+        {
+            ctx.snapshot = Some(snapshot);
+            ctx.route = Some(route);
+            return self
+                .respond(session, ctx, Reply::error(status, reason))
+                .await;
+        }
+        if let Some((host, uri)) = canonical_target {
+            let req = session.req_header_mut();
+            req.insert_header(header::HOST, host)?;
+            if let Some(uri) = uri {
+                req.set_uri(uri);
             }
         }
 
@@ -570,7 +623,8 @@ impl ProxyHttp for Gateway {
         if let (Some(chunk), Some(route)) = (body.as_ref(), &ctx.route) {
             ctx.body_bytes += chunk.len() as u64;
             // After an upgrade the "body" is WebSocket frames: a session, not an upload.
-            if ctx.body_bytes > route.max_request_body && !session.is_upgrade_req() {
+            // Before the upstream agreed to it, it is an upload like any other.
+            if ctx.body_bytes > route.max_request_body && !session.was_upgraded() {
                 return Error::e_explain(
                     ErrorType::HTTPStatus(413),
                     "request body over the route's limit",
@@ -694,6 +748,10 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .filter(|r| r.chain.hooks.upstream_request)
             .map(|r| &r.chain.plugins);
+        let gateway_cookies = ctx
+            .snapshot
+            .as_ref()
+            .map_or(&[][..], |s| &s.gateway_cookies[..]);
         without_case_map(upstream, |up| {
             let h = &mut up.headers;
             // One pass over the client's header names finds every copy the upstream must
@@ -705,6 +763,10 @@ impl ProxyHttp for Gateway {
                 .collect();
             for name in &spoofed {
                 h.remove(name);
+            }
+            // The gateway's sessions are its own, whatever route this is.
+            if !gateway_cookies.is_empty() {
+                gatewarden_plugins::session::remove_cookies(h, gateway_cookies);
             }
             // The core's six, and room for what the chain's plugins set.
             h.reserve(if plugins.is_some() { 12 } else { 6 });
@@ -737,9 +799,16 @@ impl ProxyHttp for Gateway {
         }
         let request_id = ctx.request_id_value();
         let head_request = session.req_header().method == http::Method::HEAD;
+        let http10_client = session.req_header().version < http::Version::HTTP_11;
         let route = ctx.route.as_ref().filter(|r| r.chain.hooks.response);
         let plugin_ctx = &mut ctx.plugin;
         response_without_case_map(resp, |resp| {
+            // HTTP/1.0 has no chunked framing: a body without a length is delimited by
+            // closing the connection. Pingora frames such bodies as chunked (for an
+            // upstream that sent no length) whatever the client speaks.
+            if http10_client {
+                resp.headers.remove(header::TRANSFER_ENCODING);
+            }
             // X-Request-Id and what the chain's plugins set, plus the Date and
             // Connection headers Pingora adds when it writes the head (room left unused
             // when the upstream sent them already).
@@ -761,6 +830,7 @@ impl ProxyHttp for Gateway {
                 || resp.status.is_informational();
             let unframed = had_length
                 && !no_body
+                && !http10_client
                 && !resp.headers.contains_key(header::CONTENT_LENGTH)
                 && !resp.headers.contains_key(header::TRANSFER_ENCODING);
             if unframed {
@@ -775,7 +845,8 @@ impl ProxyHttp for Gateway {
                 resp.version = http::Version::HTTP_11;
             }
         });
-        if ctx.plugin.compress_response {
+        // Compressing a body drops its length, which only chunked framing can replace.
+        if ctx.plugin.compress_response && !http10_client {
             compress_for_client(session);
         }
         Ok(())

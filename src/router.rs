@@ -17,7 +17,7 @@ pub enum PathError {
     NotAbsolute,
     #[error("control character in path")]
     Control,
-    #[error("encoded slash, backslash or control character in path")]
+    #[error("encoded slash, backslash, semicolon or control character in path")]
     ForbiddenEscape,
     #[error("malformed percent-encoding in path")]
     BadEscape,
@@ -25,6 +25,8 @@ pub enum PathError {
     EscapesRoot,
     #[error("dot segment with parameters in path")]
     DotParameters,
+    #[error("path segment ends in a dot or a space")]
+    SegmentEdge,
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -42,8 +44,14 @@ fn hex(b: u8) -> Option<u8> {
 
 /// Normalises a request path (without its query): decodes percent-escapes of unreserved
 /// characters, resolves `.` and `..`, collapses `//`. Refuses NUL and control characters,
-/// `%2F`, `%5C`, raw backslashes, `..` above the root and dot segments hiding behind
-/// `;parameters` (which some servers resolve). Borrows when the path is already normal.
+/// `%2F`, `%5C`, `%3B`, raw backslashes, `..` above the root and dot segments hiding
+/// behind `;parameters` (which some servers resolve). Borrows when the path is already
+/// normal.
+///
+/// Also refused: a segment that ends in `.` or a space (`/admin./x`, `/admin%2e/x`,
+/// `/admin%20/x`), which Windows, IIS and some frameworks read as the segment without
+/// them, and `%3B`, which some servlet containers decode before they drop
+/// `;parameters`: upstream, either would name another resource than the one matched.
 pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
@@ -57,6 +65,8 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
             b'%' => needs_work = true,
             b'/' if bytes.get(i + 1) == Some(&b'/') => needs_work = true,
             b'.' if i > 0 && bytes[i - 1] == b'/' => needs_work = true,
+            // A segment ending in a dot.
+            b'.' if matches!(bytes.get(i + 1), None | Some(b'/' | b';')) => needs_work = true,
             _ => {}
         }
     }
@@ -76,6 +86,9 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
                 }
             }
             _ if bare == "." || bare == ".." => return Err(PathError::DotParameters),
+            _ if bare.ends_with('.') || bare.ends_with("%20") => {
+                return Err(PathError::SegmentEdge)
+            }
             _ => segments.push(segment),
         }
     }
@@ -106,7 +119,7 @@ fn decode_unreserved(bytes: &[u8]) -> Result<String, PathError> {
             };
             let value = hi << 4 | lo;
             match value {
-                b'/' | b'\\' | 0..=0x1f | 0x7f => return Err(PathError::ForbiddenEscape),
+                b'/' | b'\\' | b';' | 0..=0x1f | 0x7f => return Err(PathError::ForbiddenEscape),
                 v if is_unreserved(v) => out.push(v),
                 _ => {
                     out.push(b'%');
@@ -301,18 +314,6 @@ impl Router {
     }
 }
 
-/// The host of a `Host` header or authority, without port, for matching.
-pub fn host_without_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        // [v6]:port
-        return rest.split(']').next().unwrap_or("");
-    }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,6 +356,29 @@ mod tests {
         );
         assert_eq!(normalize("/%zz"), Err(PathError::BadEscape));
         assert_eq!(normalize("admin"), Err(PathError::NotAbsolute));
+        assert_eq!(
+            normalize("/admin%3Bx/keys"),
+            Err(PathError::ForbiddenEscape)
+        );
+    }
+
+    #[test]
+    fn segments_ending_in_a_dot_or_space_are_refused() {
+        for path in [
+            "/admin./x",
+            "/admin%2e/x",
+            "/admin%2E",
+            "/admin../x",
+            "/admin%2e%2e/x",
+            "/admin%20/x",
+            "/admin.;x/keys",
+            "/a/b.",
+        ] {
+            assert_eq!(normalize(path), Err(PathError::SegmentEdge), "{path}");
+        }
+        for path in ["/a.b/c", "/v1.2/x", "/.well-known/x", "/a%20b/c", "/x/./y"] {
+            assert!(normalize(path).is_ok(), "{path}");
+        }
     }
 
     #[test]
@@ -384,8 +408,5 @@ mod tests {
         assert!(wild.matches("a.example.com"));
         assert!(!wild.matches("example.com"));
         assert!(!wild.matches("badexample.com"));
-        assert_eq!(host_without_port("h.example:8080"), "h.example");
-        assert_eq!(host_without_port("[::1]:8080"), "::1");
-        assert_eq!(host_without_port("h.example"), "h.example");
     }
 }

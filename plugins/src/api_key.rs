@@ -32,7 +32,7 @@ use http::HeaderName;
 use serde::Deserialize;
 
 use crate::keys::{self, KeysFile};
-use crate::{Ctx, Hooks, Identity, Plugin, Reply, RequestFlow, RequestHeader, Role};
+use crate::{credentials, Ctx, Hooks, Identity, Plugin, Reply, RequestFlow, RequestHeader, Role};
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
@@ -195,29 +195,22 @@ impl ApiKey {
         })
     }
 
-    /// The credential presented, if any, and whether it came from `Authorization`.
-    fn presented<'r>(&self, req: &'r RequestHeader) -> Option<(&'r [u8], bool)> {
+    /// Every key presented: from `X-API-Key` and from `Authorization: Bearer` (when
+    /// not a JWT), as the sources allow. A source header sent twice is an error.
+    fn presented<'r>(&self, req: &'r RequestHeader) -> Result<Presented<'r>, Reply> {
+        let mut keys = Presented::default();
         if self.x_api_key {
-            if let Some(v) = req.headers.get(&X_API_KEY) {
-                return Some((v.as_bytes().trim_ascii(), false));
-            }
+            keys.x_api_key = credentials::only_value(req, &X_API_KEY)
+                .map_err(|_| credentials::repeated("X-API-Key"))?
+                .map(|v| v.as_bytes().trim_ascii());
         }
         if self.bearer {
-            let auth = req.headers.get(http::header::AUTHORIZATION)?.as_bytes();
-            let space = auth.iter().position(|b| *b == b' ')?;
-            let (scheme, token) = auth.split_at(space);
-            if !scheme.eq_ignore_ascii_case(b"bearer") {
-                return None;
-            }
-            let token = token.trim_ascii();
-            let jwt_shaped = !token.starts_with(keys::KEY_PREFIX.as_bytes())
-                && token.iter().filter(|b| **b == b'.').count() == 2;
-            if jwt_shaped {
-                return None;
-            }
-            return Some((token, true));
+            keys.authorization = credentials::only_value(req, &http::header::AUTHORIZATION)
+                .map_err(|_| credentials::repeated("Authorization"))?
+                .and_then(|v| credentials::bearer(v.as_bytes()))
+                .filter(|token| !credentials::looks_like_jwt(token));
         }
-        None
+        Ok(keys)
     }
 
     fn check(&self, token: &[u8]) -> Result<Identity, &'static str> {
@@ -251,6 +244,13 @@ impl ApiKey {
             method: "api_key",
         })
     }
+}
+
+/// The keys a request presented, by where they came from.
+#[derive(Default)]
+struct Presented<'r> {
+    x_api_key: Option<&'r [u8]>,
+    authorization: Option<&'r [u8]>,
 }
 
 /// Compares two digests without an early exit.
@@ -386,30 +386,48 @@ impl Plugin for ApiKey {
     }
 
     fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
-        let Some((token, from_authorization)) = self.presented(req) else {
-            return RequestFlow::CONTINUE;
-        };
-        match self.check(token) {
-            Ok(identity) => {
-                if ctx.identity.is_none() {
-                    ctx.identity = Some(identity);
-                }
-                if self.strip {
-                    req.remove_header(&X_API_KEY);
-                    if from_authorization {
-                        req.remove_header(&http::header::AUTHORIZATION);
-                    }
-                }
-                RequestFlow::CONTINUE
+        // Other spellings of X-API-Key are never read here, so never verified: an
+        // upstream that merges them with the real one must not see them.
+        if self.x_api_key {
+            crate::spelling::remove_other_spellings_from(req, &X_API_KEY);
+        }
+        let presented = match self.presented(req) {
+            Ok(presented) => presented,
+            Err(reply) => {
+                ctx.auth_failure = Some("repeated_credentials");
+                return RequestFlow::reply(reply);
             }
-            Err(reason) => {
-                ctx.auth_failure = Some("invalid_api_key");
-                RequestFlow::reply(Reply::error(401, reason).with_header(
-                    http::header::WWW_AUTHENTICATE,
-                    "Bearer error=\"invalid_token\"",
-                ))
+        };
+        // Every key presented is checked: one wrong key is a refusal whatever else
+        // came with it, and two right keys must name the same caller.
+        for token in [presented.x_api_key, presented.authorization]
+            .into_iter()
+            .flatten()
+        {
+            let identity = match self.check(token) {
+                Ok(identity) => identity,
+                Err(reason) => {
+                    ctx.auth_failure = Some("invalid_api_key");
+                    return RequestFlow::reply(credentials::refused(reason));
+                }
+            };
+            if ctx.identify(identity).is_err() {
+                return RequestFlow::reply(credentials::conflicting());
             }
         }
+        let (from_x_api_key, from_authorization) = (
+            presented.x_api_key.is_some(),
+            presented.authorization.is_some(),
+        );
+        if self.strip {
+            if from_x_api_key {
+                req.remove_header(&X_API_KEY);
+            }
+            if from_authorization {
+                req.remove_header(&http::header::AUTHORIZATION);
+            }
+        }
+        RequestFlow::CONTINUE
     }
 }
 

@@ -216,11 +216,55 @@ impl Ctx {
             compress_response: false,
         }
     }
+
+    /// Records the caller an identity plugin recognised. Every credential of a request
+    /// is checked, so a request may be recognised more than once; two credentials that
+    /// name different callers (subject or role) are a [`Conflict`], which the plugin
+    /// refuses rather than pick one of them.
+    pub fn identify(&mut self, identity: Identity) -> Result<(), Conflict> {
+        match &self.identity {
+            None => {
+                self.identity = Some(identity);
+                Ok(())
+            }
+            Some(known) if known.subject == identity.subject && known.role == identity.role => {
+                Ok(())
+            }
+            Some(_) => {
+                self.auth_failure = Some("conflicting_credentials");
+                Err(Conflict)
+            }
+        }
+    }
 }
+
+/// Credentials in one request that name different callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conflict;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_caller_in_one_request_is_a_conflict() {
+        let who = |subject: &str, role| Identity {
+            subject: Arc::from(subject),
+            role,
+            method: "test",
+        };
+        let mut ctx = Ctx::new(
+            "127.0.0.1".parse().unwrap(),
+            RequestId::from_random(1),
+            false,
+        );
+        assert_eq!(ctx.identify(who("alice", Role::User)), Ok(()));
+        assert_eq!(ctx.identify(who("alice", Role::User)), Ok(()));
+        assert_eq!(ctx.identify(who("alice", Role::Admin)), Err(Conflict));
+        assert_eq!(ctx.identify(who("bob", Role::User)), Err(Conflict));
+        assert_eq!(ctx.auth_failure, Some("conflicting_credentials"));
+        assert_eq!(&*ctx.identity.unwrap().subject, "alice");
+    }
 
     #[test]
     fn ip_text_matches_the_standard_spelling() {

@@ -12,8 +12,9 @@
 //!       remove: [Server]
 //! ```
 //!
-//! Every header this plugin sets on the request is first removed from the client's
-//! request, in every spelling and every duplicate, so a client can never smuggle in a
+//! Every header this plugin sets or removes on the request is first removed from the
+//! client's request, in every duplicate and every spelling (any case, `_` for `-` in any
+//! mix, as CGI, WSGI, PHP and Rack read them), so a client can never smuggle in a
 //! value an upstream trusts (`X-Webauth-User`, `Remote-User`, `X-Trusted-User-Email`).
 //! A value whose placeholder has nothing to show (no identity yet) is left out.
 
@@ -59,10 +60,10 @@ struct SetHeader {
 struct CompiledOps {
     set: Vec<SetHeader>,
     remove: Vec<HeaderName>,
-    /// The `_` spellings of the names in `set` that have a `-`: CGI, WSGI, PHP and Rack
-    /// read `X_Webauth_User` as `X-Webauth-User`, so a client's copy under that name
-    /// must go too.
-    underscored: Vec<HeaderName>,
+    /// Every name in `set` and `remove`: the client's copies of these go in every
+    /// spelling (see [`crate::spelling`]), since CGI, WSGI, PHP and Rack read
+    /// `X_Webauth-User` as `X-Webauth-User`.
+    client_copies: Vec<HeaderName>,
 }
 
 impl CompiledOps {
@@ -85,17 +86,15 @@ impl CompiledOps {
             .iter()
             .map(|name| header_name(name, side))
             .collect::<Result<Vec<_>, String>>()?;
-        let underscored = set
+        let client_copies = set
             .iter()
-            .filter(|h| h.name.as_str().contains('-'))
-            .filter_map(|h| {
-                HeaderName::from_bytes(h.name.as_str().replace('-', "_").as_bytes()).ok()
-            })
+            .map(|h| h.name.clone())
+            .chain(remove.iter().cloned())
             .collect();
         Ok(CompiledOps {
             set,
             remove,
-            underscored,
+            client_copies,
         })
     }
 
@@ -155,17 +154,8 @@ impl Plugin for Headers {
 
     fn on_request<'a>(&'a self, req: &'a mut RequestHeader, _ctx: &'a mut Ctx) -> RequestFlow<'a> {
         // Removed here, before any other plugin or the upstream can see them: the client's
-        // copies of headers we set are never trusted, whatever their case or count.
-        let names = self
-            .request
-            .set
-            .iter()
-            .map(|h| &h.name)
-            .chain(&self.request.remove)
-            .chain(&self.request.underscored);
-        for name in names {
-            req.remove_header(name);
-        }
+        // copies of headers we set are never trusted, whatever their spelling or count.
+        crate::spelling::remove_every_spelling_from(req, &self.request.client_copies);
         RequestFlow::CONTINUE
     }
 

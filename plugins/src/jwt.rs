@@ -57,7 +57,8 @@ use serde_json::{Map, Value};
 
 use crate::units::parse_duration;
 use crate::{
-    BuildEnv, Ctx, Hooks, Identity, Plugin, Reply, RequestFlow, RequestHeader, Role, Verdict,
+    credentials, BuildEnv, Ctx, Hooks, Identity, Plugin, Reply, RequestFlow, RequestHeader, Role,
+    Verdict,
 };
 
 /// Minimum length of `hs_secret`.
@@ -897,21 +898,17 @@ impl Jwt {
         })
     }
 
-    /// The bearer token, when it is shaped like a JWT.
-    fn presented(req: &RequestHeader) -> Option<&str> {
-        let auth = req.headers.get(http::header::AUTHORIZATION)?.as_bytes();
-        let space = auth.iter().position(|b| *b == b' ')?;
-        let (scheme, token) = auth.split_at(space);
-        if !scheme.eq_ignore_ascii_case(b"bearer") {
-            return None;
-        }
-        let token = token.trim_ascii();
-        let jwt_shaped = !token.starts_with(crate::keys::KEY_PREFIX.as_bytes())
-            && token.iter().filter(|b| **b == b'.').count() == 2;
-        if !jwt_shaped {
-            return None;
-        }
-        std::str::from_utf8(token).ok()
+    /// The bearer token, when it is shaped like a JWT. `Authorization` sent twice is
+    /// refused: which copy an upstream reads is up to it.
+    fn presented(req: &RequestHeader) -> Result<Option<&str>, Reply> {
+        let Some(auth) = credentials::only_value(req, &http::header::AUTHORIZATION)
+            .map_err(|_| credentials::repeated("Authorization"))?
+        else {
+            return Ok(None);
+        };
+        Ok(credentials::bearer(auth.as_bytes())
+            .filter(|token| credentials::looks_like_jwt(token))
+            .and_then(|token| std::str::from_utf8(token).ok()))
     }
 
     /// Verifies `token` against `keys`.
@@ -1050,8 +1047,8 @@ impl Jwt {
     }
 
     fn accept(&self, identity: Identity, req: &mut RequestHeader, ctx: &mut Ctx) -> Verdict {
-        if ctx.identity.is_none() {
-            ctx.identity = Some(identity);
+        if ctx.identify(identity).is_err() {
+            return Verdict::Reply(credentials::conflicting());
         }
         if self.strip {
             req.remove_header(&http::header::AUTHORIZATION);
@@ -1062,10 +1059,7 @@ impl Jwt {
 
 fn refuse(refusal: Refusal, ctx: &mut Ctx) -> Verdict {
     ctx.auth_failure = Some(refusal.metric());
-    Verdict::Reply(Reply::error(401, refusal.reason()).with_header(
-        http::header::WWW_AUTHENTICATE,
-        "Bearer error=\"invalid_token\"",
-    ))
+    Verdict::Reply(credentials::refused(refusal.reason()))
 }
 
 impl Plugin for Jwt {
@@ -1088,8 +1082,13 @@ impl Plugin for Jwt {
         if let Keys::Live(refresher) = &self.keys {
             refresher.ensure_started();
         }
-        let Some(token) = Self::presented(req) else {
-            return RequestFlow::CONTINUE;
+        let token = match Self::presented(req) {
+            Ok(Some(token)) => token,
+            Ok(None) => return RequestFlow::CONTINUE,
+            Err(reply) => {
+                ctx.auth_failure = Some("repeated_credentials");
+                return RequestFlow::reply(reply);
+            }
         };
         let refusal = match self.check(token) {
             Ok(identity) => return RequestFlow::Done(self.accept(identity, req, ctx)),

@@ -6,6 +6,7 @@
 //! chunks and the `Ctx`. That keeps every plugin testable without a socket.
 #![forbid(unsafe_code)]
 
+pub mod credentials;
 mod ctx;
 pub mod keys;
 mod plugin;
@@ -26,15 +27,17 @@ pub mod line_writer;
 pub mod llm_budget;
 pub mod oidc;
 pub mod origin;
+pub mod password;
 pub mod pin_gate;
 pub mod rate_limit;
 pub mod redis_store;
 pub mod session;
+pub mod spelling;
 pub mod totp;
 pub mod upstream_auth;
 pub mod value;
 
-pub use ctx::{Ctx, Identity, IpText, RequestId, Role};
+pub use ctx::{Conflict, Ctx, Identity, IpText, RequestId, Role};
 pub use plugin::{Hooks, Plugin, RequestFlow, Verdict};
 pub use registry::{build, BuildEnv, BuildError, PLUGIN_TYPES};
 pub use reply::Reply;

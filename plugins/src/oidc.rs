@@ -1037,6 +1037,15 @@ impl Plugin for Oidc {
         true
     }
 
+    fn gateway_cookies(&self) -> Vec<String> {
+        self.sessions
+            .cookie_names()
+            .into_iter()
+            .chain(self.state_cookie.iter().map(String::as_str))
+            .map(String::from)
+            .collect()
+    }
+
     fn serves(&self, path: &str) -> bool {
         path == LOGIN_PATH || path == CALLBACK_PATH || path == LOGOUT_PATH
     }

@@ -22,6 +22,9 @@
 //! same-origin `next`, with the session cookie. `POST /.gatewarden/logout` clears it.
 //! After `max_failures` wrong attempts from one client address within `window`, that
 //! address gets 429 with `Retry-After` for `ban`, whatever it sends, a correct PIN too.
+//! Each attempt is charged before its PIN is checked, so a burst of concurrent guesses
+//! gets no more checks than a patient guesser. PINs are checked in the process's
+//! bounded pool ([`crate::password`]); a login that finds it full gets 503.
 //! With a top-level `redis:` block, failures and bans are kept in Redis, so every
 //! replica sees them; each process also keeps its own count, which stays in force
 //! while Redis is unreachable.
@@ -32,11 +35,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::Argon2;
 use bytes::Bytes;
 use serde::Deserialize;
 
+use crate::password;
 use crate::session::{self, SecureCookie, SessionKeys};
 use crate::units::parse_duration;
 use crate::{Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, Role, Verdict};
@@ -136,6 +140,11 @@ fn default_ban() -> String {
 
 /// Failures per client address. Bounded: past `MAX_TRACKED` addresses the oldest
 /// records are dropped, so a flood of addresses cannot grow memory without bound.
+///
+/// An attempt is charged as a failure before its PIN is checked, in the same step that
+/// looks for a ban ([`Lockout::admit`]), and refunded only once it proves right. However
+/// many attempts arrive at once, at most `max_failures` of them per window are ever
+/// checked.
 struct Lockout {
     max_failures: u32,
     window: Duration,
@@ -152,6 +161,34 @@ struct Attempts {
 
 const MAX_TRACKED: usize = 100_000;
 
+/// Whether a login attempt may have its PIN checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// Charged as a failure until it proves right.
+    Admitted(Charge),
+    /// The client is banned for this many more seconds.
+    Banned(u64),
+}
+
+/// What admitting an attempt did, so that it can be taken back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Charge {
+    /// This attempt reached `max_failures` and started this process's ban.
+    local_ban: bool,
+    /// The attempt was also charged in Redis.
+    shared: bool,
+    /// ... and started the ban there.
+    shared_ban: bool,
+}
+
+impl Charge {
+    /// True when this attempt's charge started a ban: if it fails, the client is locked
+    /// out from now on.
+    fn started_ban(self) -> bool {
+        self.local_ban || self.shared_ban
+    }
+}
+
 impl Lockout {
     /// Seconds left on a ban of `ip`, if banned now.
     fn banned_for(&self, ip: IpAddr, now: Instant) -> Option<u64> {
@@ -160,8 +197,8 @@ impl Lockout {
         (until > now).then(|| (until - now).as_secs().max(1))
     }
 
-    /// Records a failure; returns the ban length when this failure starts a ban.
-    fn fail(&self, ip: IpAddr, now: Instant) -> Option<u64> {
+    /// Looks for a ban and charges the attempt, in one step under the lock.
+    fn admit(&self, ip: IpAddr, now: Instant) -> Admission {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if clients.len() >= MAX_TRACKED && !clients.contains_key(&ip) {
             let window = self.window.max(self.ban);
@@ -178,9 +215,10 @@ impl Lockout {
             failures: 0,
             banned_until: None,
         });
-        if now.duration_since(a.first_failure) > self.window
-            || a.banned_until.is_some_and(|u| u <= now)
-        {
+        if let Some(until) = a.banned_until.filter(|u| *u > now) {
+            return Admission::Banned((until - now).as_secs().max(1));
+        }
+        if now.duration_since(a.first_failure) > self.window || a.banned_until.is_some() {
             *a = Attempts {
                 first_failure: now,
                 failures: 0,
@@ -188,18 +226,31 @@ impl Lockout {
             };
         }
         a.failures += 1;
-        if a.failures >= self.max_failures {
+        let local_ban = a.failures >= self.max_failures;
+        if local_ban {
             a.banned_until = Some(now + self.ban);
-            return Some(self.ban.as_secs().max(1));
         }
-        None
+        Admission::Admitted(Charge {
+            local_ban,
+            ..Charge::default()
+        })
     }
 
-    fn succeed(&self, ip: IpAddr) {
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&ip);
+    /// Takes back an attempt's charge: it proved right, or was never checked. A ban the
+    /// charge started is lifted; with `forgive` (a right PIN) and no ban standing, the
+    /// client's earlier failures are forgotten too.
+    fn refund(&self, ip: IpAddr, charge: Charge, forgive: bool, now: Instant) {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(a) = clients.get_mut(&ip) else {
+            return;
+        };
+        a.failures = a.failures.saturating_sub(1);
+        if charge.local_ban {
+            a.banned_until = None;
+        }
+        if forgive && a.banned_until.is_none_or(|u| u <= now) {
+            clients.remove(&ip);
+        }
     }
 }
 
@@ -218,28 +269,39 @@ pub struct PinGate {
     login_css: String,
 }
 
-/// Lockout state in Redis: `gw:lock:<plugin>:<address>` counts failures within the
-/// window, `gw:ban:<plugin>:<address>` exists while the address is banned.
+/// Lockout state in Redis: `gw:lock:<plugin>:<address>` counts the attempts charged
+/// within the window, `gw:ban:<plugin>:<address>` exists while the address is banned.
 struct SharedLockout {
     redis: Arc<crate::redis_store::RedisHandle>,
     prefix: String,
-    fail: redis::Script,
+    admit: redis::Script,
+    refund: redis::Script,
     banned: redis::Script,
-    clear: redis::Script,
 }
 
-/// KEYS: failures, ban. ARGV: max failures, window ms, ban ms. Returns the ban's
-/// remaining ms (0 when not banned).
-const FAIL_SCRIPT: &str = r"
+/// Looks for a ban and charges the attempt, atomically. KEYS: failures, ban. ARGV: max
+/// failures, window ms, ban ms. Returns {0, 0} when admitted, {1, ban ms} when admitted
+/// and this charge started the ban, {2, ms left} when banned. The count ends with the
+/// ban it started, so a client starts afresh after serving one.
+const ADMIT_SCRIPT: &str = r"
 local left = redis.call('PTTL', KEYS[2])
-if left > 0 then return left end
+if left > 0 then return {2, left} end
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 if n >= tonumber(ARGV[1]) then
   redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
-  redis.call('DEL', KEYS[1])
-  return tonumber(ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return {1, tonumber(ARGV[3])}
 end
+return {0, 0}
+";
+
+/// Takes back a charge. KEYS: failures, ban. ARGV: '1' when the charge started the ban,
+/// '1' to forget the failures when no ban stands.
+const REFUND_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('DECR', KEYS[1]) end
+if ARGV[1] == '1' then redis.call('DEL', KEYS[2]) end
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
 return 0
 ";
 
@@ -305,9 +367,9 @@ impl PinGate {
             shared_lockout: env.redis.clone().map(|redis| SharedLockout {
                 redis,
                 prefix: env.name.clone(),
-                fail: redis::Script::new(FAIL_SCRIPT),
+                admit: redis::Script::new(ADMIT_SCRIPT),
+                refund: redis::Script::new(REFUND_SCRIPT),
                 banned: redis::Script::new("return redis.call('PTTL', KEYS[1])"),
-                clear: redis::Script::new("return redis.call('DEL', KEYS[1])"),
             }),
             lockout: Arc::new(lockout),
             login_css: config.login_css,
@@ -348,37 +410,59 @@ impl PinGate {
         self.lockout.banned_for(ip, Instant::now())
     }
 
-    /// Records a failure; returns the ban length when this failure starts a ban.
-    async fn record_failure(&self, ip: IpAddr) -> Option<u64> {
-        // Always counted locally too, so a Redis outage never lifts the lockout.
-        let local = self.lockout.fail(ip, Instant::now());
-        if let Some(shared) = &self.shared_lockout {
-            let (fails, ban) = shared.keys(ip);
-            let l = &self.lockout;
-            let args = [
-                i64::from(l.max_failures),
-                l.window.as_millis() as i64,
-                l.ban.as_millis() as i64,
-            ];
-            match shared
-                .redis
-                .run::<i64>(&shared.fail, &[&fails, &ban], &args)
-                .await
-            {
-                Ok(ms) => return SharedLockout::seconds(ms).or(local),
-                Err(e) => crate::redis_store::report_error("pin lockout", &e),
+    /// Looks for a ban of `ip` and charges this attempt: in this process (always, so
+    /// a Redis outage never lifts a lockout) and, when shared, in Redis.
+    async fn admit(&self, ip: IpAddr) -> Admission {
+        let mut charge = match self.lockout.admit(ip, Instant::now()) {
+            Admission::Admitted(charge) => charge,
+            banned => return banned,
+        };
+        let Some(shared) = &self.shared_lockout else {
+            return Admission::Admitted(charge);
+        };
+        let (fails, ban) = shared.keys(ip);
+        let l = &self.lockout;
+        let args = [
+            i64::from(l.max_failures),
+            l.window.as_millis() as i64,
+            l.ban.as_millis() as i64,
+        ];
+        match shared
+            .redis
+            .run::<(i64, i64)>(&shared.admit, &[&fails, &ban], &args)
+            .await
+        {
+            Ok((2, ms)) => {
+                // Not checked after all: this process's count takes it back.
+                self.lockout.refund(ip, charge, false, Instant::now());
+                Admission::Banned(SharedLockout::seconds(ms).unwrap_or(1))
+            }
+            Ok((state, _)) => {
+                charge.shared = true;
+                charge.shared_ban = state == 1;
+                Admission::Admitted(charge)
+            }
+            Err(e) => {
+                crate::redis_store::report_error("pin lockout", &e);
+                Admission::Admitted(charge)
             }
         }
-        local
     }
 
-    async fn record_success(&self, ip: IpAddr) {
-        self.lockout.succeed(ip);
-        if let Some(shared) = &self.shared_lockout {
-            let (fails, _) = shared.keys(ip);
-            if let Err(e) = shared.redis.run::<i64>(&shared.clear, &[&fails], &[]).await {
-                crate::redis_store::report_error("pin lockout", &e);
-            }
+    /// Takes back an attempt's charge (see [`Lockout::refund`]).
+    async fn refund(&self, ip: IpAddr, charge: Charge, forgive: bool) {
+        self.lockout.refund(ip, charge, forgive, Instant::now());
+        let Some(shared) = self.shared_lockout.as_ref().filter(|_| charge.shared) else {
+            return;
+        };
+        let (fails, ban) = shared.keys(ip);
+        let args = [i64::from(charge.shared_ban), i64::from(forgive)];
+        if let Err(e) = shared
+            .redis
+            .run::<i64>(&shared.refund, &[&fails, &ban], &args)
+            .await
+        {
+            crate::redis_store::report_error("pin lockout", &e);
         }
     }
 
@@ -405,26 +489,29 @@ impl PinGate {
                 .map_or("", |(_, v)| v.as_str())
         };
         let next = session::safe_next(field("next")).to_string();
-        if let Some(seconds) = self.banned_for(client).await {
-            return self.locked(&next, seconds);
+        let charge = match self.admit(client).await {
+            Admission::Admitted(charge) => charge,
+            Admission::Banned(seconds) => return self.locked(&next, seconds),
+        };
+        let pin = field("pin");
+        let verdict = password::Pool::shared()
+            .verify(&self.pin_hash, pin.as_bytes())
+            .await;
+        if verdict == password::Verdict::Busy {
+            self.refund(client, charge, false).await;
+            return self
+                .page(
+                    503,
+                    &next,
+                    Some("Too many sign-ins at once. Try again in a moment."),
+                )
+                .with_header(http::header::RETRY_AFTER, "1");
         }
-        let pin = field("pin").to_string();
-        let hash = self.pin_hash.clone();
-        // argon2 takes tens of milliseconds of CPU: keep it off the proxy's threads.
-        let pin_ok = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash).is_ok_and(|h| {
-                Argon2::default()
-                    .verify_password(pin.as_bytes(), &h)
-                    .is_ok()
-            })
-        })
-        .await
-        .unwrap_or(false);
         // Check the code even when the PIN is wrong, so timing does not tell which failed.
         let code_ok = self.totp_ok(field("totp"));
-        if !(pin_ok && code_ok) {
-            if let Some(seconds) = self.record_failure(client).await {
-                return self.locked(&next, seconds);
+        if !(verdict == password::Verdict::Match && code_ok) {
+            if charge.started_ban() {
+                return self.locked(&next, self.lockout.ban.as_secs().max(1));
             }
             let message = if self.totp.is_some() {
                 "Wrong PIN or code."
@@ -433,7 +520,7 @@ impl PinGate {
             };
             return self.page(401, &next, Some(message));
         }
-        self.record_success(client).await;
+        self.refund(client, charge, true).await;
         match self.sessions.issue(&self.subject, self.role, "pin") {
             Ok(token) => Reply::error(303, "logged in")
                 .with_header(http::header::LOCATION, &next)
@@ -467,6 +554,10 @@ impl Plugin for PinGate {
 
     fn has_login_page(&self) -> bool {
         true
+    }
+
+    fn gateway_cookies(&self) -> Vec<String> {
+        self.sessions.cookie_names().map(String::from).to_vec()
     }
 
     fn serves(&self, path: &str) -> bool {
@@ -679,6 +770,72 @@ mod tests {
             block_on(g.login(false, ip(3), Bytes::from("pin=1234"))).status,
             303
         );
+    }
+
+    #[test]
+    fn a_burst_of_attempts_checks_at_most_max_failures_pins() {
+        let g: &'static PinGate = Box::leak(Box::new(gate("")));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Forty logins at once from one address, the right PIN in the middle: every
+        // attempt is charged before any PIN is checked, so only the first three are.
+        let statuses: Vec<u16> = runtime.block_on(async {
+            let logins: Vec<_> = (0..40)
+                .map(|i| {
+                    let pin = if i == 20 { "pin=1234" } else { "pin=0000" };
+                    tokio::spawn(g.login(false, ip(9), Bytes::from(pin)))
+                })
+                .collect();
+            let mut statuses = Vec::new();
+            for login in logins {
+                statuses.push(login.await.unwrap().status);
+            }
+            statuses
+        });
+        let count = |s: u16| statuses.iter().filter(|x| **x == s).count();
+        assert_eq!(
+            (count(401), count(429), count(303)),
+            (2, 38, 0),
+            "{statuses:?}"
+        );
+        assert_eq!(
+            block_on(g.login(false, ip(9), Bytes::from("pin=1234"))).status,
+            429
+        );
+    }
+
+    #[test]
+    fn a_right_pin_forgives_earlier_failures_but_lifts_no_ban() {
+        let g = gate("");
+        for _ in 0..2 {
+            assert_eq!(
+                block_on(g.login(false, ip(10), Bytes::from("pin=0000"))).status,
+                401
+            );
+        }
+        assert_eq!(
+            block_on(g.login(false, ip(10), Bytes::from("pin=1234"))).status,
+            303
+        );
+        // Forgotten: two more wrong attempts are not a ban.
+        for _ in 0..2 {
+            assert_eq!(
+                block_on(g.login(false, ip(10), Bytes::from("pin=0000"))).status,
+                401
+            );
+        }
+        // A ban another attempt started stands through a right PIN admitted before it.
+        let lockout = &g.lockout;
+        let now = Instant::now();
+        let Admission::Admitted(first) = lockout.admit(ip(11), now) else {
+            panic!("admitted")
+        };
+        for _ in 0..2 {
+            assert!(matches!(lockout.admit(ip(11), now), Admission::Admitted(_)));
+        }
+        lockout.refund(ip(11), first, true, now);
+        assert!(matches!(lockout.admit(ip(11), now), Admission::Banned(60)));
     }
 
     #[test]

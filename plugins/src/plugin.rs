@@ -93,6 +93,13 @@ pub trait Plugin: Send + Sync + 'static {
         false
     }
 
+    /// Names of the cookies this plugin issues (sessions, login state). They are the
+    /// gateway's own: the core removes them from every request it sends upstream, on
+    /// every route, whether or not this plugin is in the route's chain.
+    fn gateway_cookies(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// The keys file this plugin reads, which the admin API manages.
     fn keys_file(&self) -> Option<&std::path::Path> {
         None

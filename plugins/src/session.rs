@@ -119,6 +119,11 @@ impl SessionKeys {
         }
     }
 
+    /// Both names the session cookie may have: plain, and with the `__Host-` prefix.
+    pub fn cookie_names(&self) -> [&str; 2] {
+        [&self.cookie_name, &self.secure_name]
+    }
+
     /// A signed session for `subject`.
     pub fn issue(&self, subject: &str, role: Role, method: &str) -> Result<String, String> {
         let now = now_secs();
@@ -213,8 +218,8 @@ impl SessionKeys {
         let token = self.token_from(req, ctx.https)?;
         match self.verify(token) {
             Ok(identity) => {
-                if ctx.identity.is_none() {
-                    ctx.identity = Some(identity);
+                if ctx.identify(identity).is_err() {
+                    return Some(crate::credentials::conflicting());
                 }
                 self.strip_cookie(req, ctx.https);
                 None
@@ -262,6 +267,47 @@ pub fn strip_cookie(req: &mut crate::RequestHeader, name: &str) {
     }
 }
 
+/// Removes every cookie named in `names` from the `Cookie` headers in `headers`, keeping
+/// the others. Names compare exactly, after the spaces around them (which servers
+/// drop) are trimmed. Nothing is rewritten, or allocated, when none of them is there.
+pub fn remove_cookies(headers: &mut http::HeaderMap, names: &[String]) {
+    let named = |pair: &[u8]| {
+        let name = pair
+            .split(|b| *b == b'=')
+            .next()
+            .unwrap_or(b"")
+            .trim_ascii();
+        names.iter().any(|n| n.as_bytes() == name)
+    };
+    let cookies = headers.get_all(http::header::COOKIE);
+    if !cookies
+        .iter()
+        .any(|v| v.as_bytes().split(|b| *b == b';').any(named))
+    {
+        return;
+    }
+    let mut kept = Vec::new();
+    for value in cookies {
+        for pair in value.as_bytes().split(|b| *b == b';') {
+            let pair = pair.trim_ascii();
+            if pair.is_empty() || named(pair) {
+                continue;
+            }
+            if !kept.is_empty() {
+                kept.extend_from_slice(b"; ");
+            }
+            kept.extend_from_slice(pair);
+        }
+    }
+    headers.remove(http::header::COOKIE);
+    // The kept bytes come from valid header values, joined by "; ": always valid.
+    if let Ok(value) = http::HeaderValue::from_bytes(&kept) {
+        if !kept.is_empty() {
+            headers.insert(http::header::COOKIE, value);
+        }
+    }
+}
+
 /// The value of the request's cookie `name`, if any.
 ///
 /// Two copies with different values (one planted by a sibling domain, say) make the
@@ -276,7 +322,7 @@ pub fn cookie<'r>(req: &'r crate::RequestHeader, name: &str) -> Option<&'r str> 
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| {
             let (n, value) = pair.trim().split_once('=')?;
-            (n == name).then_some(value.trim())
+            (n.trim() == name).then_some(value.trim())
         });
     let first = values.next()?;
     if values.any(|other| other != first) {
@@ -285,14 +331,13 @@ pub fn cookie<'r>(req: &'r crate::RequestHeader, name: &str) -> Option<&'r str> 
     Some(first)
 }
 
-/// True when an `Origin` header names another site than the request's `Host`: such
-/// logins and logouts are refused.
+/// True when an `Origin` header names another site than the request's `Host`, or
+/// comes more than once: such logins and logouts are refused.
 pub fn cross_origin(req: &crate::RequestHeader) -> bool {
-    let Some(origin) = req
-        .headers
-        .get(http::header::ORIGIN)
-        .and_then(|o| o.to_str().ok())
-    else {
+    let Ok(origin) = crate::credentials::only_value(req, &http::header::ORIGIN) else {
+        return true;
+    };
+    let Some(origin) = origin.map(|o| o.to_str().unwrap_or("null")) else {
         return false;
     };
     let host = req
@@ -515,6 +560,33 @@ mod tests {
         only.append_header("Cookie", "gatewarden=tok").unwrap();
         k.strip_cookie(&mut only, false);
         assert!(only.headers.get("cookie").is_none());
+    }
+
+    #[test]
+    fn gateway_cookies_are_removed_from_every_cookie_header() {
+        let names = ["gatewarden".to_string(), "__Host-gatewarden".to_string()];
+        let mut headers = http::HeaderMap::new();
+        headers.append("cookie", "a=1; gatewarden=tok".parse().unwrap());
+        headers.append(
+            "cookie",
+            " gatewarden = tok2 ;b=2;__Host-gatewarden=x"
+                .parse()
+                .unwrap(),
+        );
+        remove_cookies(&mut headers, &names);
+        let left: Vec<_> = headers.get_all("cookie").iter().collect();
+        assert_eq!(left, ["a=1; b=2"]);
+        let mut only = http::HeaderMap::new();
+        only.append("cookie", "gatewarden=tok".parse().unwrap());
+        remove_cookies(&mut only, &names);
+        assert!(only.get("cookie").is_none());
+        // Untouched, in their own order and spacing, when no gateway cookie is there.
+        let mut others = http::HeaderMap::new();
+        others.append("cookie", "a=1;b=2".parse().unwrap());
+        others.append("cookie", "gatewardenx=3".parse().unwrap());
+        remove_cookies(&mut others, &names);
+        let left: Vec<_> = others.get_all("cookie").iter().collect();
+        assert_eq!(left, ["a=1;b=2", "gatewardenx=3"]);
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!     value: "Bearer ${env:LITELLM_MASTER_KEY}"
 //! ```
 //!
-//! Whatever the client sent under `header` (any spelling, any number of copies) never
+//! Whatever the client sent under `header` (any case, any number of copies, and with
+//! `_` for `-` in any mix, which CGI, WSGI, PHP and Rack merge with it) never
 //! reaches the upstream: the request that goes upstream carries exactly the configured
 //! `value`. This is what lets a browser app call an LLM API on its own origin with only
 //! its session cookie, while the API key stays on the server.
@@ -102,9 +103,13 @@ impl Plugin for UpstreamAuth {
 
     // The client's copies go here rather than in a request hook, so the plugin works
     // wherever it sits in the chain: an identity plugin listed after it still sees the
-    // caller's own key in `Authorization`, and the upstream still never does. Inserting
-    // replaces every value under the name, whatever its spelling.
+    // caller's own key in `Authorization`, and the upstream still never does. Every
+    // copy goes, in every spelling CGI-style servers merge with the header's own.
     fn on_upstream_request(&self, req: &mut RequestParts, _ctx: &Ctx) {
+        crate::spelling::remove_every_spelling(
+            &mut req.headers,
+            std::slice::from_ref(&self.header),
+        );
         req.headers.insert(self.header.clone(), self.value.clone());
     }
 }

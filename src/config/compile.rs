@@ -48,6 +48,9 @@ pub struct Snapshot {
     pub masked_config: serde_json::Value,
     /// Keys files of the identity plugins, for the admin keys API.
     pub keys_files: Vec<std::path::PathBuf>,
+    /// The cookies the gateway's own plugins issue (sessions, login state): removed
+    /// from every request sent upstream, on every route.
+    pub gateway_cookies: Vec<String>,
     /// One JSON line per request, when `access_log:` is on.
     pub access_log: Option<(String, gatewarden_plugins::line_writer::LineWriter)>,
     /// Every plugin instance by name, kept for the next reload.
@@ -520,6 +523,10 @@ pub fn compile_with(
         .collect();
     keys_files.sort();
     keys_files.dedup();
+    let mut gateway_cookies: Vec<String> =
+        plugins.values().flat_map(|p| p.gateway_cookies()).collect();
+    gateway_cookies.sort();
+    gateway_cookies.dedup();
     Ok(Compiled {
         snapshot: Snapshot {
             generation,
@@ -532,6 +539,7 @@ pub fn compile_with(
             admin_api_key: admin.as_ref().and_then(|a| a.api_key.clone()),
             masked_config,
             keys_files,
+            gateway_cookies,
             plugins: built,
             redis,
             access_log,

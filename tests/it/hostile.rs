@@ -33,6 +33,10 @@ use crate::identity::{encode, key_new, mint, pin_hash, PIN, SECRET, UNKNOWN_SECR
 use crate::jwt::{b64, claims, hs256, jwk, key_data, now, rsa, token, with, JwksServer, AUD, ISS};
 
 const ADMIN_API_KEY: &str = "hostile-admin-api-key-0123456789";
+/// Signs the service JWTs of the `/services` route (HS256).
+const HS_SECRET: &str = "hostile-hs256-secret-0123456789abcdef";
+/// What `upstream_auth` sends on the `/llm` route.
+const UPSTREAM_KEY: &str = "sk-gateway-held-upstream-key-42";
 
 const CONFIG: &str = r#"
 listeners: [{ address: '{listen}' }]
@@ -56,6 +60,15 @@ plugins:
     role_claim: groups
     admin_values: [gw-admins]
     jwks_cooldown: 60s
+  service_jwt:
+    type: jwt
+    issuer: '@ISS@'
+    audiences: ['@AUD@']
+    hs_secret: '@HS_SECRET@'
+    algorithms: [HS256]
+    role_claim: groups
+    admin_values: [gw-admins]
+  llm_key: { type: upstream_auth, header: X-Upstream-Key, value: '@UPSTREAM_KEY@' }
   who:
     type: headers
     request:
@@ -66,6 +79,11 @@ plugins:
         X-Gatewarden-Role: '{identity.role}'
 global_plugins: [per_ip, audit]
 routes:
+  - { name: internal, match: { hosts: [admin.internal], path_prefix: / }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
+  - { name: items_write, match: { path_prefix: /items, methods: [DELETE, PUT] }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
+  - { name: services, match: { path_prefix: /services }, access: user, upstream: app, plugins: [keys, service_jwt, who] }
+  - { name: keys_only, match: { path_prefix: /keys-only }, access: user, upstream: app, plugins: [keys, who] }
+  - { name: llm, match: { path_prefix: /llm }, access: user, upstream: app, plugins: [pin, keys, same_origin, llm_key] }
   - { name: admin, match: { path_prefix: /admin }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
   - { name: reports_read, match: { path_prefix: /reports, methods: [GET, HEAD] }, access: user, upstream: app, plugins: [pin, keys, same_origin, who] }
   - { name: reports_write, match: { path_prefix: /reports }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
@@ -298,6 +316,44 @@ fn none_of(names: &'static [&'static str]) -> impl Fn(&Recorded) -> Result<(), S
     }
 }
 
+/// `name` with every `_` read as `-`, lowercase: how CGI, WSGI, PHP and Rack see it.
+fn cgi_name(name: &str) -> String {
+    name.trim().to_ascii_lowercase().replace('_', "-")
+}
+
+/// A check that no header the upstream got reads as `name` once `_` is taken for `-`.
+fn no_spelling_of(name: &'static str) -> impl Fn(&Recorded) -> Result<(), String> {
+    move |rec| {
+        let leaked: Vec<_> = rec
+            .headers
+            .iter()
+            .filter(|(n, _)| cgi_name(n) == name)
+            .collect();
+        if leaked.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("reached the upstream: {leaked:?}"))
+        }
+    }
+}
+
+/// A check that `name` reached the upstream in its own spelling only: no other
+/// spelling that CGI-style servers merge with it.
+fn no_spelling_except(name: &'static str) -> impl Fn(&Recorded) -> Result<(), String> {
+    move |rec| {
+        let others: Vec<_> = rec
+            .headers
+            .iter()
+            .filter(|(n, _)| cgi_name(n) == name && !n.trim().eq_ignore_ascii_case(name))
+            .collect();
+        if others.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("other spellings reached the upstream: {others:?}"))
+        }
+    }
+}
+
 fn all(checks: Vec<UpstreamCheck>) -> impl Fn(&Recorded) -> Result<(), String> {
     move |rec| checks.iter().try_for_each(|c| c(rec))
 }
@@ -338,7 +394,9 @@ impl Target {
             .replace("@SECRET@", SECRET)
             .replace("@ISS@", ISS)
             .replace("@AUD@", AUD)
-            .replace("@JWKS@", &jwks.url());
+            .replace("@JWKS@", &jwks.url())
+            .replace("@HS_SECRET@", HS_SECRET)
+            .replace("@UPSTREAM_KEY@", UPSTREAM_KEY);
         let gw = Gateway::start(&yaml);
         let login = exchange(
             gw.addr,
@@ -1347,6 +1405,640 @@ fn catalogue(t: &Target) -> Vec<Case> {
     )
     .expect(403, Reach::No));
 
+    // ------------------------------------------------------------------ two credentials
+    // Every credential the chain's identity plugins understand is checked: a wrong one
+    // is 401 whatever else the request carries, two that name different callers are
+    // 401, a credential header sent twice is 401, and none of them reaches the upstream.
+    const TWO: &str = "two credentials";
+    let mut wrong_key = t.user_key.clone();
+    let last = wrong_key.pop().unwrap();
+    wrong_key.push(if last == 'A' { 'B' } else { 'A' });
+    let bearer_admin = format!("Authorization: Bearer {}", t.admin_key);
+    let service = |sub: &str, admin: bool| {
+        let claims = if admin {
+            with(claims(sub), json!({ "groups": ["gw-admins"] }))
+        } else {
+            claims(sub)
+        };
+        hs256(
+            HS_SECRET.as_bytes(),
+            json!({ "alg": "HS256", "typ": "JWT" }),
+            &claims,
+        )
+    };
+    let forged_service_admin = hs256(
+        b"not-the-service-secret-0123456789abcdef",
+        json!({ "alg": "HS256", "typ": "JWT" }),
+        &with(claims("mallory"), json!({ "groups": ["gw-admins"] })),
+    );
+    add(Case::new(
+        TWO,
+        "baseline: a service JWT on the services route",
+        req(
+            "GET",
+            "/services/x",
+            &[&format!("Authorization: Bearer {}", service("svc", false))],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(only("x-webauth-user", "svc")));
+    add(Case::new(
+        TWO,
+        "baseline: the same key in X-API-Key and Authorization",
+        req("GET", "/app/x", &[&user, &bearer_user], b""),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(none_of(&["x-api-key", "authorization"])));
+    add(Case::new(
+        TWO,
+        "valid X-API-Key, wrong key in Authorization",
+        req(
+            "GET",
+            "/app/x",
+            &[&user, &format!("Authorization: Bearer {wrong_key}")],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
+        "wrong X-API-Key, valid key in Authorization",
+        req(
+            "GET",
+            "/app/x",
+            &[&format!("X-API-Key: {wrong_key}"), &bearer_user],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
+        "X-API-Key twice: valid, then wrong",
+        req(
+            "GET",
+            "/app/x",
+            &[&user, &format!("X-API-Key: {wrong_key}")],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
+        "X-API-Key twice, the same valid key",
+        req("GET", "/app/x", &[&user, &user], b""),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
+        "a user's X-API-Key and the admin key in Authorization",
+        req("GET", "/app/x", &[&user, &bearer_admin], b""),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
+        "a user's X-API-Key and the admin key in Authorization, tab after Bearer",
+        req(
+            "GET",
+            "/app/x",
+            &[&user, &format!("Authorization: Bearer\t{}", t.admin_key)],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
+        "Authorization twice: a user key, then the admin key",
+        req("GET", "/admin/x", &[&bearer_user, &bearer_admin], b""),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
+        "Authorization twice: a valid user JWT, then a forged admin JWT",
+        req(
+            "GET",
+            "/sso/x",
+            &[
+                &format!("Authorization: Bearer {}", t.jwt),
+                &format!("Authorization: Bearer {}", forged.alg_none),
+            ],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
+        "Authorization twice: a valid service JWT, then a forged admin one",
+        req(
+            "GET",
+            "/services/x",
+            &[
+                &format!("Authorization: Bearer {}", service("svc", false)),
+                &format!("Authorization: Bearer {forged_service_admin}"),
+            ],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
+        "a valid X-API-Key and a forged admin service JWT",
+        req(
+            "GET",
+            "/services/x",
+            &[
+                &user,
+                &format!("Authorization: Bearer {forged_service_admin}"),
+            ],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
+        "a valid X-API-Key and a valid service JWT for someone else",
+        req(
+            "GET",
+            "/services/x",
+            &[
+                &user,
+                &format!("Authorization: Bearer {}", service("bob", true)),
+            ],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
+        "a valid session and a wrong X-API-Key",
+        req(
+            "GET",
+            "/app/x",
+            &[&cookie, &format!("X-API-Key: {wrong_key}")],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
+        "a user session and the admin key on the admin route",
+        req("GET", "/admin/x", &[&cookie, &admin], b""),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
+        "a valid X-API-Key and the admin key under X_API_Key and X-Api_Key",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &user,
+                &format!("X_API_Key: {}", t.admin_key),
+                &format!("X-Api_Key: {}", t.admin_key),
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(all(vec![
+        Box::new(no_spelling_of("x-api-key")),
+        Box::new(only("x-gatewarden-role", "user")),
+    ])));
+
+    // ------------------------------------------------------------------ gateway cookies
+    // The gateway's own session cookie never reaches an upstream, on any route; the
+    // client's other cookies do.
+    const COOKIES: &str = "gateway cookies";
+    let with_other = format!("Cookie: theme=dark; {}; lang=en", t.session);
+    for (what, target, extra) in [
+        ("a public route", "/public/x", None),
+        ("an api_key-only route", "/keys-only/x", Some(user.as_str())),
+        ("a JWT route", "/sso/x", None),
+        ("a user route, identified by the session", "/app/x", None),
+    ] {
+        let mut headers = vec![with_other.as_str()];
+        let jwt_header = format!("Authorization: Bearer {}", t.jwt);
+        match (extra, target) {
+            (Some(h), _) => headers.push(h),
+            (None, "/sso/x") => headers.push(&jwt_header),
+            _ => {}
+        }
+        add(Case::new(
+            COOKIES,
+            format!("session cookie among others on {what}"),
+            req("GET", target, &headers, b""),
+        )
+        .expect(200, Reach::Yes)
+        .upstream(only("cookie", "theme=dark; lang=en")));
+    }
+    add(Case::new(
+        COOKIES,
+        "the session under its HTTPS name on plain HTTP, on a public route",
+        req(
+            "GET",
+            "/public/x",
+            &[&format!("Cookie: __Host-{}; theme=dark", t.session)],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(only("cookie", "theme=dark")));
+    add(Case::new(
+        COOKIES,
+        "the session cookie with spaces around its name, on a public route",
+        req(
+            "GET",
+            "/public/x",
+            &[&format!(
+                "Cookie: theme=dark;  {} ",
+                t.session.replacen('=', " = ", 1)
+            )],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(only("cookie", "theme=dark")));
+
+    // ------------------------------------------------------------------ method case
+    // Methods are case-sensitive tokens, but upstream frameworks upper-case them: a
+    // method spelled in lower case must never miss the route that names it.
+    const METHOD: &str = "method case";
+    add(Case::new(
+        METHOD,
+        "baseline: DELETE with a user key on the admin-only DELETE route",
+        req("DELETE", "/items/1", &[&user], b""),
+    )
+    .expect(403, Reach::No));
+    add(Case::new(
+        METHOD,
+        "baseline: GET with a user key falls to the user route",
+        req("GET", "/items/1", &[&user], b""),
+    )
+    .expect(200, Reach::Yes));
+    for method in ["delete", "Delete", "pUT", "put", "post", "get"] {
+        add(Case::new(
+            METHOD,
+            format!("{method} with a user key"),
+            req(method, "/items/1", &[&user], b""),
+        )
+        .expect(400, Reach::No));
+    }
+
+    // ------------------------------------------------------------------ host names
+    // One normalised host name is matched: the `admin.internal` route (admin only)
+    // must catch every spelling of it, and a Host that cannot be read is 400.
+    const HOST: &str = "host names";
+    let with_host = |host: &str, target: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{user}\r\nConnection: close\r\n\r\n")
+            .into_bytes()
+    };
+    for host in [
+        "admin.internal",
+        "admin.internal.",
+        "ADMIN.Internal",
+        "admin.internal:8080",
+        "admin.internal.:8080",
+    ] {
+        add(Case::new(
+            HOST,
+            format!("Host: {host}, user key: the admin route"),
+            with_host(host, "/app/x"),
+        )
+        .expect(403, Reach::No));
+    }
+    add(Case::new(
+        HOST,
+        "absolute-form target naming admin.internal: the admin route",
+        with_host("admin.internal", "http://admin.internal/app/x"),
+    )
+    .expect(403, Reach::No));
+    for host in [
+        "admin.internal:abc",
+        "admin.internal:",
+        "admin.internal:99999",
+        "admin.internal:8080:80",
+        "admin.internal..",
+        ".admin.internal",
+        "admin..internal",
+        "admin.internal%2e",
+        "admin.internal\\",
+        "[::1",
+        "[not-an-address]",
+        "",
+    ] {
+        add(Case::new(
+            HOST,
+            format!("malformed Host {host:?}"),
+            with_host(host, "/app/x"),
+        )
+        .expect(400, Reach::No));
+    }
+    add(Case::new(
+        HOST,
+        "HTTP/1.1 without Host",
+        format!("GET /app/x HTTP/1.1\r\n{user}\r\nConnection: close\r\n\r\n").into_bytes(),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        HOST,
+        "HTTP/1.1 absolute-form naming admin.internal, without Host",
+        format!("GET http://admin.internal/app/x HTTP/1.1\r\n{user}\r\nConnection: close\r\n\r\n")
+            .into_bytes(),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        HOST,
+        "baseline: HTTP/1.0 without Host",
+        format!("GET /app/x HTTP/1.0\r\n{user}\r\n\r\n").into_bytes(),
+    )
+    .expect(200, Reach::Yes));
+    add(Case::new(
+        HOST,
+        "baseline: an IPv6 literal with port",
+        with_host("[::1]:8080", "/app/x"),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(only("host", "[::1]:8080")));
+    add(Case::new(
+        HOST,
+        "the upstream gets the normalised host",
+        with_host("LocalHost.:8080", "/app/x"),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(all(vec![
+        Box::new(only("host", "localhost:8080")),
+        Box::new(only("x-forwarded-host", "localhost:8080")),
+    ])));
+    add(Case::new(
+        HOST,
+        "an absolute-form target goes upstream in origin form",
+        with_host("localhost", "http://localhost/app/x?q=1"),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(|rec| {
+        (rec.target() == "/app/x?q=1")
+            .then_some(())
+            .ok_or(format!("target {}", rec.target()))
+    }));
+
+    // ------------------------------------------------------------------ upgrade bodies
+    // An Upgrade header changes nothing about the body limit, and an upgrade request
+    // that carries a body is refused.
+    const UPGRADE: &str = "upgrade with a body";
+    let big = vec![b'a'; 200 * 1024];
+    add(Case::new(
+        UPGRADE,
+        "Content-Length over the limit with Upgrade: foo",
+        req(
+            "POST",
+            "/app/x",
+            &[&user, "Connection: Upgrade", "Upgrade: foo"],
+            &big,
+        ),
+    )
+    .expect(413, Reach::No));
+    add(Case::new(
+        UPGRADE,
+        "Content-Length over the limit with Upgrade: websocket",
+        req(
+            "POST",
+            "/app/x",
+            &[&user, "Connection: Upgrade", "Upgrade: websocket"],
+            &big,
+        ),
+    )
+    .expect(413, Reach::No));
+    let mut chunked_upgrade = format!(
+        "POST /app/x HTTP/1.1\r\nHost: localhost\r\n{user}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..5 {
+        chunked_upgrade.extend_from_slice(b"10000\r\n");
+        chunked_upgrade.extend_from_slice(&[b'a'; 0x10000]);
+        chunked_upgrade.extend_from_slice(b"\r\n");
+    }
+    chunked_upgrade.extend_from_slice(b"0\r\n\r\n");
+    add(Case::new(
+        UPGRADE,
+        "a chunked body over the limit with Upgrade: websocket",
+        chunked_upgrade,
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        UPGRADE,
+        "a small body with Upgrade: websocket",
+        req(
+            "POST",
+            "/app/x",
+            &[&user, "Connection: Upgrade", "Upgrade: websocket"],
+            b"0123456789",
+        ),
+    )
+    .expect(400, Reach::No));
+
+    // ------------------------------------------------------------------ header spellings
+    // CGI, WSGI, PHP and Rack read `_` as `-`, in any mix: every spelling of a header
+    // the gateway sets is the gateway's.
+    const SPELLING: &str = "header spellings";
+    add(Case::new(
+        SPELLING,
+        "the upstream_auth header in `_` spellings",
+        req(
+            "GET",
+            "/llm/v1/models",
+            &[
+                &user,
+                "X_Upstream_Key: client-picked",
+                "X-Upstream_Key: client-picked",
+                "x_upstream-key: client-picked",
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(all(vec![
+        Box::new(no_spelling_except("x-upstream-key")),
+        Box::new(only("x-upstream-key", UPSTREAM_KEY)),
+    ])));
+    add(Case::new(
+        SPELLING,
+        "an identity header in a mixed spelling",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &user,
+                "X-Webauth_User: admin",
+                "X_Trusted-User_Email: admin",
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(all(vec![
+        Box::new(no_spelling_except("x-webauth-user")),
+        Box::new(no_spelling_except("x-trusted-user-email")),
+        Box::new(only("x-webauth-user", "alice@example.com")),
+    ])));
+    add(Case::new(
+        SPELLING,
+        "forwarding headers in mixed spellings",
+        req(
+            "GET",
+            "/app/x",
+            &[
+                &user,
+                "X-Forwarded_For: 6.6.6.6",
+                "X_Forwarded-Host: evil.example",
+                "X-Real_IP: 6.6.6.6",
+                "X-Forwarded_Prefix: /evil",
+            ],
+            b"",
+        ),
+    )
+    .expect(200, Reach::Yes)
+    .upstream(all(vec![
+        Box::new(no_spelling_except("x-forwarded-for")),
+        Box::new(no_spelling_except("x-forwarded-host")),
+        Box::new(no_spelling_except("x-real-ip")),
+        Box::new(no_spelling_of("x-forwarded-prefix")),
+        Box::new(only("x-real-ip", "127.0.0.1")),
+    ])));
+
+    // ------------------------------------------------------------------ two origins
+    const ORIGINS: &str = "two origins";
+    add(Case::new(
+        ORIGINS,
+        "Origin twice: the site's own, then a foreign one",
+        req(
+            "POST",
+            "/app/x",
+            &[
+                &cookie,
+                "Origin: http://localhost",
+                "Origin: https://evil.example",
+            ],
+            b"x",
+        ),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        ORIGINS,
+        "Sec-Fetch-Site twice: same-origin, then cross-site",
+        req(
+            "POST",
+            "/app/x",
+            &[
+                &cookie,
+                "Sec-Fetch-Site: same-origin",
+                "Sec-Fetch-Site: cross-site",
+            ],
+            b"x",
+        ),
+    )
+    .expect(400, Reach::No));
+    add(Case::new(
+        ORIGINS,
+        "a logout with two Origins",
+        req(
+            "POST",
+            "/.gatewarden/logout",
+            &[
+                &cookie,
+                "Origin: http://localhost",
+                "Origin: https://evil.example",
+            ],
+            b"",
+        ),
+    )
+    .expect(400, Reach::No));
+
+    // ------------------------------------------------------------------ framing
+    const FRAMING: &str = "body framing";
+    for (what, length) in [
+        ("leading zero", "05"),
+        ("plus sign", "+5"),
+        ("a list of the same value", "5, 5"),
+        ("hex", "0x5"),
+    ] {
+        add(Case::new(
+            FRAMING,
+            format!("Content-Length with a {what}: {length:?}"),
+            format!(
+                "POST /app/x HTTP/1.1\r\nHost: localhost\r\n{user}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\nhello"
+            )
+            .into_bytes(),
+        )
+        .expect(400, Reach::No));
+    }
+    add(Case::new(
+        FRAMING,
+        "Content-Length twice with the same value",
+        format!(
+            "POST /app/x HTTP/1.1\r\nHost: localhost\r\n{user}\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+        )
+        .into_bytes(),
+    )
+    .expect(400, Reach::No));
+    for coding in ["gzip, chunked", "chunked, chunked", "identity, chunked"] {
+        add(Case::new(
+            FRAMING,
+            format!("Transfer-Encoding: {coding}"),
+            format!(
+                "POST /app/x HTTP/1.1\r\nHost: localhost\r\n{user}\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            )
+            .into_bytes(),
+        )
+        .expect(501, Reach::No));
+    }
+    add(Case::new(
+        FRAMING,
+        "baseline: Transfer-Encoding: Chunked",
+        format!(
+            "POST /app/x HTTP/1.1\r\nHost: localhost\r\n{user}\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        .into_bytes(),
+    )
+    .expect(200, Reach::Yes));
+
+    // ------------------------------------------------------------------ segment edges
+    // Windows, IIS and some frameworks drop a segment's trailing dots and spaces, and
+    // some servlet containers decode `%3B` before removing `;parameters`: such paths
+    // would name another resource upstream than the one matched here.
+    const EDGES: &str = "segment edges";
+    for target in [
+        "/admin%2e/x",
+        "/admin%2E/x",
+        "/admin./x",
+        "/admin../x",
+        "/admin%20/x",
+        "/admin%2e%2e/x",
+        "/admin.;x/keys",
+        "/admin%3b/x",
+        "/admin%3Bx=1/keys",
+        "/app/admin.",
+    ] {
+        add(Case::new(
+            EDGES,
+            format!("{target:?}, user key"),
+            req("GET", target, &[&user], b""),
+        )
+        .expect(400, Reach::No));
+    }
+    for target in [
+        "/app/file.txt",
+        "/app/a%20b/c",
+        "/app/v1.2/x",
+        "/app/.well-known/x",
+    ] {
+        add(Case::new(
+            EDGES,
+            format!("baseline: {target:?}, user key"),
+            req("GET", target, &[&user], b""),
+        )
+        .expect(200, Reach::Yes));
+    }
+
     cases
 }
 
@@ -1488,6 +2180,8 @@ fn secrets_stay_out_of_logs_and_metrics(t: &Target) {
             t.jwt.rsplit('.').next().unwrap().to_string(),
         ),
         ("forged session secret", UNKNOWN_SECRET.to_string()),
+        ("service JWT secret", HS_SECRET.to_string()),
+        ("upstream key", UPSTREAM_KEY.to_string()),
     ];
     let dir = t.dir();
     let audit = dir.join("audit.jsonl");
@@ -1625,4 +2319,110 @@ fn slow_clients_are_cut_off_and_do_not_starve_others() {
     stop.store(true, Ordering::Relaxed);
     trickling.join().unwrap();
     assert_eq!(get(gw.addr, "/echo", &[]).status, 200);
+}
+
+/// A login form is open to anyone, and each PIN check costs an argon2id hash (about
+/// 19 MiB and tens of milliseconds). Two attacks on that, both answered here:
+/// - forty guesses at once from one address, the right PIN among them: every attempt
+///   is charged to the lockout before any PIN is checked, so no more than
+///   `max_failures` are ever checked, and the address is then locked out even for the
+///   right PIN;
+/// - two hundred logins at once from two hundred addresses (behind a trusted proxy, so
+///   no lockout holds them back): the checks queue for a few workers, the rest are
+///   refused with 503, and the gateway's resident memory stays bounded.
+#[test]
+fn a_login_burst_neither_beats_the_lockout_nor_takes_the_memory() {
+    use std::sync::{Arc, Barrier};
+    const MAX_FAILURES: usize = 5;
+    let upstream = RecordingUpstream::start();
+    let config = format!(
+        r#"
+listeners: [{{ address: '{{listen}}' }}]
+admin: {{ address: '{{admin}}' }}
+trusted_proxies: [127.0.0.1/32]
+upstreams:
+  app: {{ backends: ['{up}'] }}
+plugins:
+  pin: {{ type: pin_gate, pin_hash: '{hash}', secret: '{SECRET}', lockout: {{ max_failures: {MAX_FAILURES}, window: 10m, ban: 15m }} }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, access: user, upstream: app, plugins: [pin] }}
+"#,
+        up = upstream.addr,
+        hash = pin_hash(),
+    );
+    let gw = Gateway::start(&config);
+    let login = |pin: &str, client: &str| {
+        req(
+            "POST",
+            "/.gatewarden/login",
+            &[
+                "Content-Type: application/x-www-form-urlencoded",
+                &format!("X-Forwarded-For: {client}"),
+            ],
+            format!("pin={}&next=%2F", encode(pin)).as_bytes(),
+        )
+    };
+    // All at once: each thread sends when every one is ready.
+    let burst = |requests: Vec<Vec<u8>>| -> Vec<u16> {
+        let start = Arc::new(Barrier::new(requests.len()));
+        let addr = gw.addr;
+        let threads: Vec<_> = requests
+            .into_iter()
+            .map(|request| {
+                let start = start.clone();
+                std::thread::spawn(move || {
+                    start.wait();
+                    exchange(addr, &request).status
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    };
+    let count = |statuses: &[u16], status: u16| statuses.iter().filter(|s| **s == status).count();
+
+    let guesses: Vec<Vec<u8>> = (0..40)
+        .map(|i| {
+            let pin = if i == 20 { PIN } else { "00000000" };
+            login(pin, "198.51.100.7")
+        })
+        .collect();
+    let statuses = burst(guesses);
+    let checked = count(&statuses, 401) + count(&statuses, 303);
+    assert!(
+        statuses.iter().all(|s| [401, 429, 303].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        checked <= MAX_FAILURES,
+        "{checked} PINs checked in a burst of 40 (max_failures {MAX_FAILURES}): {statuses:?}"
+    );
+    assert!(count(&statuses, 429) >= 40 - MAX_FAILURES, "{statuses:?}");
+    let after = exchange(gw.addr, &login(PIN, "198.51.100.7"));
+    assert_eq!(after.status, 429, "the right PIN after the burst");
+    assert!(after.header("retry-after").is_some());
+
+    let crowd: Vec<Vec<u8>> = (0..200)
+        .map(|i| login("00000000", &format!("203.0.113.{i}")))
+        .collect();
+    let crowd_statuses = burst(crowd);
+    assert!(
+        crowd_statuses.iter().all(|s| [401, 429, 503].contains(s)),
+        "{crowd_statuses:?}"
+    );
+    assert!(count(&crowd_statuses, 401) > 0, "{crowd_statuses:?}");
+    let peak = peak_rss_bytes(gw.pid());
+    eprintln!(
+        "login burst: {} checked, {} busy; peak resident memory {} MiB",
+        count(&crowd_statuses, 401),
+        count(&crowd_statuses, 503),
+        peak >> 20
+    );
+    assert!(
+        peak < 150 << 20,
+        "the gateway's peak resident memory reached {} MiB",
+        peak >> 20
+    );
+    // Still serving: the health check and a fresh login from a new address.
+    assert_eq!(get(gw.addr, "/healthz", &[]).status, 200);
+    assert_eq!(exchange(gw.addr, &login(PIN, "192.0.2.200")).status, 303);
 }
