@@ -117,6 +117,7 @@ fn client_behind_proxies(req: &RequestHeader, nets: &[IpNet], peer: IpAddr) -> I
         for entry in text.rsplit(',') {
             match entry.trim().parse::<IpAddr>() {
                 Ok(ip) => {
+                    let ip = ip.to_canonical();
                     client = ip;
                     if !trusted(nets, ip) {
                         return ip;
@@ -461,7 +462,10 @@ impl ProxyHttp for Gateway {
         let peer_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip())
+            // An IPv4 client of a dual-stack listener arrives as `::ffff:a.b.c.d`; it
+            // must meet the IPv4 rules (`trusted_proxies`, `ip_filter`, limits).
+            .to_canonical();
         ctx.peer_ip = peer_ip;
         ctx.peer_trusted = trusted(&snapshot.trusted_proxies, peer_ip);
         let req = session.req_header();
@@ -1049,6 +1053,16 @@ mod tests {
         req.append_header("X-Forwarded-For", "10.0.0.2").unwrap();
         let peer: IpAddr = "10.0.0.1".parse().unwrap();
         let client = client_behind_proxies(&req, &nets(&["10.0.0.0/8"]), peer);
+        assert_eq!(client, "203.0.113.9".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn mapped_addresses_are_their_ipv4_address() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("X-Forwarded-For", "::ffff:203.0.113.9, ::ffff:10.0.0.2")
+            .unwrap();
+        let client =
+            client_behind_proxies(&req, &nets(&["10.0.0.0/8"]), "10.0.0.1".parse().unwrap());
         assert_eq!(client, "203.0.113.9".parse::<IpAddr>().unwrap());
     }
 

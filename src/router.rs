@@ -253,7 +253,14 @@ impl Route {
         };
         path_ok
             && (self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(host)))
-            && (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
+            && (self.methods.is_empty() || self.methods.iter().any(|m| Self::serves(m, method)))
+    }
+
+    /// True when a route naming `named` serves `method`. A route for GET also takes
+    /// HEAD: frameworks answer HEAD with their GET handler, so a HEAD that fell to a
+    /// looser route would read the GET route's answer there (status and headers).
+    fn serves(named: &http::Method, method: &http::Method) -> bool {
+        named == method || (*named == http::Method::GET && *method == http::Method::HEAD)
     }
 
     /// The path to send upstream: the normalised path with `strip_prefix` removed.

@@ -36,6 +36,20 @@ pub fn bearer(value: &[u8]) -> Option<&[u8]> {
         .then(|| token.trim_ascii())
 }
 
+/// True when `token` is a `token68` (RFC 9110 section 11.2), the form of every bearer
+/// token: a value with commas or spaces (`a, Bearer b`) is two tokens pretending to be
+/// one, which an upstream could split and read differently.
+pub fn is_token68(token: &[u8]) -> bool {
+    let body = token
+        .iter()
+        .rposition(|b| *b != b'=')
+        .map_or(&token[..0], |i| &token[..=i]);
+    !body.is_empty()
+        && body.iter().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+        })
+}
+
 /// True for a bearer token shaped like a JWT (three parts separated by dots) that is
 /// not a gateway API key; such tokens are a `jwt` plugin's, all others an `api_key`'s.
 pub fn looks_like_jwt(token: &[u8]) -> bool {
@@ -74,6 +88,16 @@ mod tests {
         assert_eq!(bearer(b"Basic abc"), None);
         assert_eq!(bearer(b"Bearer"), None);
         assert_eq!(bearer(b"Bearerabc"), None);
+    }
+
+    #[test]
+    fn bearer_tokens_are_token68() {
+        assert!(is_token68(b"abc.DEF-_~+/9"));
+        assert!(is_token68(b"abc=="));
+        assert!(!is_token68(b"a.b.c, Bearer d.e.f"));
+        assert!(!is_token68(b"a b"));
+        assert!(!is_token68(b"=="));
+        assert!(!is_token68(b""));
     }
 
     #[test]

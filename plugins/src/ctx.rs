@@ -28,6 +28,20 @@ impl Role {
     }
 }
 
+/// What a per-client limit or lockout counts: an IPv4 address, or the /64 network of an
+/// IPv6 address. A /64 is one subscriber's network, as one IPv4 address behind NAT is:
+/// an attacker given one has billions of addresses to rotate through, and rotating
+/// them must not skip a limit.
+pub fn client_network(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// A recognised caller, set by an identity plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -245,6 +259,15 @@ pub struct Conflict;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_count_ipv6_clients_by_their_64() {
+        let net = |ip: &str| client_network(ip.parse().unwrap()).to_string();
+        assert_eq!(net("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(net("2001:db8:1:2:bbbb::9"), "2001:db8:1:2::");
+        assert_eq!(net("203.0.113.7"), "203.0.113.7");
+        assert_eq!(net("::ffff:203.0.113.7"), "203.0.113.7");
+    }
 
     #[test]
     fn a_second_caller_in_one_request_is_a_conflict() {

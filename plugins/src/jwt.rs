@@ -900,13 +900,28 @@ impl Jwt {
 
     /// The bearer token, when it is shaped like a JWT. `Authorization` sent twice is
     /// refused: which copy an upstream reads is up to it.
-    fn presented(req: &RequestHeader) -> Result<Option<&str>, Reply> {
-        let Some(auth) = credentials::only_value(req, &http::header::AUTHORIZATION)
-            .map_err(|_| credentials::repeated("Authorization"))?
+    fn presented(req: &RequestHeader) -> Result<Option<&str>, (&'static str, Reply)> {
+        let Some(auth) =
+            credentials::only_value(req, &http::header::AUTHORIZATION).map_err(|_| {
+                (
+                    "repeated_credentials",
+                    credentials::repeated("Authorization"),
+                )
+            })?
         else {
             return Ok(None);
         };
-        Ok(credentials::bearer(auth.as_bytes())
+        let Some(token) = credentials::bearer(auth.as_bytes()) else {
+            return Ok(None);
+        };
+        // Not one token (`<jwt>, Bearer <jwt>`): nobody could say which one was meant.
+        if !credentials::is_token68(token) {
+            return Err((
+                "invalid_jwt",
+                credentials::refused("malformed bearer token"),
+            ));
+        }
+        Ok(Some(token)
             .filter(|token| credentials::looks_like_jwt(token))
             .and_then(|token| std::str::from_utf8(token).ok()))
     }
@@ -1085,8 +1100,8 @@ impl Plugin for Jwt {
         let token = match Self::presented(req) {
             Ok(Some(token)) => token,
             Ok(None) => return RequestFlow::CONTINUE,
-            Err(reply) => {
-                ctx.auth_failure = Some("repeated_credentials");
+            Err((reason, reply)) => {
+                ctx.auth_failure = Some(reason);
                 return RequestFlow::reply(reply);
             }
         };

@@ -37,7 +37,7 @@ pub mod totp;
 pub mod upstream_auth;
 pub mod value;
 
-pub use ctx::{Conflict, Ctx, Identity, IpText, RequestId, Role};
+pub use ctx::{client_network, Conflict, Ctx, Identity, IpText, RequestId, Role};
 pub use plugin::{Hooks, Plugin, RequestFlow, Verdict};
 pub use registry::{build, BuildEnv, BuildError, PLUGIN_TYPES};
 pub use reply::Reply;

@@ -489,6 +489,8 @@ impl PinGate {
                 .map_or("", |(_, v)| v.as_str())
         };
         let next = session::safe_next(field("next")).to_string();
+        // Counted per address, an IPv6 client per /64 (see `client_network`).
+        let client = crate::client_network(client);
         let charge = match self.admit(client).await {
             Admission::Admitted(charge) => charge,
             Admission::Banned(seconds) => return self.locked(&next, seconds),
@@ -597,7 +599,7 @@ impl Plugin for PinGate {
                 let next = session::safe_next(&query_next).to_string();
                 let client = ctx.client_ip;
                 RequestFlow::Wait(Box::pin(async move {
-                    Verdict::Reply(match self.banned_for(client).await {
+                    Verdict::Reply(match self.banned_for(crate::client_network(client)).await {
                         Some(seconds) => self.locked(&next, seconds),
                         None => self.page(200, &next, None),
                     })

@@ -18,6 +18,8 @@
 //! `RateLimit-Limit` (the burst), `RateLimit-Remaining` and `RateLimit-Reset` (seconds
 //! until the bucket is full); a 429 also carries `Retry-After`.
 //!
+//! `key: client_ip` counts an IPv6 client by its /64 network, as one IPv4 address behind
+//! NAT counts once: rotating addresses within a /64 does not skip the limit.
 //! `key: identity` limits per caller (subject); requests without identity fall back to
 //! the client address, as do `header:` keys whose header is missing, so that leaving a
 //! header out never lands a client in one shared bucket.
@@ -129,7 +131,7 @@ impl KeySource {
     ) -> &'a [u8] {
         let ip = |buf: &'a mut [u8; 17]| -> &'a [u8] {
             buf[0] = b'i';
-            buf[1..].copy_from_slice(&match ctx.client_ip {
+            buf[1..].copy_from_slice(&match crate::client_network(ctx.client_ip) {
                 IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
                 IpAddr::V6(v6) => v6.octets(),
             });

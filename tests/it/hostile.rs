@@ -81,6 +81,7 @@ global_plugins: [per_ip, audit]
 routes:
   - { name: internal, match: { hosts: [admin.internal], path_prefix: / }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
   - { name: items_write, match: { path_prefix: /items, methods: [DELETE, PUT] }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
+  - { name: exports, match: { path_prefix: /exports, methods: [GET] }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
   - { name: services, match: { path_prefix: /services }, access: user, upstream: app, plugins: [keys, service_jwt, who] }
   - { name: keys_only, match: { path_prefix: /keys-only }, access: user, upstream: app, plugins: [keys, who] }
   - { name: llm, match: { path_prefix: /llm }, access: user, upstream: app, plugins: [pin, keys, same_origin, llm_key] }
@@ -1570,6 +1571,20 @@ fn catalogue(t: &Target) -> Vec<Case> {
     .expect(401, Reach::No));
     add(Case::new(
         TWO,
+        "two bearer JWTs in one Authorization value",
+        req(
+            "GET",
+            "/services/x",
+            &[&format!(
+                "Authorization: Bearer {}, Bearer {forged_service_admin}",
+                service("svc", false)
+            )],
+            b"",
+        ),
+    )
+    .expect(401, Reach::No));
+    add(Case::new(
+        TWO,
         "a valid session and a wrong X-API-Key",
         req(
             "GET",
@@ -1673,6 +1688,19 @@ fn catalogue(t: &Target) -> Vec<Case> {
         METHOD,
         "baseline: GET with a user key falls to the user route",
         req("GET", "/items/1", &[&user], b""),
+    )
+    .expect(200, Reach::Yes));
+    // Frameworks answer HEAD with the GET handler: a route for GET takes HEAD too.
+    add(Case::new(
+        METHOD,
+        "HEAD with a user key on the admin-only GET route",
+        req("HEAD", "/exports/x", &[&user], b""),
+    )
+    .expect(403, Reach::No));
+    add(Case::new(
+        METHOD,
+        "baseline: POST with a user key falls past the GET route",
+        req("POST", "/exports/x", &[&user], b""),
     )
     .expect(200, Reach::Yes));
     for method in ["delete", "Delete", "pUT", "put", "post", "get"] {
@@ -2425,4 +2453,202 @@ routes:
     // Still serving: the health check and a fresh login from a new address.
     assert_eq!(get(gw.addr, "/healthz", &[]).status, 200);
     assert_eq!(exchange(gw.addr, &login(PIN, "192.0.2.200")).status, 303);
+}
+
+/// Clients over IPv6 and through dual-stack listeners meet the same rules as IPv4 ones:
+/// an IPv4-mapped address (`::ffff:203.0.113.5`, how a dual-stack listener sees an
+/// IPv4 client) is its IPv4 address for `ip_filter`, and the PIN lockout and rate
+/// limits count an IPv6 client by its /64, so rotating addresses skips neither.
+#[test]
+fn mapped_and_rotating_ipv6_clients_meet_the_same_limits() {
+    let upstream = RecordingUpstream::start();
+    let config = format!(
+        r#"
+listeners: [{{ address: '{{listen}}' }}]
+admin: {{ address: '{{admin}}' }}
+trusted_proxies: [127.0.0.1/32]
+upstreams:
+  app: {{ backends: ['{up}'] }}
+plugins:
+  pin: {{ type: pin_gate, pin_hash: '{hash}', secret: '{SECRET}', lockout: {{ max_failures: 2, window: 10m, ban: 15m }} }}
+  no_docs_net: {{ type: ip_filter, deny: [203.0.113.0/24] }}
+  per_ip: {{ type: rate_limit, key: client_ip, rate: 1/h, burst: 2 }}
+routes:
+  - {{ name: filtered, match: {{ path_prefix: /filtered }}, access: public, upstream: app, plugins: [no_docs_net] }}
+  - {{ name: limited, match: {{ path_prefix: /limited }}, access: public, upstream: app, plugins: [per_ip] }}
+  - {{ name: app, match: {{ path_prefix: / }}, access: user, upstream: app, plugins: [pin] }}
+"#,
+        up = upstream.addr,
+        hash = pin_hash(),
+    );
+    let gw = Gateway::start(&config);
+    let from = |client: &str, method: &str, target: &str, body: &[u8]| {
+        let mut headers = vec![format!("X-Forwarded-For: {client}")];
+        if method == "POST" {
+            headers.push("Content-Type: application/x-www-form-urlencoded".into());
+        }
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        exchange(gw.addr, &req(method, target, &headers, body)).status
+    };
+    assert_eq!(from("198.51.100.1", "GET", "/filtered/x", b""), 200);
+    assert_eq!(from("203.0.113.5", "GET", "/filtered/x", b""), 403);
+    assert_eq!(from("::ffff:203.0.113.5", "GET", "/filtered/x", b""), 403);
+
+    let wrong = b"pin=00000000&next=%2F";
+    assert_eq!(
+        from("2001:db8:1:2::a", "POST", "/.gatewarden/login", wrong),
+        401
+    );
+    // The second failure of the /64 starts its ban.
+    assert_eq!(
+        from("2001:db8:1:2::b", "POST", "/.gatewarden/login", wrong),
+        429
+    );
+    let right = format!("pin={PIN}&next=%2F");
+    assert_eq!(
+        from(
+            "2001:db8:1:2:ffff::c",
+            "POST",
+            "/.gatewarden/login",
+            right.as_bytes()
+        ),
+        429
+    );
+    // Another network is not held back.
+    assert_eq!(
+        from(
+            "2001:db8:9:9::c",
+            "POST",
+            "/.gatewarden/login",
+            right.as_bytes()
+        ),
+        303
+    );
+
+    for (i, expected) in [200, 200, 429].into_iter().enumerate() {
+        let client = format!("2001:db8:5:6::{}", i + 1);
+        assert_eq!(
+            from(&client, "GET", "/limited/x", b""),
+            expected,
+            "{client}"
+        );
+    }
+    assert_eq!(from("2001:db8:5:7::1", "GET", "/limited/x", b""), 200);
+}
+
+/// The same rules over TLS and HTTP/2, where the method and host come as `:method` and
+/// `:authority` and cookies may come split over several headers.
+#[test]
+fn the_rules_hold_over_http2() {
+    let upstream = RecordingUpstream::start();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = keys_dir.path().join("keys.yaml");
+    let user_key = key_new(&keys, &["--name", "u", "--subject", "alice"]);
+    let (_certs, cert_file, key_file) = crate::upstreams::self_signed_files();
+    let gw = Gateway::start(&format!(
+        r#"
+listeners: [{{ address: '{{listen}}', tls: {{ cert_file: '{cert_file}', key_file: '{key_file}' }} }}]
+admin: {{ address: '{{admin}}' }}
+upstreams:
+  app: {{ backends: ['{up}'] }}
+plugins:
+  keys: {{ type: api_key, keys_file: '{keys}' }}
+  pin: {{ type: pin_gate, pin_hash: '{hash}', secret: '{SECRET}' }}
+routes:
+  - {{ name: internal, match: {{ hosts: [admin.internal], path_prefix: / }}, access: admin, upstream: app, plugins: [pin, keys] }}
+  - {{ name: items_write, match: {{ path_prefix: /items, methods: [DELETE] }}, access: admin, upstream: app, plugins: [pin, keys] }}
+  - {{ name: public, match: {{ path_prefix: /public }}, access: public, upstream: app }}
+  - {{ name: app, match: {{ path_prefix: / }}, access: user, upstream: app, plugins: [pin, keys] }}
+"#,
+        up = upstream.addr,
+        keys = keys.display(),
+        hash = pin_hash(),
+    ));
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .danger_accept_invalid_certs(true)
+        .resolve("admin.internal", gw.addr)
+        .resolve("admin.internal.", gw.addr)
+        .resolve("localhost", gw.addr)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let port = gw.addr.port();
+    let session = mint(SECRET, "pin", "user", 300);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let send = |method: &str, url: String, headers: Vec<(&'static str, String)>| {
+            let mut request =
+                client.request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), url);
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+            request.send()
+        };
+        let key = || ("x-api-key", user_key.clone());
+        let at = |host: &str, path: &str| format!("https://{host}:{port}{path}");
+
+        let resp = send("GET", at("localhost", "/app/x"), vec![key()])
+            .await
+            .unwrap();
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        assert_eq!(resp.status(), 200, "baseline");
+        for method in ["delete", "Delete"] {
+            let resp = send(method, at("localhost", "/items/1"), vec![key()])
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 400, ":method {method}");
+        }
+        for host in ["admin.internal", "admin.internal."] {
+            let resp = send("GET", at(host, "/app/x"), vec![key()]).await.unwrap();
+            assert_eq!(resp.status(), 403, ":authority {host}");
+        }
+        let mut two = reqwest::header::HeaderMap::new();
+        two.append("x-api-key", user_key.parse().unwrap());
+        two.append("x-api-key", user_key.parse().unwrap());
+        let resp = client
+            .get(at("localhost", "/app/x"))
+            .headers(two)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "X-API-Key twice");
+        // The session cookie in a crumb of its own, as HTTP/2 clients may send it.
+        let mut crumbs = reqwest::header::HeaderMap::new();
+        crumbs.append("cookie", "theme=dark".parse().unwrap());
+        crumbs.append("cookie", format!("gatewarden={session}").parse().unwrap());
+        crumbs.append(
+            "cookie",
+            format!("__Host-gatewarden={session}").parse().unwrap(),
+        );
+        let resp = client
+            .get(at("localhost", "/public/x"))
+            .headers(crumbs)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    });
+    let public = upstream
+        .requests()
+        .into_iter()
+        .find(|r| r.target() == "/public/x")
+        .expect("the public request upstream");
+    let cookies: Vec<String> = public
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(cookies, ["theme=dark"], "{public:?}");
+    assert!(
+        !upstream
+            .requests()
+            .iter()
+            .any(|r| r.target().starts_with("/items")),
+        "a lower-case method reached the upstream"
+    );
 }

@@ -530,7 +530,7 @@ routes:
 }
 
 /// A self-signed certificate for localhost in a temp dir: (dir, cert path, key path).
-fn self_signed_files() -> (tempfile::TempDir, String, String) {
+pub(crate) fn self_signed_files() -> (tempfile::TempDir, String, String) {
     let cert =
         rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
             .expect("certificate");
