@@ -239,16 +239,18 @@ impl ServeHttp for AdminApp {
                             &body,
                         )
                     }
-                    (http::Method::POST, "/admin/reload") => match self.state.reload() {
-                        Ok(generation) => json(
-                            StatusCode::OK,
-                            serde_json::json!({ "status": "ok", "config_generation": generation }),
-                        ),
-                        Err(problems) => json(
-                            StatusCode::UNPROCESSABLE_ENTITY,
-                            serde_json::json!({ "error": "config rejected, old config kept", "status": 422, "problems": problems }),
-                        ),
-                    },
+                    (http::Method::POST, "/admin/reload") => {
+                        match self.state.reload_off_thread().await {
+                            Ok(generation) => json(
+                                StatusCode::OK,
+                                serde_json::json!({ "status": "ok", "config_generation": generation }),
+                            ),
+                            Err(problems) => json(
+                                StatusCode::UNPROCESSABLE_ENTITY,
+                                serde_json::json!({ "error": "config rejected, old config kept", "status": 422, "problems": problems }),
+                            ),
+                        }
+                    }
                     _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
                 }
             }

@@ -120,6 +120,9 @@ pub fn render() -> Vec<u8> {
     let redis = gatewarden_plugins::redis_store::error_count();
     m.redis_errors
         .inc_by(redis.saturating_sub(m.redis_errors.get()));
+    let dropped = gatewarden_plugins::line_writer::dropped_count();
+    m.log_lines_dropped
+        .inc_by(dropped.saturating_sub(m.log_lines_dropped.get()));
     let families = metrics().registry.gather();
     if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
         log::warn!("cannot encode metrics: {e}");

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
@@ -14,6 +14,9 @@ use crate::observe::metrics;
 pub struct State {
     current: ArcSwap<Snapshot>,
     generation: AtomicU64,
+    /// Held while a config is read and built: one build at a time, each with a
+    /// generation of its own, each starting from the snapshot the last one left.
+    building: Mutex<()>,
     /// The file the snapshot came from; `None` for built-in configs (demo, protect).
     pub config_path: Option<PathBuf>,
 }
@@ -22,6 +25,7 @@ impl State {
     pub fn new(snapshot: Snapshot, config_path: Option<PathBuf>) -> Self {
         State {
             generation: AtomicU64::new(snapshot.generation),
+            building: Mutex::new(()),
             current: ArcSwap::from_pointee(snapshot),
             config_path,
         }
@@ -46,10 +50,21 @@ impl State {
         self.load(false)
     }
 
+    /// [`State::reload`] from async code: the build (file reads, plugin set-up) runs on
+    /// a blocking thread, never on the proxy's workers.
+    pub async fn reload_off_thread(self: &Arc<Self>) -> Result<u64, String> {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || state.reload())
+            .await
+            .unwrap_or_else(|e| Err(format!("the reload did not finish: {e}")))
+    }
+
     fn load(&self, keep_unchanged_plugins: bool) -> Result<u64, String> {
         let Some(path) = &self.config_path else {
             return Err("this gateway runs a built-in config; there is no file to reload".into());
         };
+        // A reload that panicked left nothing half-done: the snapshot swaps whole.
+        let _building = self.building.lock().unwrap_or_else(|p| p.into_inner());
         let generation = self.generation.load(Ordering::Acquire) + 1;
         let current = self.current();
         let previous = keep_unchanged_plugins.then_some(&*current);
@@ -103,7 +118,7 @@ impl pingora::services::background::BackgroundService for SighupReloader {
             tokio::select! {
                 _ = hup.recv() => {
                     gatewarden_plugins::line_writer::request_reopen();
-                    let _ = self.state.reload();
+                    let _ = self.state.reload_off_thread().await;
                 }
                 _ = usr1.recv() => gatewarden_plugins::line_writer::request_reopen(),
                 _ = shutdown.changed() => return,

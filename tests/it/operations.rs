@@ -305,3 +305,87 @@ routes:
         },
     );
 }
+
+/// Reloads are built one at a time, each with a generation of its own: twenty
+/// `POST /admin/reload` at once end twenty generations later, each answered with a
+/// different generation.
+#[test]
+fn concurrent_reloads_each_get_a_generation_of_their_own() {
+    const KEY: &str = "concurrent-reload-key-0123456789";
+    let up = Upstreams::start(1);
+    // Enough routes that a build takes a moment, as a real config does: builds that
+    // overlapped would meet.
+    let routes: String = (0..500)
+        .map(|i| {
+            format!("  - {{ name: r{i}, access: public, upstream: app, match: {{ path_prefix: /r{i} }} }}\n")
+        })
+        .collect();
+    let gw = Gateway::start(&simple_config(up.addr(0), &routes).replace(
+        "admin: { address: '{admin}' }",
+        &format!("admin: {{ address: '{{admin}}', api_key: '{KEY}' }}"),
+    ));
+    let start = std::sync::Arc::new(std::sync::Barrier::new(20));
+    let admin = gw.admin;
+    let reloads: Vec<_> = (0..20)
+        .map(|_| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                let req = format!("POST /admin/reload HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let resp = raw(admin, &req).expect("reload");
+                assert_eq!(resp.status, 200, "{resp:?}");
+                resp.json()["config_generation"].as_u64().expect("generation")
+            })
+        })
+        .collect();
+    let mut generations: Vec<u64> = reloads.into_iter().map(|t| t.join().unwrap()).collect();
+    generations.sort_unstable();
+    assert_eq!(generations, (2..=21).collect::<Vec<u64>>());
+    assert_eq!(
+        get(gw.admin, "/healthz", &[]).json()["config_generation"],
+        21
+    );
+}
+
+/// A log writer that cannot keep up drops lines rather than stall requests, and says
+/// so in `gatewarden_log_lines_dropped_total`. Here the audit log is a pipe nobody
+/// reads: once its buffer and the one-line queue are full, every line is dropped.
+#[test]
+fn a_full_log_queue_is_counted() {
+    let up = Upstreams::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("audit.pipe");
+    let made = std::process::Command::new("mkfifo").arg(&pipe).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+    // Held open (read and write, so opening does not wait), never read.
+    let _held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pipe)
+        .unwrap();
+    let gw = Gateway::start(&simple_config(
+        up.addr(0),
+        &format!(
+            "    plugins: [audit]\nplugins:\n  audit: {{ type: audit, file: '{}', methods: all, queue: 1 }}\n",
+            pipe.display()
+        ),
+    ));
+    let dropped = |gw: &Gateway| {
+        let text = String::from_utf8_lossy(&get(gw.admin, "/metrics", &[]).body).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix("gatewarden_log_lines_dropped_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(dropped(&gw), 0.0);
+    // Each audit line is some 300 bytes; a pipe buffer holds 64 KiB.
+    let long_path = format!("/echo/{}", "x".repeat(1000));
+    for _ in 0..400 {
+        assert_eq!(get(gw.addr, &long_path, &[]).status, 200);
+    }
+    poll_until(
+        "dropped lines to be counted",
+        Duration::from_secs(10),
+        || dropped(&gw) > 0.0,
+    );
+}
