@@ -114,6 +114,9 @@ pub struct Pool {
     health: Option<HealthSchedule>,
     /// The backend of a one-backend pool, picked without asking the balancer.
     only: Option<Backend>,
+    /// The settings it was built from: a reload with the same settings keeps this pool,
+    /// and with it the backends' health and their health-check schedule.
+    section: UpstreamSection,
 }
 
 /// Default timeouts, long enough for LLM streams.
@@ -311,9 +314,15 @@ impl Pool {
             slots,
             health: schedule,
             only,
+            section: section.clone(),
         };
         pool.publish_health();
         Ok(pool)
+    }
+
+    /// True when this pool was built from exactly `section`.
+    pub fn built_from(&self, section: &UpstreamSection) -> bool {
+        self.section == *section
     }
 
     /// Picks a healthy backend not in `exclude`. When every remaining backend is marked

@@ -337,6 +337,15 @@ pub fn compile_with(
             let Some(section) = errors.parse::<UpstreamSection>(&path, value) else {
                 continue;
             };
+            // An unchanged pool is kept whole: backends ejected by health checks stay
+            // out, and none is resolved or checked anew.
+            let unchanged = previous
+                .and_then(|p| p.pools.get(&name))
+                .filter(|pool| pool.built_from(&section));
+            if let Some(pool) = unchanged {
+                pools.insert(name, pool.clone());
+                continue;
+            }
             match Pool::build(&name, &section) {
                 Ok(pool) => {
                     pools.insert(name, Arc::new(pool));

@@ -73,14 +73,14 @@ pub struct RedisSection {
 }
 
 /// A backend: `127.0.0.1:3000` or `{ address: 127.0.0.1:3000, weight: 2 }`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum BackendSection {
     Address(String),
     Weighted(WeightedBackend),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightedBackend {
     pub address: String,
@@ -93,14 +93,14 @@ fn one() -> usize {
 }
 
 /// `tls:` of an upstream: `false`, `true`, or `{ sni, verify }`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum UpstreamTlsSection {
     Enabled(bool),
     Settings(UpstreamTlsSettings),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTlsSettings {
     /// Server name sent in the TLS handshake and checked against the certificate.
@@ -109,7 +109,7 @@ pub struct UpstreamTlsSettings {
     pub verify: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckSection {
     /// `http` (GET `path`, healthy on 200) or `tcp` (a connect succeeds).
@@ -122,7 +122,7 @@ pub struct HealthCheckSection {
 }
 
 /// An entry of `upstreams:`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
     pub backends: Vec<BackendSection>,
