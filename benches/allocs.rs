@@ -22,6 +22,9 @@
 //! connections pays for that on every request; the second row is bare Pingora doing
 //! the same, and the difference to it is what gatewarden itself allocates.
 
+// Test and bench code: an unexpected failure should stop it loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;

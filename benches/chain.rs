@@ -4,6 +4,9 @@
 //! Quick run: `cargo bench --bench chain -- --warm-up-time 1 --measurement-time 3`.
 //! Results and the load run against nginx are recorded in BENCHMARKS.md.
 
+// Test and bench code: an unexpected failure should stop it loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::hint::black_box;
 use std::net::IpAddr;
 use std::sync::Arc;

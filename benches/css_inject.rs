@@ -9,6 +9,9 @@
 //! Quick run: `cargo bench --bench css_inject -- --warm-up-time 1 --measurement-time 3`.
 //! Results are recorded in BENCHMARKS.md.
 
+// Test and bench code: an unexpected failure should stop it loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::hint::black_box;
 
 use bytes::Bytes;

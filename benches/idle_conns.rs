@@ -34,6 +34,9 @@
 //! The gateway inherits this process's environment, so allocator settings reach it:
 //! `MIMALLOC_ALLOW_THP=0` shows what transparent huge pages add to the resident size.
 
+// Test and bench code: an unexpected failure should stop it loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

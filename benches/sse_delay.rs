@@ -37,6 +37,9 @@
 //! - `GATEWARDEN_BIN` — another gatewarden binary to measure instead of the one cargo
 //!   built for the bench
 
+// Test and bench code: an unexpected failure should stop it loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::sync::OnceLock;

@@ -1,6 +1,9 @@
 //! Integration tests: the real `gatewarden` binary, real upstreams, real HTTP, all on
 //! ephemeral loopback ports. Every child process is killed when its handle drops.
 
+// Test and bench code: an unexpected failure should stop it loudly.
+#![allow(clippy::unwrap_used)]
+
 mod harness;
 
 mod browser;
