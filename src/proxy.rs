@@ -1,5 +1,26 @@
 //! The one `ProxyHttp` implementation: route, run the plugin chain phase by phase,
 //! enforce access, forward with the always-on headers, and map failures to statuses.
+//!
+//! A request's path through the phases (Pingora's hook, then what runs in it):
+//!
+//! ```text
+//! request_filter          health path? -> request_rules (method, framing, host) -> path
+//!   |                     normalised -> /.gatewarden/* answered by a plugin's `serve`
+//!   |                     -> route found (404) -> body limit (413) -> Chain::run_request:
+//!   |                        early hooks (CORS preflights)
+//!   |                        request hooks up to the last identity plugin
+//!   |                        access check (401 / 302 to login / 403)
+//!   |                        the other request hooks (rate limits, ...)
+//!   |                     any reply above ends the request here; nothing went upstream
+//! request_body_filter     count body bytes against the limit (413), until a 101
+//! upstream_peer           pick a backend (balance, health); fail_to_connect retries
+//! upstream_request_filter forwarding headers set, spoofed ones and gateway cookies
+//!   |                     removed -> upstream_request hooks (identity headers, keys)
+//! response_filter         X-Request-Id -> response hooks -> framing (chunked / close)
+//! response_body_filter    response_body hooks (css_inject, token counting), streaming
+//! logging                 metrics -> logging hooks (audit) -> access log
+//! fail_to_proxy           502 / 504 / 413 / 408 as JSON, with gateway-reply hooks
+//! ```
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, LazyLock};
@@ -22,7 +43,7 @@ use crate::config::Snapshot;
 use crate::observe::{new_request_id, InflightGuard, RouteMetrics};
 use crate::reload::State;
 use crate::request_rules::{self, Refusal};
-use crate::router::{normalize, without_params, Access, Route};
+use crate::router::{normalize, without_params, Route};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -288,13 +309,8 @@ impl Gateway {
             h.append(name, value);
         }
         // Browsers can read a rejection only if it carries the CORS headers too.
-        if let Some(route) = ctx.route.as_ref().filter(|r| r.chain.hooks.gateway_replies) {
-            for plugin in &route.chain.plugins {
-                let hooks = plugin.hooks();
-                if hooks.gateway_replies && hooks.response {
-                    plugin.on_response(&mut resp, &mut ctx.plugin);
-                }
-            }
+        if let Some(route) = &ctx.route {
+            route.chain.on_gateway_reply(&mut resp, &mut ctx.plugin);
         }
         session
             .write_response_header(Box::new(ResponseHeader::from(resp)), head_only)
@@ -303,39 +319,6 @@ impl Gateway {
             session.write_response_body(Some(reply.body), true).await?;
         }
         Ok(true)
-    }
-
-    /// The core's access check, run right after the chain's last identity plugin.
-    fn check_access(route: &Route, req: &RequestHeader, ctx: &Ctx) -> Option<Reply> {
-        let identity = match (route.access, &ctx.identity) {
-            (Access::Public, _) => return None,
-            (_, Some(identity)) => identity,
-            (_, None) => {
-                route.metrics.auth_failure("missing_credentials");
-                if route.chain.has_login_page
-                    && gatewarden_plugins::session::is_browser_navigation(req)
-                {
-                    let next = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                    let location = format!(
-                        "/.gatewarden/login?next={}",
-                        gatewarden_plugins::session::encode_query(next)
-                    );
-                    return Some(
-                        Reply::error(302, "login required")
-                            .with_header(header::LOCATION, &location),
-                    );
-                }
-                return Some(
-                    Reply::error(401, "authentication required")
-                        .with_header(header::WWW_AUTHENTICATE, "Bearer"),
-                );
-            }
-        };
-        if route.access == Access::Admin && identity.role != gatewarden_plugins::Role::Admin {
-            route.metrics.auth_failure("forbidden_role");
-            return Some(Reply::error(403, "admin role required"));
-        }
-        None
     }
 
     fn health_reply(snapshot: &Snapshot) -> Reply {
@@ -373,53 +356,6 @@ fn compress_for_client(session: &mut Session) {
         // The module skipped the request's Accept-Encoding while it was off.
         compression.request_filter(session.downstream_session.req_header());
     }
-}
-
-/// Runs the route's early hooks, then its request hooks in chain order, with the access
-/// check right after the last identity plugin; returns the reply that ends the request,
-/// if any.
-async fn run_request_hooks(route: &Route, req: &mut RequestHeader, ctx: &mut Ctx) -> Option<Reply> {
-    let chain = &route.chain;
-    if chain.hooks.early {
-        for plugin in &chain.plugins {
-            if plugin.hooks().early {
-                if let Some(reply) = plugin.on_early_request(req, ctx) {
-                    return Some(reply);
-                }
-            }
-        }
-    }
-    if chain.access_check_after == 0 {
-        if let Some(reply) = Gateway::check_access(route, req, ctx) {
-            return Some(reply);
-        }
-    }
-    if !chain.hooks.request {
-        return None;
-    }
-    for (i, plugin) in chain.plugins.iter().enumerate() {
-        if plugin.hooks().request {
-            let verdict = match plugin.on_request(req, ctx) {
-                RequestFlow::Done(v) => v,
-                wait => wait.resolve().await,
-            };
-            if let Verdict::Reply(reply) = verdict {
-                if let Some(reason) = ctx.auth_failure {
-                    route.metrics.auth_failure(reason);
-                }
-                if ctx.rate_limited {
-                    route.metrics.rate_limited(&chain.names[i]);
-                }
-                return Some(reply);
-            }
-        }
-        if i + 1 == chain.access_check_after {
-            if let Some(reply) = Gateway::check_access(route, req, ctx) {
-                return Some(reply);
-            }
-        }
-    }
-    None
 }
 
 #[async_trait]
@@ -609,7 +545,15 @@ impl ProxyHttp for Gateway {
         ctx.snapshot = Some(snapshot);
         ctx.plugin.route = Some(route.name.clone());
         ctx.plugin.upstream = Some(route.pool.name.clone());
-        let refusal = run_request_hooks(&route, session.req_header_mut(), &mut ctx.plugin).await;
+        let refusal = route
+            .chain
+            .run_request(
+                route.access,
+                &route.metrics,
+                session.req_header_mut(),
+                &mut ctx.plugin,
+            )
+            .await;
         ctx.route = Some(route);
         match refusal {
             Some(reply) => self.respond(session, ctx, reply).await,
@@ -747,11 +691,11 @@ impl ProxyHttp for Gateway {
             _ => host.clone(),
         };
         let request_id = ctx.request_id_value();
-        let plugins = ctx
+        let chain = ctx
             .route
             .as_ref()
-            .filter(|r| r.chain.hooks.upstream_request)
-            .map(|r| &r.chain.plugins);
+            .map(|r| &r.chain)
+            .filter(|c| c.edits_upstream_request());
         let gateway_cookies = ctx
             .snapshot
             .as_ref()
@@ -773,7 +717,7 @@ impl ProxyHttp for Gateway {
                 gatewarden_plugins::session::remove_cookies(h, gateway_cookies);
             }
             // The core's six, and room for what the chain's plugins set.
-            h.reserve(if plugins.is_some() { 12 } else { 6 });
+            h.reserve(if chain.is_some() { 12 } else { 6 });
             h.insert(X_FORWARDED_FOR.clone(), xff);
             h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
             if let Some(fh) = forwarded_host {
@@ -784,10 +728,8 @@ impl ProxyHttp for Gateway {
             if let (false, Some(host)) = (h.contains_key(header::HOST), host) {
                 h.insert(header::HOST, host);
             }
-            for plugin in plugins.into_iter().flatten() {
-                if plugin.hooks().upstream_request {
-                    plugin.on_upstream_request(up, &ctx.plugin);
-                }
+            if let Some(chain) = chain {
+                chain.on_upstream_request(up, &ctx.plugin);
             }
         })
     }
@@ -804,7 +746,11 @@ impl ProxyHttp for Gateway {
         let request_id = ctx.request_id_value();
         let head_request = session.req_header().method == http::Method::HEAD;
         let http10_client = session.req_header().version < http::Version::HTTP_11;
-        let route = ctx.route.as_ref().filter(|r| r.chain.hooks.response);
+        let chain = ctx
+            .route
+            .as_ref()
+            .map(|r| &r.chain)
+            .filter(|c| c.edits_response());
         let plugin_ctx = &mut ctx.plugin;
         response_without_case_map(resp, |resp| {
             // HTTP/1.0 has no chunked framing: a body without a length is delimited by
@@ -816,16 +762,12 @@ impl ProxyHttp for Gateway {
             // X-Request-Id and what the chain's plugins set, plus the Date and
             // Connection headers Pingora adds when it writes the head (room left unused
             // when the upstream sent them already).
-            let ours = if route.is_some() { 8 } else { 1 };
+            let ours = if chain.is_some() { 8 } else { 1 };
             resp.headers.reserve(ours + 2);
             resp.headers.insert(X_REQUEST_ID.clone(), request_id);
-            let Some(route) = route else { return };
+            let Some(chain) = chain else { return };
             let had_length = resp.headers.contains_key(header::CONTENT_LENGTH);
-            for plugin in &route.chain.plugins {
-                if plugin.hooks().response {
-                    plugin.on_response(resp, plugin_ctx);
-                }
-            }
+            chain.on_response(resp, plugin_ctx);
             // Pingora picks chunked framing before this filter runs; a plugin that
             // rewrites the body and drops Content-Length would otherwise leave an
             // HTTP/1.1 client a body delimited only by closing the connection.
@@ -864,13 +806,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         if let Some(route) = &ctx.route {
-            if route.chain.hooks.response_body {
-                for plugin in &route.chain.plugins {
-                    if plugin.hooks().response_body {
-                        plugin.on_response_body(body, end_of_stream, &mut ctx.plugin);
-                    }
-                }
-            }
+            route
+                .chain
+                .on_response_body(body, end_of_stream, &mut ctx.plugin);
         }
         Ok(None)
     }
@@ -932,13 +870,9 @@ impl ProxyHttp for Gateway {
             Some(route) => {
                 route.metrics.requests.inc(status);
                 route.metrics.duration.observe(elapsed);
-                if route.chain.hooks.logging {
-                    for plugin in &route.chain.plugins {
-                        if plugin.hooks().logging {
-                            plugin.on_logging(session.req_header(), &ctx.plugin, status);
-                        }
-                    }
-                }
+                route
+                    .chain
+                    .on_logging(session.req_header(), &ctx.plugin, status);
             }
             None => {
                 UNROUTED.requests.inc(status);

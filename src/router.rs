@@ -301,7 +301,7 @@ impl Router {
     /// from the route the path itself matches, else from the most specific route for
     /// this host whose chain has a plugin claiming it.
     pub fn endpoint(&self, host: &str, path: &str) -> Option<Arc<dyn gatewarden_plugins::Plugin>> {
-        let claims = |r: &Arc<Route>| r.chain.plugins.iter().find(|p| p.serves(path)).cloned();
+        let claims = |r: &Arc<Route>| r.chain.serving(path);
         if let Some(p) = self
             .routes
             .iter()

@@ -15,7 +15,7 @@ use super::file::*;
 use super::lines::LineIndex;
 use super::units::parse_size;
 use super::ConfigError;
-use crate::chain::Chain;
+use crate::chain::{Chain, Link};
 use crate::observe::RouteMetrics;
 use crate::router::{normalize, Access, HostMatch, PathMatch, Route, Router};
 use crate::upstream::Pool;
@@ -717,12 +717,18 @@ fn compile_route(
     let mut chain = Vec::new();
     for name in global {
         if let Some(p) = plugins.get(name) {
-            chain.push((Arc::from(name.as_str()), p.clone()));
+            chain.push(Link {
+                name: Arc::from(name.as_str()),
+                plugin: p.clone(),
+            });
         }
     }
     for (i, name) in section.plugins.iter().enumerate() {
         match plugins.get(name) {
-            Some(p) => chain.push((Arc::from(name.as_str()), p.clone())),
+            Some(p) => chain.push(Link {
+                name: Arc::from(name.as_str()),
+                plugin: p.clone(),
+            }),
             None if declared_plugins.contains(name) => {} // already reported under plugins:
             None => errors.push(
                 format!("{path}.plugins[{i}]"),
@@ -741,7 +747,7 @@ fn compile_route(
     };
     let chain = Chain::new(chain);
     if let Some(access) = access {
-        if access != Access::Public && !chain.has_identity && errors.list.len() == before {
+        if access != Access::Public && !chain.has_identity() && errors.list.len() == before {
             errors.push(
                 format!("{path}.access"),
                 format!(
