@@ -43,6 +43,9 @@ use serde::Deserialize;
 use crate::origin::OriginSpec;
 use crate::{Ctx, Hooks, Plugin, Reply, RequestHeader, ResponseParts};
 
+/// The request's `Origin` once a `cors` plugin allowed it, echoed on the response.
+struct AllowedOrigin(http::HeaderValue);
+
 /// Settings of a `cors` plugin.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -273,7 +276,7 @@ impl Plugin for Cors {
         let origin = req.headers.get(header::ORIGIN)?;
         let allowed = self.allows(origin.as_bytes());
         if allowed {
-            ctx.cors_origin = Some(origin.clone());
+            ctx.ext.insert(AllowedOrigin(origin.clone()));
         }
         if !is_preflight(req) {
             return None;
@@ -297,10 +300,10 @@ impl Plugin for Cors {
             vary_on_origin(resp);
         }
         // Checked again here: another `cors` plugin of the chain may have allowed it.
-        let Some(origin) = ctx
-            .cors_origin
-            .as_ref()
-            .filter(|o| self.allows(o.as_bytes()))
+        let Some(AllowedOrigin(origin)) = ctx
+            .ext
+            .get::<AllowedOrigin>()
+            .filter(|o| self.allows(o.0.as_bytes()))
         else {
             return;
         };
@@ -393,7 +396,7 @@ mod tests {
             let reply = c.on_early_request(&req, &mut ctx).unwrap();
             assert_eq!(reply.status, 403, "{origin}");
             assert_eq!(header(&reply, &header::ACCESS_CONTROL_ALLOW_ORIGIN), None);
-            assert!(ctx.cors_origin.is_none());
+            assert!(ctx.ext.get::<AllowedOrigin>().is_none());
         }
     }
 
@@ -409,7 +412,7 @@ mod tests {
         let post = request("POST", &[("Origin", "https://app.example"), PREFLIGHT]);
         assert!(c.on_early_request(&post, &mut ctx).is_none());
         assert_eq!(
-            ctx.cors_origin.as_ref().unwrap().as_bytes(),
+            ctx.ext.get::<AllowedOrigin>().unwrap().0.as_bytes(),
             b"https://app.example"
         );
     }

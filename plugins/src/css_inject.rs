@@ -59,9 +59,9 @@ const NEEDLE: &[u8; 6] = b"</head";
 /// Bytes needed to decide a match: the needle and the byte after it.
 const MATCH_LEN: usize = NEEDLE.len() + 1;
 
-/// `css_inject`'s progress through one response, kept in [`Ctx::css`].
+/// `css_inject`'s progress through one response, kept in [`Ctx::ext`].
 #[derive(Debug, Default)]
-pub struct CssState {
+struct CssState {
     /// The request may get a page, so the upstream was asked for an uncompressed body.
     asked_identity: bool,
     /// The client offered a content coding other than `identity`, so a page the
@@ -354,14 +354,15 @@ impl Plugin for CssInject {
 
     fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
         if may_get_page(req) {
-            ctx.css.asked_identity = true;
-            ctx.css.client_compresses = offers_coding(req);
+            let state = ctx.ext.get_or_default::<CssState>();
+            state.asked_identity = true;
+            state.client_compresses = offers_coding(req);
         }
         RequestFlow::CONTINUE
     }
 
     fn on_upstream_request(&self, req: &mut RequestParts, ctx: &Ctx) {
-        if ctx.css.asked_identity {
+        if ctx.ext.get::<CssState>().is_some_and(|s| s.asked_identity) {
             // Replaces every copy the client sent.
             req.headers.insert(
                 header::ACCEPT_ENCODING,
@@ -371,7 +372,7 @@ impl Plugin for CssInject {
     }
 
     fn on_response(&self, resp: &mut ResponseParts, ctx: &mut Ctx) {
-        let state = &mut ctx.css;
+        let state = ctx.ext.get_or_default::<CssState>();
         if state.owner != 0 && state.owner != self.id() {
             return;
         }
@@ -409,7 +410,9 @@ impl Plugin for CssInject {
     }
 
     fn on_response_body(&self, body: &mut Option<Bytes>, end_of_stream: bool, ctx: &mut Ctx) {
-        let state = &mut ctx.css;
+        let Some(state) = ctx.ext.get_mut::<CssState>() else {
+            return;
+        };
         if !state.scanning || state.owner != self.id() {
             return;
         }
@@ -501,7 +504,7 @@ mod tests {
             let mut body = Some(Bytes::copy_from_slice(chunk));
             p.on_response_body(&mut body, i + 1 == chunks.len(), &mut c);
             out.extend_from_slice(&body.unwrap_or_default());
-            assert!(c.css.carry_len as usize <= NEEDLE.len());
+            assert!(c.ext.get::<CssState>().unwrap().carry_len as usize <= NEEDLE.len());
         }
         out
     }

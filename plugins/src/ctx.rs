@@ -1,5 +1,6 @@
 //! Per-request state shared by the core and the plugins of one request.
 
+use std::any::Any;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -172,9 +173,58 @@ impl std::fmt::Write for IpText {
     }
 }
 
+/// Per-request state of plugins, one value of each type: a plugin keeps its own state
+/// type here, so adding a plugin adds no field to [`Ctx`]. Nothing is allocated until a
+/// plugin stores something, so a request whose plugins keep no state pays nothing.
+#[derive(Default)]
+pub struct Extensions {
+    slots: Vec<Box<dyn Any + Send + Sync>>,
+}
+
+impl Extensions {
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        self.slots.iter().find_map(|s| s.downcast_ref())
+    }
+
+    pub fn get_mut<T: Any>(&mut self) -> Option<&mut T> {
+        self.slots.iter_mut().find_map(|s| s.downcast_mut())
+    }
+
+    /// Stores `value`, replacing any earlier value of its type.
+    pub fn insert<T: Any + Send + Sync>(&mut self, value: T) {
+        match self.get_mut::<T>() {
+            Some(slot) => *slot = value,
+            None => self.slots.push(Box::new(value)),
+        }
+    }
+
+    /// The value of type `T`, stored as its default first if there is none.
+    pub fn get_or_default<T: Any + Send + Sync + Default>(&mut self) -> &mut T {
+        let at = match self.slots.iter().position(|s| s.is::<T>()) {
+            Some(at) => at,
+            None => {
+                self.slots.push(Box::new(T::default()));
+                self.slots.len() - 1
+            }
+        };
+        // Found or just pushed as a `T`: the downcast holds; the fallback never runs.
+        match self.slots[at].downcast_mut() {
+            Some(value) => value,
+            None => unreachable!("slot {at} holds a value of another type"),
+        }
+    }
+}
+
+impl std::fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Extensions({} values)", self.slots.len())
+    }
+}
+
 /// State of one request, handed to every hook of every plugin in the chain.
 ///
-/// Plugins keep per-request state in named fields here, never in themselves.
+/// The core's fields are named here; a plugin keeps its own per-request state in
+/// [`Ctx::ext`], never in itself.
 #[derive(Debug)]
 pub struct Ctx {
     /// The client as derived from the TCP peer and `trusted_proxies`.
@@ -193,18 +243,12 @@ pub struct Ctx {
     pub rate_limit: Option<crate::rate_limit::RateLimitInfo>,
     /// Set when a limit refused the request, for `gatewarden_rate_limited_total`.
     pub rate_limited: bool,
-    /// Concurrency slots held until the request ends.
-    pub inflight_slots: Vec<crate::rate_limit::InflightSlot>,
     /// When the request arrived.
     pub started: std::time::Instant,
     /// The upstream pool of the matched route (set by the core).
     pub upstream: Option<Arc<str>>,
-    /// Token counting of an `llm_budget` plugin.
-    pub llm_budget: Option<crate::llm_budget::BudgetState>,
-    /// The request's `Origin` when a `cors` plugin allowed it, echoed on the response.
-    pub cors_origin: Option<http::HeaderValue>,
-    /// `css_inject`'s progress through this response.
-    pub css: crate::css_inject::CssState,
+    /// Plugins' own per-request state, by type.
+    pub ext: Extensions,
     /// Set by a plugin that asked the upstream for an uncompressed body: the core then
     /// compresses the response itself when the client's `Accept-Encoding` allows it.
     pub compress_response: bool,
@@ -221,12 +265,9 @@ impl Ctx {
             route: None,
             rate_limit: None,
             rate_limited: false,
-            inflight_slots: Vec::new(),
-            llm_budget: None,
             started: std::time::Instant::now(),
             upstream: None,
-            cors_origin: None,
-            css: Default::default(),
+            ext: Extensions::default(),
             compress_response: false,
         }
     }
@@ -259,6 +300,21 @@ pub struct Conflict;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extensions_hold_one_value_per_type() {
+        #[derive(Default, Debug, PartialEq)]
+        struct Count(u32);
+        let mut ext = Extensions::default();
+        assert_eq!(ext.get::<Count>(), None);
+        ext.get_or_default::<Count>().0 += 2;
+        ext.get_or_default::<Count>().0 += 1;
+        ext.insert(7u8);
+        assert_eq!(ext.get::<Count>(), Some(&Count(3)));
+        ext.insert(Count(9));
+        assert_eq!(ext.get::<Count>(), Some(&Count(9)));
+        assert_eq!(ext.get::<u8>(), Some(&7));
+    }
 
     #[test]
     fn limits_count_ipv6_clients_by_their_64() {

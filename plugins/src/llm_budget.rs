@@ -120,7 +120,7 @@ impl UsageScanner {
 
 /// Per-request state of an `llm_budget` plugin.
 #[derive(Debug, Default)]
-pub struct BudgetState {
+struct BudgetState {
     key: u64,
     redis_key: Option<String>,
     pub scanner: Option<UsageScanner>,
@@ -185,7 +185,7 @@ impl Plugin for LlmBudget {
         let bytes = self.key.bytes(req, ctx, &mut buf);
         let key = self.local.hash(bytes);
         let redis_key = self.redis.as_ref().map(|r| r.key(bytes));
-        ctx.llm_budget = Some(BudgetState {
+        ctx.ext.insert(BudgetState {
             key,
             redis_key: redis_key.clone(),
             scanner: None,
@@ -221,7 +221,7 @@ impl Plugin for LlmBudget {
                     let ct = ct.as_bytes();
                     ct.starts_with(b"application/json") || ct.starts_with(b"text/event-stream")
                 });
-        if let (true, Some(state)) = (countable, ctx.llm_budget.as_mut()) {
+        if let (true, Some(state)) = (countable, ctx.ext.get_mut::<BudgetState>()) {
             state.scanner = Some(UsageScanner::default());
         }
     }
@@ -234,14 +234,18 @@ impl Plugin for LlmBudget {
     ) {
         if let (Some(chunk), Some(scanner)) = (
             body.as_ref(),
-            ctx.llm_budget.as_mut().and_then(|s| s.scanner.as_mut()),
+            ctx.ext
+                .get_mut::<BudgetState>()
+                .and_then(|s| s.scanner.as_mut()),
         ) {
             scanner.feed(chunk);
         }
     }
 
     fn on_logging(&self, _req: &RequestHeader, ctx: &Ctx, _status: u16) {
-        let Some(state) = &ctx.llm_budget else { return };
+        let Some(state) = ctx.ext.get::<BudgetState>() else {
+            return;
+        };
         let Some(tokens) = state
             .scanner
             .clone()

@@ -178,6 +178,10 @@ struct InflightTable {
     counts: Mutex<HashMap<u64, u32>>,
 }
 
+/// The concurrency slots a request holds, kept in its [`Ctx::ext`].
+#[derive(Default)]
+struct InflightSlots(Vec<InflightSlot>);
+
 /// A held concurrency slot; gives it back when the request's context is dropped,
 /// whether the response completed, failed or the client went away.
 pub struct InflightSlot {
@@ -261,10 +265,13 @@ impl RateLimit {
         }
         *n += 1;
         drop(counts);
-        ctx.inflight_slots.push(InflightSlot {
-            table: self.inflight.clone(),
-            key,
-        });
+        ctx.ext
+            .get_or_default::<InflightSlots>()
+            .0
+            .push(InflightSlot {
+                table: self.inflight.clone(),
+                key,
+            });
         true
     }
 
