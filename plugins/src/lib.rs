@@ -25,6 +25,7 @@ pub mod ip_filter;
 pub mod jwt;
 pub mod line_writer;
 pub mod llm_budget;
+pub mod lockout;
 pub mod oidc;
 pub mod origin;
 pub mod password;

@@ -29,22 +29,21 @@
 //! replica sees them; each process also keeps its own count, which stays in force
 //! while Redis is unreachable.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::Argon2;
 use bytes::Bytes;
 use serde::Deserialize;
 
+use crate::lockout::{Admission, LoginLockout};
 use crate::password;
 use crate::session::{self, SecureCookie, SessionKeys};
 use crate::units::parse_duration;
 use crate::{Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, Role, Verdict};
 
+pub use crate::lockout::LockoutConfig;
 pub use crate::session::{LOGIN_PATH, LOGOUT_PATH};
 
 /// Hashes a PIN with argon2id and a random salt, for `pin_hash`.
@@ -95,27 +94,6 @@ pub struct PinGateConfig {
     pub login_css: String,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LockoutConfig {
-    #[serde(default = "default_failures")]
-    pub max_failures: u32,
-    #[serde(default = "default_window")]
-    pub window: String,
-    #[serde(default = "default_ban")]
-    pub ban: String,
-}
-
-impl Default for LockoutConfig {
-    fn default() -> Self {
-        LockoutConfig {
-            max_failures: default_failures(),
-            window: default_window(),
-            ban: default_ban(),
-        }
-    }
-}
-
 fn default_ttl() -> String {
     "30d".into()
 }
@@ -128,132 +106,6 @@ fn default_role() -> String {
 fn default_subject() -> String {
     "pin".into()
 }
-fn default_failures() -> u32 {
-    5
-}
-fn default_window() -> String {
-    "10m".into()
-}
-fn default_ban() -> String {
-    "15m".into()
-}
-
-/// Failures per client address. Bounded: past `MAX_TRACKED` addresses the oldest
-/// records are dropped, so a flood of addresses cannot grow memory without bound.
-///
-/// An attempt is charged as a failure before its PIN is checked, in the same step that
-/// looks for a ban ([`Lockout::admit`]), and refunded only once it proves right. However
-/// many attempts arrive at once, at most `max_failures` of them per window are ever
-/// checked.
-struct Lockout {
-    max_failures: u32,
-    window: Duration,
-    ban: Duration,
-    clients: Mutex<HashMap<IpAddr, Attempts>>,
-}
-
-#[derive(Clone, Copy)]
-struct Attempts {
-    first_failure: Instant,
-    failures: u32,
-    banned_until: Option<Instant>,
-}
-
-const MAX_TRACKED: usize = 100_000;
-
-/// Whether a login attempt may have its PIN checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Admission {
-    /// Charged as a failure until it proves right.
-    Admitted(Charge),
-    /// The client is banned for this many more seconds.
-    Banned(u64),
-}
-
-/// What admitting an attempt did, so that it can be taken back.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Charge {
-    /// This attempt reached `max_failures` and started this process's ban.
-    local_ban: bool,
-    /// The attempt was also charged in Redis.
-    shared: bool,
-    /// ... and started the ban there.
-    shared_ban: bool,
-}
-
-impl Charge {
-    /// True when this attempt's charge started a ban: if it fails, the client is locked
-    /// out from now on.
-    fn started_ban(self) -> bool {
-        self.local_ban || self.shared_ban
-    }
-}
-
-impl Lockout {
-    /// Seconds left on a ban of `ip`, if banned now.
-    fn banned_for(&self, ip: IpAddr, now: Instant) -> Option<u64> {
-        let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        let until = clients.get(&ip)?.banned_until?;
-        (until > now).then(|| (until - now).as_secs().max(1))
-    }
-
-    /// Looks for a ban and charges the attempt, in one step under the lock.
-    fn admit(&self, ip: IpAddr, now: Instant) -> Admission {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if clients.len() >= MAX_TRACKED && !clients.contains_key(&ip) {
-            let window = self.window.max(self.ban);
-            clients.retain(|_, a| {
-                now.duration_since(a.first_failure) < window
-                    || a.banned_until.is_some_and(|u| u > now)
-            });
-            if clients.len() >= MAX_TRACKED {
-                clients.clear();
-            }
-        }
-        let a = clients.entry(ip).or_insert(Attempts {
-            first_failure: now,
-            failures: 0,
-            banned_until: None,
-        });
-        if let Some(until) = a.banned_until.filter(|u| *u > now) {
-            return Admission::Banned((until - now).as_secs().max(1));
-        }
-        if now.duration_since(a.first_failure) > self.window || a.banned_until.is_some() {
-            *a = Attempts {
-                first_failure: now,
-                failures: 0,
-                banned_until: None,
-            };
-        }
-        a.failures += 1;
-        let local_ban = a.failures >= self.max_failures;
-        if local_ban {
-            a.banned_until = Some(now + self.ban);
-        }
-        Admission::Admitted(Charge {
-            local_ban,
-            ..Charge::default()
-        })
-    }
-
-    /// Takes back an attempt's charge: it proved right, or was never checked. A ban the
-    /// charge started is lifted; with `forgive` (a right PIN) and no ban standing, the
-    /// client's earlier failures are forgotten too.
-    fn refund(&self, ip: IpAddr, charge: Charge, forgive: bool, now: Instant) {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(a) = clients.get_mut(&ip) else {
-            return;
-        };
-        a.failures = a.failures.saturating_sub(1);
-        if charge.local_ban {
-            a.banned_until = None;
-        }
-        if forgive && a.banned_until.is_none_or(|u| u <= now) {
-            clients.remove(&ip);
-        }
-    }
-}
-
 /// The runtime form of a `pin_gate` plugin.
 pub struct PinGate {
     pin_hash: String,
@@ -263,59 +115,8 @@ pub struct PinGate {
     totp: Option<Vec<u8>>,
     /// The last TOTP time step accepted; a code for it or an earlier step is refused.
     totp_last_step: AtomicU64,
-    lockout: Arc<Lockout>,
-    /// Lockouts shared by every replica when `redis:` is configured.
-    shared_lockout: Option<SharedLockout>,
+    lockout: LoginLockout,
     login_css: String,
-}
-
-/// Lockout state in Redis: `gw:lock:<plugin>:<address>` counts the attempts charged
-/// within the window, `gw:ban:<plugin>:<address>` exists while the address is banned.
-struct SharedLockout {
-    redis: Arc<crate::redis_store::RedisHandle>,
-    prefix: String,
-    admit: redis::Script,
-    refund: redis::Script,
-    banned: redis::Script,
-}
-
-/// Looks for a ban and charges the attempt, atomically. KEYS: failures, ban. ARGV: max
-/// failures, window ms, ban ms. Returns {0, 0} when admitted, {1, ban ms} when admitted
-/// and this charge started the ban, {2, ms left} when banned. The count ends with the
-/// ban it started, so a client starts afresh after serving one.
-const ADMIT_SCRIPT: &str = r"
-local left = redis.call('PTTL', KEYS[2])
-if left > 0 then return {2, left} end
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if n >= tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return {1, tonumber(ARGV[3])}
-end
-return {0, 0}
-";
-
-/// Takes back a charge. KEYS: failures, ban. ARGV: '1' when the charge started the ban,
-/// '1' to forget the failures when no ban stands.
-const REFUND_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('DECR', KEYS[1]) end
-if ARGV[1] == '1' then redis.call('DEL', KEYS[2]) end
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
-return 0
-";
-
-impl SharedLockout {
-    fn keys(&self, ip: IpAddr) -> (String, String) {
-        (
-            format!("gw:lock:{}:{ip}", self.prefix),
-            format!("gw:ban:{}:{ip}", self.prefix),
-        )
-    }
-
-    fn seconds(ms: i64) -> Option<u64> {
-        (ms > 0).then(|| (ms as u64).div_ceil(1000))
-    }
 }
 
 impl PinGate {
@@ -344,16 +145,7 @@ impl PinGate {
             ),
             None => None,
         };
-        let l = &config.lockout;
-        if l.max_failures == 0 {
-            return Err("lockout.max_failures must be at least 1".into());
-        }
-        let lockout = Lockout {
-            max_failures: l.max_failures,
-            window: parse_duration(&l.window).map_err(|e| format!("lockout.window: {e}"))?,
-            ban: parse_duration(&l.ban).map_err(|e| format!("lockout.ban: {e}"))?,
-            clients: Mutex::new(HashMap::new()),
-        };
+        let lockout = LoginLockout::new(&config.lockout, env)?;
         if config.login_css.contains("</style") {
             return Err("login_css must not contain </style>".into());
         }
@@ -364,14 +156,7 @@ impl PinGate {
             subject: config.subject,
             totp,
             totp_last_step: AtomicU64::new(0),
-            shared_lockout: env.redis.clone().map(|redis| SharedLockout {
-                redis,
-                prefix: env.name.clone(),
-                admit: redis::Script::new(ADMIT_SCRIPT),
-                refund: redis::Script::new(REFUND_SCRIPT),
-                banned: redis::Script::new("return redis.call('PTTL', KEYS[1])"),
-            }),
-            lockout: Arc::new(lockout),
+            lockout,
             login_css: config.login_css,
         })
     }
@@ -395,75 +180,6 @@ impl PinGate {
         );
         self.page(429, next, Some(&message))
             .with_header(http::header::RETRY_AFTER, &seconds.to_string())
-    }
-
-    /// Seconds left on a ban of `ip`: from Redis when shared (falling back to this
-    /// process's own record if Redis cannot answer), else local.
-    async fn banned_for(&self, ip: IpAddr) -> Option<u64> {
-        if let Some(shared) = &self.shared_lockout {
-            let (_, ban) = shared.keys(ip);
-            match shared.redis.run::<i64>(&shared.banned, &[&ban], &[]).await {
-                Ok(ms) => return SharedLockout::seconds(ms),
-                Err(e) => crate::redis_store::report_error("pin lockout", &e),
-            }
-        }
-        self.lockout.banned_for(ip, Instant::now())
-    }
-
-    /// Looks for a ban of `ip` and charges this attempt: in this process (always, so
-    /// a Redis outage never lifts a lockout) and, when shared, in Redis.
-    async fn admit(&self, ip: IpAddr) -> Admission {
-        let mut charge = match self.lockout.admit(ip, Instant::now()) {
-            Admission::Admitted(charge) => charge,
-            banned => return banned,
-        };
-        let Some(shared) = &self.shared_lockout else {
-            return Admission::Admitted(charge);
-        };
-        let (fails, ban) = shared.keys(ip);
-        let l = &self.lockout;
-        let args = [
-            i64::from(l.max_failures),
-            l.window.as_millis() as i64,
-            l.ban.as_millis() as i64,
-        ];
-        match shared
-            .redis
-            .run::<(i64, i64)>(&shared.admit, &[&fails, &ban], &args)
-            .await
-        {
-            Ok((2, ms)) => {
-                // Not checked after all: this process's count takes it back.
-                self.lockout.refund(ip, charge, false, Instant::now());
-                Admission::Banned(SharedLockout::seconds(ms).unwrap_or(1))
-            }
-            Ok((state, _)) => {
-                charge.shared = true;
-                charge.shared_ban = state == 1;
-                Admission::Admitted(charge)
-            }
-            Err(e) => {
-                crate::redis_store::report_error("pin lockout", &e);
-                Admission::Admitted(charge)
-            }
-        }
-    }
-
-    /// Takes back an attempt's charge (see [`Lockout::refund`]).
-    async fn refund(&self, ip: IpAddr, charge: Charge, forgive: bool) {
-        self.lockout.refund(ip, charge, forgive, Instant::now());
-        let Some(shared) = self.shared_lockout.as_ref().filter(|_| charge.shared) else {
-            return;
-        };
-        let (fails, ban) = shared.keys(ip);
-        let args = [i64::from(charge.shared_ban), i64::from(forgive)];
-        if let Err(e) = shared
-            .redis
-            .run::<i64>(&shared.refund, &[&fails, &ban], &args)
-            .await
-        {
-            crate::redis_store::report_error("pin lockout", &e);
-        }
     }
 
     fn totp_ok(&self, code: &str) -> bool {
@@ -491,7 +207,7 @@ impl PinGate {
         let next = session::safe_next(field("next")).to_string();
         // Counted per address, an IPv6 client per /64 (see `client_network`).
         let client = crate::client_network(client);
-        let charge = match self.admit(client).await {
+        let charge = match self.lockout.admit(client).await {
             Admission::Admitted(charge) => charge,
             Admission::Banned(seconds) => return self.locked(&next, seconds),
         };
@@ -500,7 +216,7 @@ impl PinGate {
             .verify(&self.pin_hash, pin.as_bytes())
             .await;
         if verdict == password::Verdict::Busy {
-            self.refund(client, charge, false).await;
+            self.lockout.refund(client, charge, false).await;
             return self
                 .page(
                     503,
@@ -513,7 +229,7 @@ impl PinGate {
         let code_ok = self.totp_ok(field("totp"));
         if !(verdict == password::Verdict::Match && code_ok) {
             if charge.started_ban() {
-                return self.locked(&next, self.lockout.ban.as_secs().max(1));
+                return self.locked(&next, self.lockout.ban_secs());
             }
             let message = if self.totp.is_some() {
                 "Wrong PIN or code."
@@ -522,7 +238,7 @@ impl PinGate {
             };
             return self.page(401, &next, Some(message));
         }
-        self.refund(client, charge, true).await;
+        self.lockout.refund(client, charge, true).await;
         match self.sessions.issue(&self.subject, self.role, "pin") {
             Ok(token) => Reply::error(303, "logged in")
                 .with_header(http::header::LOCATION, &next)
@@ -599,10 +315,12 @@ impl Plugin for PinGate {
                 let next = session::safe_next(&query_next).to_string();
                 let client = ctx.client_ip;
                 RequestFlow::Wait(Box::pin(async move {
-                    Verdict::Reply(match self.banned_for(crate::client_network(client)).await {
-                        Some(seconds) => self.locked(&next, seconds),
-                        None => self.page(200, &next, None),
-                    })
+                    Verdict::Reply(
+                        match self.lockout.banned_for(crate::client_network(client)).await {
+                            Some(seconds) => self.locked(&next, seconds),
+                            None => self.page(200, &next, None),
+                        },
+                    )
                 }))
             }
             http::Method::POST => {
@@ -827,17 +545,6 @@ mod tests {
                 401
             );
         }
-        // A ban another attempt started stands through a right PIN admitted before it.
-        let lockout = &g.lockout;
-        let now = Instant::now();
-        let Admission::Admitted(first) = lockout.admit(ip(11), now) else {
-            panic!("admitted")
-        };
-        for _ in 0..2 {
-            assert!(matches!(lockout.admit(ip(11), now), Admission::Admitted(_)));
-        }
-        lockout.refund(ip(11), first, true, now);
-        assert!(matches!(lockout.admit(ip(11), now), Admission::Banned(60)));
     }
 
     #[test]
