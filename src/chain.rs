@@ -41,6 +41,9 @@ pub struct Chain {
     logging: Plugins,
     /// An identity plugin offers a login page: browsers without an identity go there.
     has_login_page: bool,
+    /// `WWW-Authenticate` for a caller without credentials: each identity plugin's own
+    /// challenge, else `Bearer`.
+    challenges: Vec<http::HeaderValue>,
     has_identity: bool,
 }
 
@@ -61,6 +64,11 @@ impl Chain {
         let logging = with(|h| h.logging);
         let all: Plugins = links.iter().map(|l| l.plugin.clone()).collect();
         let has_login_page = all.iter().any(|p| p.has_login_page());
+        let mut challenges: Vec<http::HeaderValue> =
+            all.iter().filter_map(|p| p.challenge()).collect();
+        if challenges.is_empty() {
+            challenges.push(http::HeaderValue::from_static("Bearer"));
+        }
         let request: Vec<Link> = links
             .into_iter()
             .filter(|l| l.plugin.hooks().request)
@@ -78,6 +86,7 @@ impl Chain {
             response_body,
             logging,
             has_login_page,
+            challenges,
         }
     }
 
@@ -161,10 +170,13 @@ impl Chain {
                             .with_header(header::LOCATION, &location),
                     );
                 }
-                return Some(
-                    Reply::error(401, "authentication required")
-                        .with_header(header::WWW_AUTHENTICATE, "Bearer"),
-                );
+                let mut reply = Reply::error(401, "authentication required");
+                for challenge in &self.challenges {
+                    reply
+                        .headers
+                        .push((header::WWW_AUTHENTICATE, challenge.clone()));
+                }
+                return Some(reply);
             }
         };
         if access == Access::Admin && identity.role != Role::Admin {

@@ -100,7 +100,7 @@ pub enum KeyAction {
     },
 }
 
-/// Runs the parsed command line; the exit code follows the SPEC: 1 for a failed
+/// Runs the parsed command line; the exit code says what went wrong: 1 for a failed
 /// `check`, 2 for a config that `run` cannot serve.
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {

@@ -17,6 +17,7 @@ pub mod units;
 
 pub mod api_key;
 pub mod audit;
+pub mod basic_auth;
 pub mod cors;
 pub mod css_inject;
 pub mod gcra;
@@ -37,6 +38,7 @@ pub mod spelling;
 pub mod totp;
 pub mod upstream_auth;
 pub mod value;
+pub mod watch;
 
 pub use ctx::{client_network, Conflict, Ctx, Identity, IpText, RequestId, Role};
 pub use plugin::{Hooks, Plugin, RequestFlow, Verdict};

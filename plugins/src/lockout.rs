@@ -21,13 +21,18 @@ use serde::Deserialize;
 
 use crate::units::parse_duration;
 
+/// `lockout:` of a password plugin.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LockoutConfig {
+    /// Failed attempts from one client within `window` that start a ban (default 5, at
+    /// least 1).
     #[serde(default = "default_failures")]
     pub max_failures: u32,
+    /// How long failures are remembered (default 10m).
     #[serde(default = "default_window")]
     pub window: String,
+    /// How long a ban lasts (default 15m).
     #[serde(default = "default_ban")]
     pub ban: String,
 }
@@ -55,7 +60,7 @@ fn default_ban() -> String {
 /// Failures per client address. Bounded: past `MAX_TRACKED` addresses the oldest
 /// records are dropped, so a flood of addresses cannot grow memory without bound.
 ///
-/// An attempt is charged as a failure before its PIN is checked, in the same step that
+/// An attempt is charged as a failure before its password is checked, in the same step that
 /// looks for a ban ([`Lockout::admit`]), and refunded only once it proves right. However
 /// many attempts arrive at once, at most `max_failures` of them per window are ever
 /// checked.
@@ -245,6 +250,12 @@ impl LoginLockout {
                 banned: redis::Script::new("return redis.call('PTTL', KEYS[1])"),
             }),
         })
+    }
+
+    /// Seconds left on a ban of `ip` that this process knows of, without asking Redis:
+    /// for checks on every request, where a round trip would cost too much.
+    pub fn banned_here(&self, ip: IpAddr) -> Option<u64> {
+        self.local.banned_for(ip, Instant::now())
     }
 
     /// How long a ban lasts, in seconds (at least 1).

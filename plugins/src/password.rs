@@ -86,8 +86,7 @@ impl Pool {
         // The permit and the count go with the work: a client that disconnects while
         // its check runs does not free a worker before the check is over.
         let check = tokio::task::spawn_blocking(move || {
-            let matched = PasswordHash::new(&hash)
-                .is_ok_and(|h| Argon2::default().verify_password(&secret, &h).is_ok());
+            let matched = matches(&hash, &secret);
             drop((permit, admitted));
             matched
         });
@@ -95,6 +94,42 @@ impl Pool {
             Ok(true) => Verdict::Match,
             Ok(false) | Err(_) => Verdict::Mismatch,
         }
+    }
+}
+
+/// The kinds of stored hash a password may be checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashKind {
+    Argon2,
+    Bcrypt,
+}
+
+/// What kind of hash `stored` is, or why it cannot be used: argon2 (`$argon2id$...`, as
+/// `gatewarden hash-pin` and `htpasswd`-like tools make) or bcrypt (`$2y$`, `$2b$`,
+/// `$2a$`, as `htpasswd -B` makes).
+pub fn hash_kind(stored: &str) -> Result<HashKind, String> {
+    if ["$2a$", "$2b$", "$2y$"]
+        .iter()
+        .any(|p| stored.starts_with(p))
+    {
+        return stored
+            .parse::<bcrypt::HashParts>()
+            .map(|_| HashKind::Bcrypt)
+            .map_err(|_| "not a valid bcrypt hash".to_string());
+    }
+    match PasswordHash::new(stored) {
+        Ok(h) if h.algorithm.as_str().starts_with("argon2") => Ok(HashKind::Argon2),
+        _ => Err("not an argon2 or bcrypt hash (MD5, SHA-1 and crypt hashes are refused)".into()),
+    }
+}
+
+/// True when `secret` matches `stored`: the slow part, run on a worker.
+fn matches(stored: &str, secret: &[u8]) -> bool {
+    match hash_kind(stored) {
+        Ok(HashKind::Bcrypt) => bcrypt::verify(secret, stored).unwrap_or(false),
+        Ok(HashKind::Argon2) => PasswordHash::new(stored)
+            .is_ok_and(|h| Argon2::default().verify_password(secret, &h).is_ok()),
+        Err(_) => false,
     }
 }
 
@@ -109,6 +144,26 @@ mod tests {
             .hash_password(secret.as_bytes(), &salt)
             .unwrap()
             .to_string()
+    }
+
+    #[test]
+    fn bcrypt_and_argon2_hashes_are_both_checked() {
+        let bcrypted = bcrypt::hash("s3cret", 4).unwrap();
+        assert_eq!(hash_kind(&bcrypted), Ok(HashKind::Bcrypt));
+        assert!(matches(&bcrypted, b"s3cret"));
+        assert!(!matches(&bcrypted, b"s3cre"));
+        let argon = hash("s3cret");
+        assert_eq!(hash_kind(&argon), Ok(HashKind::Argon2));
+        assert!(matches(&argon, b"s3cret"));
+        for bad in [
+            "$apr1$abc$def",
+            "{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=",
+            "plain",
+            "$2y$xx",
+        ] {
+            assert!(hash_kind(bad).is_err(), "{bad}");
+            assert!(!matches(bad, b"plain"));
+        }
     }
 
     #[test]

@@ -87,6 +87,12 @@ pub trait Plugin: Send + Sync + 'static {
         false
     }
 
+    /// The `WWW-Authenticate` challenge this identity plugin offers a caller without
+    /// credentials (`Basic realm="..."`); `Bearer` when no plugin of the chain has one.
+    fn challenge(&self) -> Option<http::HeaderValue> {
+        None
+    }
+
     /// True for identity plugins that offer a browser login page; browser navigations
     /// without an identity are then redirected there instead of answered 401.
     fn has_login_page(&self) -> bool {

@@ -58,6 +58,7 @@ registry! {
     "rate_limit" => |v, env| Ok(Arc::new(crate::rate_limit::RateLimit::new(settings(v)?, env)?)),
     "llm_budget" => |v, env| Ok(Arc::new(crate::llm_budget::LlmBudget::new(settings(v)?, env)?)),
     "audit" => |v, _| Ok(Arc::new(crate::audit::Audit::new(settings(v)?)?)),
+    "basic_auth" => |v, env| Ok(Arc::new(crate::basic_auth::BasicAuth::new(settings(v)?, env)?)),
 }
 
 /// Builds a plugin of type `type_name` from its settings (the YAML block without `type`).

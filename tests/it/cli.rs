@@ -483,10 +483,13 @@ fn shipped_configs() -> Vec<PathBuf> {
 const STATE_DIR: &str = "/var/lib/gatewarden/";
 /// Where the shipped configs write audit and access logs (the unit's LogsDirectory).
 const LOGS_DIR: &str = "/var/log/gatewarden/";
+/// Where the shipped configs keep their other files (the unit's ConfigurationDirectory).
+const CONF_DIR: &str = "/etc/gatewarden/";
 
 /// A copy of conf/ in a temp dir, set up as the configs' comments tell a user to:
 /// every keys file they name made with `gatewarden key new` (in the temp dir instead
-/// of /var/lib/gatewarden) and the secrets in the environment variables they name.
+/// of /var/lib/gatewarden), every users file with a user whose hash comes from
+/// `gatewarden hash-pin`, and the secrets in the environment variables they name.
 struct ConfCopy {
     dir: tempfile::TempDir,
 }
@@ -535,6 +538,7 @@ fn shipped_conf_copy() -> ConfCopy {
     std::fs::create_dir_all(&state).unwrap();
     std::fs::create_dir_all(dir.path().join("conf")).unwrap();
     let mut keys_files = Vec::new();
+    let mut users_files = Vec::new();
     for entry in std::fs::read_dir(repo().join("conf")).unwrap() {
         let file = entry.unwrap().path();
         let mut bytes = std::fs::read(&file).unwrap();
@@ -542,12 +546,20 @@ fn shipped_conf_copy() -> ConfCopy {
             let text = String::from_utf8(bytes)
                 .unwrap()
                 .replace(STATE_DIR, &format!("{}/", state.display()))
-                .replace(LOGS_DIR, &format!("{}/", state.display()));
+                .replace(LOGS_DIR, &format!("{}/", state.display()))
+                .replace(CONF_DIR, &format!("{}/", state.display()));
             // Relative paths resolve against the working directory: the copy's root.
             keys_files.extend(
                 text.lines()
                     .filter(|l| !l.trim_start().starts_with('#'))
                     .filter_map(|l| l.split_once("keys_file:"))
+                    .map(|(_, v)| v.split(" #").next().unwrap().trim())
+                    .map(|v| dir.path().join(v.trim_matches(['"', '\'', ' ', '}', ',']))),
+            );
+            users_files.extend(
+                text.lines()
+                    .filter(|l| !l.trim_start().starts_with('#'))
+                    .filter_map(|l| l.split_once("users_file:"))
                     .map(|(_, v)| v.split(" #").next().unwrap().trim())
                     .map(|v| dir.path().join(v.trim_matches(['"', '\'', ' ', '}', ',']))),
             );
@@ -558,6 +570,10 @@ fn shipped_conf_copy() -> ConfCopy {
             bytes,
         )
         .unwrap();
+    }
+    for users in users_files {
+        let line = format!("alice:{}\n", crate::identity::pin_hash());
+        std::fs::write(users, line).unwrap();
     }
     keys_files.sort();
     keys_files.dedup();

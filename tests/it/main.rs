@@ -6,6 +6,7 @@
 
 mod harness;
 
+mod basic_auth;
 mod browser;
 mod browser_safety;
 mod cli;
