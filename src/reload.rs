@@ -40,14 +40,7 @@ impl State {
     /// stays in force and every problem is returned. Listener and `server:` changes need
     /// a restart or graceful upgrade; they are reported as warnings.
     pub fn reload(&self) -> Result<u64, String> {
-        self.load(true)
-    }
-
-    /// Builds every plugin anew from the config file, keeping none of the current
-    /// instances. After `--daemon` forks, the threads that plugins started when the
-    /// config was first loaded (key-file watchers, log writers) exist only in the parent.
-    pub fn rebuild(&self) -> Result<u64, String> {
-        self.load(false)
+        self.load()
     }
 
     /// [`State::reload`] from async code: the build (file reads, plugin set-up) runs on
@@ -59,7 +52,7 @@ impl State {
             .unwrap_or_else(|e| Err(format!("the reload did not finish: {e}")))
     }
 
-    fn load(&self, keep_unchanged_plugins: bool) -> Result<u64, String> {
+    fn load(&self) -> Result<u64, String> {
         let Some(path) = &self.config_path else {
             return Err("this gateway runs a built-in config; there is no file to reload".into());
         };
@@ -67,11 +60,21 @@ impl State {
         let _building = self.building.lock().unwrap_or_else(|p| p.into_inner());
         let generation = self.generation.load(Ordering::Acquire) + 1;
         let current = self.current();
-        let previous = keep_unchanged_plugins.then_some(&*current);
-        match config::load_with(path, generation, previous) {
+        match config::load_with(path, generation, Some(&current)) {
             Ok(compiled) => {
                 for w in &compiled.warnings {
                     log::warn!("{w}");
+                }
+                // Started before it serves; instances kept from the current config
+                // are running already and start nothing again.
+                if let Err(problems) = compiled.snapshot.start_plugins() {
+                    metrics().config_reloads.with_label_values(&["error"]).inc();
+                    let text = problems.join("; ");
+                    log::error!(
+                        "config reload failed, keeping generation {}: {text}",
+                        generation - 1
+                    );
+                    return Err(text);
                 }
                 self.current.store(Arc::new(compiled.snapshot));
                 self.generation.store(generation, Ordering::Release);
@@ -127,7 +130,9 @@ impl pingora::services::background::BackgroundService for SighupReloader {
     }
 }
 
-/// Rebuilds the config's plugins once the server runs in its daemon process.
+/// Starts the config's plugins (log writers, file watches, key fetches) once the
+/// server runs in its daemon process: threads started before the fork would exist only
+/// in the parent. The config itself, built before, is used as it is.
 pub struct AfterDaemonize {
     pub state: Arc<State>,
 }
@@ -135,10 +140,14 @@ pub struct AfterDaemonize {
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for AfterDaemonize {
     async fn start(&self, _shutdown: pingora::server::ShutdownWatch) {
-        if let Err(e) = self.state.rebuild() {
-            log::error!(
-                "cannot rebuild the config after daemonizing; plugin threads may be missing: {e}"
-            );
-        }
+        let snapshot = self.state.current();
+        let started = tokio::task::spawn_blocking(move || snapshot.start_plugins()).await;
+        let problems = match started {
+            Ok(Ok(())) => return,
+            Ok(Err(problems)) => problems.join("; "),
+            Err(e) => e.to_string(),
+        };
+        log::error!("cannot start the config in the daemon, stopping: {problems}");
+        std::process::exit(2);
     }
 }

@@ -107,6 +107,13 @@ pub fn run(
         log::warn!("{w}");
     }
     let config_path = config_path.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
+    // A daemon starts them after forking (threads do not survive a fork), when it
+    // builds its config again.
+    if !(flags.daemon && config_path.is_some()) {
+        if let Err(problems) = snapshot.start_plugins() {
+            anyhow::bail!("{}", problems.join("\n"));
+        }
+    }
     let state = Arc::new(State::new(snapshot, config_path));
 
     let client_keepalive = match server_section.client_keepalive_timeout_seconds {
@@ -172,7 +179,7 @@ pub fn run(
     ));
     if flags.daemon && state.config_path.is_some() {
         server.add_service(background_service(
-            "rebuild after daemonizing",
+            "start plugins after daemonizing",
             crate::reload::AfterDaemonize {
                 state: state.clone(),
             },

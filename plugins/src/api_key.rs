@@ -130,6 +130,7 @@ pub struct ApiKey {
     bearer: bool,
     x_api_key: bool,
     strip: bool,
+    watching: std::sync::Once,
 }
 
 /// How often the keys file is checked for changes.
@@ -179,9 +180,6 @@ impl ApiKey {
             table: ArcSwap::from_pointee(table),
             dirty: AtomicBool::new(false),
         });
-        if store.path.is_some() {
-            spawn_watcher(Arc::downgrade(&store));
-        }
         Ok(ApiKey {
             store,
             admin_digest: config
@@ -192,6 +190,7 @@ impl ApiKey {
             bearer: config.sources.contains(&Source::Bearer),
             x_api_key: config.sources.contains(&Source::XApiKey),
             strip: config.strip,
+            watching: std::sync::Once::new(),
         })
     }
 
@@ -383,6 +382,14 @@ impl Plugin for ApiKey {
 
     fn keys_file(&self) -> Option<&Path> {
         self.store.path.as_deref()
+    }
+
+    fn start(&self) -> Result<(), String> {
+        if self.store.path.is_some() {
+            self.watching
+                .call_once(|| spawn_watcher(Arc::downgrade(&self.store)));
+        }
+        Ok(())
     }
 
     fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {

@@ -59,7 +59,7 @@ impl Audit {
                 ))
             }
         };
-        let writer = LineWriter::start(Target::File(config.file.into()), config.queue)?;
+        let writer = LineWriter::new(Target::File(config.file.into()), config.queue)?;
         Ok(Audit {
             all_methods,
             writer,
@@ -104,6 +104,10 @@ impl Plugin for Audit {
             logging: true,
             ..Hooks::default()
         }
+    }
+
+    fn start(&self) -> Result<(), String> {
+        self.writer.start()
     }
 
     fn on_logging(&self, req: &RequestHeader, ctx: &Ctx, status: u16) {

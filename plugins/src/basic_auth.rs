@@ -147,6 +147,8 @@ fn reload_users(store: &Store, text: &str) -> Result<(), String> {
 /// The runtime form of a `basic_auth` plugin.
 pub struct BasicAuth {
     store: Arc<Store>,
+    users_file: PathBuf,
+    watching: std::sync::Once,
     realm: String,
     role: Role,
     admin_users: BTreeSet<String>,
@@ -183,14 +185,10 @@ impl BasicAuth {
         let store = Arc::new(Store {
             users: ArcSwap::from_pointee(users),
         });
-        crate::watch::follow(
-            "users file",
-            PathBuf::from(&path),
-            Arc::downgrade(&store),
-            reload_users,
-        );
         Ok(BasicAuth {
             store,
+            users_file: path,
+            watching: std::sync::Once::new(),
             realm: config.realm,
             role,
             admin_users: config.admin_users.into_iter().collect(),
@@ -329,6 +327,18 @@ impl Plugin for BasicAuth {
 
     fn challenge(&self) -> Option<HeaderValue> {
         Some(self.challenge.clone())
+    }
+
+    fn start(&self) -> Result<(), String> {
+        self.watching.call_once(|| {
+            crate::watch::follow(
+                "users file",
+                self.users_file.clone(),
+                Arc::downgrade(&self.store),
+                reload_users,
+            )
+        });
+        Ok(())
     }
 
     fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {

@@ -420,6 +420,8 @@ struct Refresher {
     wake: SyncSender<()>,
     woken: Mutex<Option<Receiver<()>>>,
     started: Once,
+    /// The first load of a key set that has none yet.
+    loaded: Once,
 }
 
 impl Refresher {
@@ -430,7 +432,20 @@ impl Refresher {
             wake,
             woken: Mutex::new(Some(woken)),
             started: Once::new(),
+            loaded: Once::new(),
         }
+    }
+
+    /// Loads the keys once, if there are none yet (a JWKS not fetched), then starts the
+    /// background refresh. A provider that is down must not stop the gateway: a failed
+    /// fetch is logged, and the refresher retries.
+    fn start(&self) {
+        self.loaded.call_once(|| {
+            if self.store.keys.load().keys.is_empty() {
+                self.store.refresh();
+            }
+        });
+        self.ensure_started();
     }
 
     fn ensure_started(&self) {
@@ -880,9 +895,8 @@ impl Jwt {
                 KeySet::default(),
                 None,
             );
-            // A provider that is down at start must not stop the gateway: log and let
-            // the refresher retry.
-            store.refresh();
+            // The first fetch is `start`'s: building a config (`check`, a reload's
+            // parse) touches no network.
             Keys::Live(Refresher::new(store))
         } else {
             return Err("set one of `jwks_url`, `public_key_file`, `hs_secret`".into());
@@ -961,10 +975,11 @@ impl Jwt {
         check().map_err(Refusal::reason)
     }
 
-    /// Starts the background key refresher, if this plugin has one.
-    pub(crate) fn start_refresher(&self) {
+    /// Loads the keys (bounded by [`FETCH_TIMEOUT`]) and starts the background refresh,
+    /// if this plugin follows a key set.
+    pub(crate) fn start_keys(&self) {
         if let Keys::Live(refresher) = &self.keys {
-            refresher.ensure_started();
+            refresher.start();
         }
     }
 
@@ -1091,6 +1106,11 @@ impl Plugin for Jwt {
 
     fn is_identity(&self) -> bool {
         true
+    }
+
+    fn start(&self) -> Result<(), String> {
+        self.start_keys();
+        Ok(())
     }
 
     fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
@@ -1710,11 +1730,30 @@ mod tests {
         serde_json::to_value(jwk).unwrap()
     }
 
+    /// A JWKS plugin, started as a config about to serve starts it.
     fn jwks_plugin(url: &str, extra: &str) -> Jwt {
+        let p = built_jwks_plugin(url, extra);
+        p.start().unwrap();
+        p
+    }
+
+    fn built_jwks_plugin(url: &str, extra: &str) -> Jwt {
         build(&format!(
             "{{ issuer: '{ISS}', audiences: [{AUD}], jwks_url: '{url}', algorithms: [RS256, ES256, EdDSA], jwks_cooldown: 1s {extra} }}"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn building_fetches_nothing_starting_fetches_once() {
+        let server = JwksServer::start(json!({ "keys": [jwk(&rsa1(), Algorithm::RS256, "k1")] }));
+        let p = built_jwks_plugin(&server.url, ", jwks_refresh: 1h");
+        assert_eq!(server.fetches(), 0, "a build touched the network");
+        p.start().unwrap();
+        p.start().unwrap();
+        assert_eq!(server.fetches(), 1);
+        let token = sign(Algorithm::RS256, Some("k1"), &rsa1(), &claims());
+        assert!(run(&p, &token).is_ok());
     }
 
     #[test]
@@ -1765,7 +1804,7 @@ mod tests {
     fn an_unknown_kid_refreshes_once_per_cooldown() {
         let server = JwksServer::start(json!({ "keys": [jwk(&rsa1(), Algorithm::RS256, "k1")] }));
         let p = jwks_plugin(&server.url, ", jwks_refresh: 1h");
-        assert_eq!(server.fetches(), 1, "fetched when built");
+        assert_eq!(server.fetches(), 1, "fetched when started");
         let old = sign(Algorithm::RS256, Some("k1"), &rsa1(), &claims());
         let new = sign(Algorithm::RS256, Some("k2"), &rsa2(), &claims());
         assert!(run(&p, &old).is_ok());

@@ -1,12 +1,18 @@
 //! JSON lines written by a background thread: the request path only queues a line and
 //! never waits on a disk. A full queue drops the line and counts it. Files are reopened
 //! on request (SIGHUP or SIGUSR1), so log rotation needs no restart.
+//!
+//! A writer is made in two steps: [`LineWriter::new`] checks the target when a config
+//! is built (its directory must exist) and touches nothing, so `check` creates no
+//! file; [`LineWriter::start`] opens the file and starts the thread once the config is
+//! about to serve (after a daemon has forked).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 static REOPEN: AtomicU64 = AtomicU64::new(0);
@@ -29,10 +35,15 @@ pub enum Target {
     File(PathBuf),
 }
 
+/// A writer's target and the receiving end of its queue, until it starts.
+type NotStarted = Option<(Target, Receiver<String>)>;
+
 /// The sending side; cheap to clone. The thread ends when every sender is dropped.
 #[derive(Clone)]
 pub struct LineWriter {
     tx: SyncSender<String>,
+    /// The target and the queue's receiving end until the writer starts.
+    waiting: Arc<Mutex<NotStarted>>,
 }
 
 impl std::fmt::Debug for LineWriter {
@@ -59,15 +70,44 @@ fn open(target: &Target) -> std::io::Result<Box<dyn Write + Send>> {
 }
 
 impl LineWriter {
-    /// Opens `target` now (so a bad path is a config error) and starts the writer.
-    pub fn start(target: Target, queue: usize) -> Result<LineWriter, String> {
-        let first = open(&target).map_err(|e| format!("cannot open {target:?}: {e}"))?;
+    /// A writer for `target`, not started: the file's directory must exist. Lines
+    /// written before [`LineWriter::start`] wait in the queue.
+    pub fn new(target: Target, queue: usize) -> Result<LineWriter, String> {
+        if let Target::File(path) = &target {
+            let dir = match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir,
+                _ => Path::new("."),
+            };
+            if !dir.is_dir() {
+                return Err(format!(
+                    "cannot write {}: {} is not a directory",
+                    path.display(),
+                    dir.display()
+                ));
+            }
+        }
         let (tx, rx) = sync_channel::<String>(queue.max(1));
+        Ok(LineWriter {
+            tx,
+            waiting: Arc::new(Mutex::new(Some((target, rx)))),
+        })
+    }
+
+    /// Opens the file and starts the writing thread; does nothing once started.
+    pub fn start(&self) -> Result<(), String> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((target, _)) = waiting.as_ref() else {
+            return Ok(());
+        };
+        let first = open(target).map_err(|e| format!("cannot open {target:?}: {e}"))?;
+        let Some((target, rx)) = waiting.take() else {
+            return Ok(());
+        };
         std::thread::Builder::new()
             .name("gw-log-writer".into())
             .spawn(move || write_loop(target, first, rx))
             .map_err(|e| format!("cannot start the log writer: {e}"))?;
-        Ok(LineWriter { tx })
+        Ok(())
     }
 
     /// Queues one line (without its newline); drops it when the queue is full.
@@ -132,8 +172,11 @@ mod tests {
     fn lines_reach_the_file_and_reopen_follows_rotation() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.log");
-        let w = LineWriter::start(Target::File(path.clone()), 16).unwrap();
+        let w = LineWriter::new(Target::File(path.clone()), 16).unwrap();
         w.write("one".into());
+        assert!(!path.exists(), "made before it was started");
+        w.start().unwrap();
+        w.start().unwrap();
         let wait = |p: &std::path::Path, text: &str| {
             for _ in 0..100 {
                 if std::fs::read_to_string(p).is_ok_and(|t| t.contains(text)) {
@@ -154,6 +197,9 @@ mod tests {
 
     #[test]
     fn a_bad_path_is_an_error() {
-        assert!(LineWriter::start(Target::File("/nonexistent/dir/x.log".into()), 1).is_err());
+        assert!(LineWriter::new(Target::File("/nonexistent/dir/x.log".into()), 1).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let unwritable = LineWriter::new(Target::File(dir.path().to_path_buf()), 1).unwrap();
+        assert!(unwritable.start().is_err(), "a directory is no log file");
     }
 }

@@ -316,7 +316,7 @@ fn spawn_discovery(discovery: Weak<Discovery>) {
                 match outcome {
                     Ok(provider) => {
                         log::info!("oidc: discovered {}", d.issuer);
-                        provider.id_tokens.start_refresher();
+                        provider.id_tokens.start_keys();
                         d.provider.store(Some(Arc::new(provider)));
                         d.attempts.send_modify(|n| *n = n.wrapping_add(1));
                         return;
@@ -1035,6 +1035,11 @@ impl Plugin for Oidc {
 
     fn has_login_page(&self) -> bool {
         true
+    }
+
+    fn start(&self) -> Result<(), String> {
+        self.ensure_started();
+        Ok(())
     }
 
     fn gateway_cookies(&self) -> Vec<String> {

@@ -106,6 +106,16 @@ pub trait Plugin: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Starts what the plugin needs to serve beyond its settings: a first fetch of
+    /// signing keys, threads that follow a file or refresh keys, a provider's discovery.
+    /// Called once a config is about to serve (at start, on reload, after daemonizing),
+    /// never by `check`, and off the request threads: it may block, for a bounded time.
+    /// Idempotent: an instance kept across reloads is started once. An error (a log
+    /// file that cannot be opened) keeps the config from serving.
+    fn start(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// The keys file this plugin reads, which the admin API manages.
     fn keys_file(&self) -> Option<&std::path::Path> {
         None

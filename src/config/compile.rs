@@ -58,6 +58,30 @@ pub struct Snapshot {
     pub redis: Option<Arc<gatewarden_plugins::redis_store::RedisHandle>>,
 }
 
+impl Snapshot {
+    /// Starts what the plugins need to serve (first key fetches, file watches,
+    /// discovery): once this snapshot is about to serve, never for `check`. Blocks for
+    /// as long as the slowest first fetch (bounded); call it off the request threads.
+    pub fn start_plugins(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if let Some((target, writer)) = &self.access_log {
+            if let Err(e) = writer.start() {
+                problems.push(format!("access_log {target}: {e}"));
+            }
+        }
+        for (name, built) in &self.plugins {
+            if let Err(e) = built.plugin.start() {
+                problems.push(format!("plugins.{name}: {e}"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
 /// A compiled config file: the reloadable snapshot, the process-level settings that
 /// only a restart or upgrade changes, and warnings worth showing.
 pub struct Compiled {
@@ -311,7 +335,7 @@ pub fn compile_with(
                 } else {
                     Target::File(s.clone().into())
                 };
-                match LineWriter::start(target, 10_000) {
+                match LineWriter::new(target, 10_000) {
                     Ok(w) => Some((s, w)),
                     Err(e) => {
                         errors.push("access_log", e);

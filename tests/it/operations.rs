@@ -389,3 +389,172 @@ fn a_full_log_queue_is_counted() {
         || dropped(&gw) > 0.0,
     );
 }
+
+/// A loopback listener that accepts connections and never answers, counting them: a
+/// JWKS endpoint or identity provider that hangs.
+struct Silent {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Silent {
+    fn start() -> Silent {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(stream);
+            }
+        });
+        Silent { addr, accepted }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// `check` reads the config and the files it names, and nothing else: no JWKS fetch,
+/// no provider discovery, however slow those endpoints would be.
+#[test]
+fn check_touches_no_network() {
+    let jwks = Silent::start();
+    let provider = Silent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gatewarden.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+listeners: [{{ address: '127.0.0.1:1' }}]
+access_log: '{dir}/access.jsonl'
+upstreams:
+  app: {{ backends: ['127.0.0.1:2'] }}
+plugins:
+  audit: {{ type: audit, file: '{dir}/audit.jsonl' }}
+  sso:
+    type: jwt
+    issuer: https://idp.example/
+    audiences: [app]
+    jwks_url: 'http://{jwks}/jwks'
+    algorithms: [RS256]
+  login:
+    type: oidc
+    issuer: 'http://{provider}/'
+    client_id: gateway
+    client_secret: a-client-secret-for-the-test
+    secret: a-session-secret-of-more-than-32-bytes
+routes:
+  - {{ name: api, match: {{ path_prefix: /api }}, access: user, upstream: app, plugins: [sso] }}
+  - {{ name: app, access: user, upstream: app, plugins: [login, audit] }}
+"#,
+            jwks = jwks.addr,
+            provider = provider.addr,
+            dir = dir.path().display(),
+        ),
+    )
+    .unwrap();
+    let out = run_cli(&["check", "-c", config.to_str().unwrap()], dir.path());
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok: 2 routes"));
+    // Give a stray connection time to show up.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!((jwks.accepted(), provider.accepted()), (0, 0));
+    // Nor does it create the log files it names, valid config or not.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("access_log:", "acess_log: x\naccess_log:"),
+    )
+    .unwrap();
+    let out = run_cli(&["check", "-c", config.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    for log in ["access.jsonl", "audit.jsonl"] {
+        assert!(!dir.path().join(log).exists(), "check created {log}");
+    }
+}
+
+/// A reload whose new `jwt` plugin fetches from a JWKS endpoint that never answers is
+/// built off the request threads: requests keep being served while it waits, and the
+/// reload ends (the fetch is bounded) with the new config in force.
+#[test]
+fn a_reload_waiting_on_a_jwks_fetch_holds_up_no_request() {
+    const KEY: &str = "slow-reload-admin-key-0123456789";
+    let jwks = Silent::start();
+    let up = Upstreams::start(1);
+    let base = simple_config(up.addr(0), "").replace(
+        "admin: { address: '{admin}' }",
+        &format!("admin: {{ address: '{{admin}}', api_key: '{KEY}' }}"),
+    );
+    let gw = Gateway::start(&base);
+    let (listen, admin) = (gw.addr.to_string(), gw.admin.to_string());
+    let slow = format!(
+        "{base}  - {{ name: api, match: {{ path_prefix: /api }}, access: user, upstream: app, plugins: [sso] }}
+plugins:
+  sso: {{ type: jwt, issuer: https://idp.example/, audiences: [app], jwks_url: 'http://{}/jwks', algorithms: [RS256] }}
+",
+        jwks.addr
+    )
+    .replace("{listen}", &listen)
+    .replace("{admin}", &admin);
+    std::fs::write(&gw.config, slow).unwrap();
+    let admin_addr = gw.admin;
+    let reload = std::thread::spawn(move || {
+        let req = format!("POST /admin/reload HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let resp = raw(admin_addr, &req).expect("reload");
+        (resp, std::time::Instant::now())
+    });
+    poll_until(
+        "the reload to ask for the keys",
+        Duration::from_secs(5),
+        || jwks.accepted() > 0,
+    );
+    // While the reload waits for the JWKS: requests are served, every one.
+    let mut slowest = Duration::ZERO;
+    let mut served_at = std::time::Instant::now();
+    for _ in 0..50 {
+        let started = std::time::Instant::now();
+        assert_eq!(get(gw.addr, "/echo", &[]).status, 200);
+        slowest = slowest.max(started.elapsed());
+        served_at = std::time::Instant::now();
+    }
+    let (resp, reloaded_at) = reload.join().unwrap();
+    assert!(
+        served_at < reloaded_at,
+        "the reload finished before the requests sent during it"
+    );
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.json()["config_generation"], 2);
+    // The keys could not be fetched: tokens are refused, never waved through.
+    assert_eq!(
+        get(gw.addr, "/api/x", &["Authorization: Bearer a.b.c"]).status,
+        401
+    );
+    eprintln!("slowest of 50 requests during the reload: {slowest:?}");
+}
+
+/// A log file that cannot be opened (here: a directory by that name) passes `check`,
+/// which opens nothing, but `run` refuses to serve with it.
+#[test]
+fn run_refuses_a_log_file_it_cannot_open() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("audit.jsonl")).unwrap();
+    let port = free_port();
+    std::fs::write(
+        dir.path().join("g.yaml"),
+        format!("listeners: [{{ address: '127.0.0.1:{port}' }}]\nupstreams:\n  a: {{ backends: ['127.0.0.1:9'] }}\nplugins:\n  audit: {{ type: audit, file: audit.jsonl }}\nroutes:\n  - {{ name: r, upstream: a, access: public, plugins: [audit] }}\n"),
+    )
+    .unwrap();
+    let out = run_cli(&["check", "-c", "g.yaml"], dir.path());
+    assert!(out.status.success(), "{out:?}");
+    let out = run_cli(&["run", "-c", "g.yaml"], dir.path());
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("plugins.audit"),
+        "{out:?}"
+    );
+}
