@@ -29,6 +29,7 @@ pub mod llm_budget;
 pub mod lockout;
 pub mod oidc;
 pub mod origin;
+pub mod outbound;
 pub mod password;
 pub mod pin_gate;
 pub mod rate_limit;

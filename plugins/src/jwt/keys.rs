@@ -177,6 +177,9 @@ pub(super) fn fetch_jwks(
         .header("accept", "application/json, application/jwk-set+json")
         .call()
         .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("HTTP status {}", resp.status()));
+    }
     let text = resp
         .body_mut()
         .with_config()
@@ -199,38 +202,4 @@ pub(super) fn fetch_jwks(
         ));
     }
     Ok(KeySet { keys })
-}
-
-/// Checks a JWKS URL: http(s) with a host; plain http only to loopback. Returns
-/// whether it is https, and whether the host is loopback.
-pub(super) fn check_jwks_url(url: &str) -> Result<(bool, bool), String> {
-    check_fetch_url("jwks_url", url)
-}
-
-/// Checks a URL the gateway fetches trusted documents from (keys, OIDC discovery):
-/// http(s) with a host; plain http only to loopback. Returns whether it is https, and
-/// whether the host is loopback.
-pub(crate) fn check_fetch_url(setting: &str, url: &str) -> Result<(bool, bool), String> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|_| format!("{setting}: {url:?} is not a URL"))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| format!("{setting}: {url:?} has no host"))?;
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = bare.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    match uri.scheme_str() {
-        Some("https") => Ok((true, loopback)),
-        Some("http") => {
-            if loopback {
-                Ok((false, true))
-            } else {
-                Err(format!("{setting}: use https; what is fetched over plain http could be replaced by anyone on the network"))
-            }
-        }
-        _ => Err(format!("{setting}: {url:?} must start with https://")),
-    }
 }

@@ -61,7 +61,6 @@ use crate::{
 use config::*;
 pub(crate) use config::{check_claim_settings, parse_algorithms, parse_leeway};
 pub use config::{JwtConfig, Secret};
-pub(crate) use keys::check_fetch_url;
 use keys::*;
 use refresh::*;
 use verify::*;
@@ -183,19 +182,8 @@ impl Jwt {
                     "algorithm {hs:?} does not fit `jwks_url`: a JWKS publishes public keys; HS* needs `hs_secret`"
                 ));
             }
-            let (https, loopback) = check_jwks_url(url)?;
-            let mut agent = ureq::Agent::config_builder()
-                .timeout_global(Some(FETCH_TIMEOUT))
-                // No redirect may downgrade an https fetch.
-                .https_only(https)
-                .max_redirects(3)
-                .user_agent(concat!("gatewarden/", env!("CARGO_PKG_VERSION")));
-            // `HTTPS_PROXY`/`NO_PROXY` from the environment apply, except to loopback,
-            // which no proxy can reach for us.
-            if loopback {
-                agent = agent.proxy(None);
-            }
-            let agent: ureq::Agent = agent.build().into();
+            let to = crate::outbound::check_url("jwks_url", url)?;
+            let agent = crate::outbound::agent(to, FETCH_TIMEOUT, 3);
             let store = live(
                 Origin::Jwks {
                     url: url.clone(),

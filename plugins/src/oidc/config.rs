@@ -1,0 +1,108 @@
+//! The settings of an `oidc` plugin and the checks on them.
+
+use serde::Deserialize;
+
+use crate::jwt::Secret;
+use crate::session::SecureCookie;
+
+/// Settings of an `oidc` plugin.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The provider's issuer URL, exactly as its discovery document says (trailing
+    /// slash and all). `https` unless the host is loopback.
+    pub issuer: String,
+    /// The client ID registered at the provider; ID tokens must be addressed to it.
+    pub client_id: String,
+    /// The client secret registered at the provider. Never logged.
+    pub client_secret: Secret,
+    /// Scopes asked for (default `[openid, email, profile]`); `openid` is always added.
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    /// The ID token claim that names the user (default `sub`); it must be a string.
+    #[serde(default = "default_subject_claim")]
+    pub subject_claim: String,
+    /// The ID token claim that carries roles or groups: a string or a list of strings.
+    /// `a.b` reaches a nested claim (Keycloak: `realm_access.roles`).
+    pub role_claim: Option<String>,
+    /// Values of `role_claim` that make the user an admin; anyone else is a user.
+    #[serde(default)]
+    pub admin_values: Vec<String>,
+    /// Signs session cookies (the same sessions as `pin_gate`) and the login-state
+    /// cookie; at least 32 bytes. Never logged.
+    pub secret: Secret,
+    /// Older secrets whose sessions are still accepted (for rotation); never used to sign.
+    #[serde(default)]
+    pub previous_secrets: Vec<String>,
+    /// How long a session lasts once logged in (default 12h).
+    #[serde(default = "default_ttl")]
+    pub session_ttl: String,
+    /// Session cookie name (default `gatewarden`; `__Host-gatewarden` over HTTPS). The
+    /// login-state cookie is this name with `_oidc` appended.
+    #[serde(default = "default_cookie")]
+    pub cookie_name: String,
+    /// `auto` (Secure over HTTPS), `always` or `never`.
+    #[serde(default)]
+    pub secure_cookie: SecureCookie,
+    /// The redirect URI registered at the provider, when the gateway cannot derive it
+    /// from the request (`{scheme}://{host}/.gatewarden/oidc/callback`), e.g. behind a
+    /// proxy that rewrites Host. Its path must be `/.gatewarden/oidc/callback`.
+    pub redirect_url: Option<String>,
+    /// Where the provider sends the browser after logout (default: the site's root,
+    /// `{scheme}://{host}/`); must be registered at the provider.
+    pub post_logout_redirect_url: Option<String>,
+    /// ID token signature algorithms accepted (default `[RS256]`): RS256/384/512,
+    /// PS256/384/512, ES256, ES384, EdDSA. HS* (keyed by the client secret) is not
+    /// supported.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Clock skew allowed on the ID token's `exp` and `nbf` (default 30s, at most 5m).
+    #[serde(default = "default_leeway")]
+    pub leeway: String,
+    /// How often the provider's JWKS is fetched again (default 5m).
+    #[serde(default = "default_refresh")]
+    pub jwks_refresh: String,
+}
+
+pub(super) fn default_scopes() -> Vec<String> {
+    vec!["openid".into(), "email".into(), "profile".into()]
+}
+pub(super) fn default_subject_claim() -> String {
+    "sub".into()
+}
+pub(super) fn default_ttl() -> String {
+    "12h".into()
+}
+pub(super) fn default_cookie() -> String {
+    "gatewarden".into()
+}
+pub(super) fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into()]
+}
+pub(super) fn default_leeway() -> String {
+    "30s".into()
+}
+pub(super) fn default_refresh() -> String {
+    "5m".into()
+}
+
+pub(super) fn check_redirect_setting(
+    setting: &str,
+    url: &str,
+    path: Option<&str>,
+) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| format!("{setting}: {url:?} is not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("https") | Some("http")) || uri.host().is_none() {
+        return Err(format!(
+            "{setting}: {url:?} must be an http(s) URL with a host"
+        ));
+    }
+    if let Some(path) = path {
+        if uri.path() != path || uri.query().is_some() {
+            return Err(format!("{setting}: the path must be exactly {path}"));
+        }
+    }
+    Ok(())
+}
