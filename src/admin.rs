@@ -9,7 +9,7 @@ use pingora::protocols::http::ServerSession;
 
 use crate::reload::State;
 use gatewarden_plugins::keys::{self, KeyRecord, KeysError, KeysFile, NewKey};
-use gatewarden_plugins::Role;
+use gatewarden_plugins::{credentials, Role};
 
 pub struct AdminApp {
     pub state: Arc<State>,
@@ -33,25 +33,11 @@ fn error(status: StatusCode, reason: &str) -> Response<Vec<u8>> {
     )
 }
 
-/// Compares without an early exit, so the time taken says nothing about how much of a
-/// guess was right.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
+/// The bearer token of the one `Authorization` header; none when it is repeated.
 fn presented_key(session: &ServerSession) -> Option<&[u8]> {
-    let auth = session
-        .req_header()
-        .headers
-        .get(http::header::AUTHORIZATION)?
-        .as_bytes();
-    let (scheme, token) = auth.split_at(auth.iter().position(|b| *b == b' ')?);
-    scheme
-        .eq_ignore_ascii_case(b"bearer")
-        .then(|| token.trim_ascii())
+    let auth =
+        credentials::only_value(session.req_header(), &http::header::AUTHORIZATION).ok()??;
+    credentials::bearer(auth.as_bytes())
 }
 
 /// Reads a small JSON body; `None` when over 64 KiB.
@@ -203,7 +189,7 @@ impl ServeHttp for AdminApp {
                     );
                 };
                 match presented_key(session) {
-                    Some(key) if constant_time_eq(key, expected.as_bytes()) => {}
+                    Some(key) if credentials::constant_time_eq(key, expected.as_bytes()) => {}
                     _ => {
                         let mut resp = error(StatusCode::UNAUTHORIZED, "admin key required");
                         resp.headers_mut().insert(
@@ -256,17 +242,5 @@ impl ServeHttp for AdminApp {
             }
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn constant_time_eq_compares_whole_values() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
     }
 }

@@ -163,7 +163,7 @@ impl Chain {
                     let location = format!(
                         "{}?next={}",
                         session::LOGIN_PATH,
-                        session::encode_query(next)
+                        gatewarden_plugins::forms::encode_query(next)
                     );
                     return Some(
                         Reply::error(302, "login required")

@@ -714,7 +714,7 @@ impl ProxyHttp for Gateway {
             }
             // The gateway's sessions are its own, whatever route this is.
             if !gateway_cookies.is_empty() {
-                gatewarden_plugins::session::remove_cookies(h, gateway_cookies);
+                gatewarden_plugins::cookies::remove_cookies(h, gateway_cookies);
             }
             // The core's six, and room for what the chain's plugins set.
             h.reserve(if chain.is_some() { 12 } else { 6 });
@@ -1035,7 +1035,7 @@ mod tests {
     #[test]
     fn next_is_percent_encoded() {
         assert_eq!(
-            gatewarden_plugins::session::encode_query("/a b?x=1&y=2"),
+            gatewarden_plugins::forms::encode_query("/a b?x=1&y=2"),
             "/a%20b%3Fx%3D1%26y%3D2"
         );
     }

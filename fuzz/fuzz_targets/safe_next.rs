@@ -15,7 +15,8 @@
 //! the real `next` field and query parameter are.
 #![no_main]
 
-use gatewarden_plugins::session::{parse_form, percent_decode, safe_next};
+use gatewarden_plugins::forms::{parse_form, percent_decode};
+use gatewarden_plugins::session::safe_next;
 use libfuzzer_sys::fuzz_target;
 
 const BASE: &str = "https://gw.example:8443/.gatewarden/login?next=x";

@@ -215,7 +215,7 @@ impl ApiKey {
     fn check(&self, token: &[u8]) -> Result<Identity, &'static str> {
         let digest = keys::digest(token);
         if let Some(admin) = &self.admin_digest {
-            if constant_time_eq(&digest, admin) {
+            if credentials::constant_time_eq(&digest, admin) {
                 return Ok(Identity {
                     subject: self.admin_subject.clone(),
                     role: Role::Admin,
@@ -250,11 +250,6 @@ impl ApiKey {
 struct Presented<'r> {
     x_api_key: Option<&'r [u8]>,
     authorization: Option<&'r [u8]>,
-}
-
-/// Compares two digests without an early exit.
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Reads the keys file after a change. Unlike at startup, a missing or blank file is not

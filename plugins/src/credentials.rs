@@ -57,6 +57,15 @@ pub fn looks_like_jwt(token: &[u8]) -> bool {
         && token.iter().filter(|b| **b == b'.').count() == 2
 }
 
+/// Compares without an early exit, so the time taken says nothing about how much of a
+/// guess was right.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The answer to a credential that is present but wrong, repeated or in conflict with
 /// another: 401, never a fall-through to another method or to anonymous.
 pub fn refused(reason: &str) -> Reply {
@@ -88,6 +97,13 @@ mod tests {
         assert_eq!(bearer(b"Basic abc"), None);
         assert_eq!(bearer(b"Bearer"), None);
         assert_eq!(bearer(b"Bearerabc"), None);
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_values() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
     }
 
     #[test]

@@ -198,7 +198,7 @@ impl PinGate {
     }
 
     async fn login(&self, https: bool, client: IpAddr, body: Bytes) -> Reply {
-        let form = session::parse_form(&body);
+        let form = crate::forms::parse_form(&body);
         let field = |name: &str| {
             form.iter()
                 .find(|(n, _)| n == name)
@@ -309,7 +309,7 @@ impl Plugin for PinGate {
                     ),
             );
         }
-        let query_next = session::query_param(req, "next").unwrap_or_default();
+        let query_next = crate::forms::query_param(req, "next").unwrap_or_default();
         match *method {
             http::Method::GET | http::Method::HEAD => {
                 let next = session::safe_next(&query_next).to_string();

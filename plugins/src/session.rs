@@ -8,6 +8,8 @@ use cookie::{Cookie, SameSite};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::cookies::{cookie, strip_cookie};
+use crate::forms::{encode_query, percent_decode};
 use crate::{Identity, Role};
 
 /// The login page every login plugin answers (`pin_gate`'s form, `oidc`'s redirect to the
@@ -246,91 +248,6 @@ impl SessionKeys {
     }
 }
 
-/// Removes cookie `name` from the request, keeping every other cookie.
-pub fn strip_cookie(req: &mut crate::RequestHeader, name: &str) {
-    if cookie(req, name).is_none() {
-        return;
-    }
-    let kept: Vec<String> = req
-        .headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|pair| !pair.is_empty() && pair.split_once('=').map_or(*pair, |(n, _)| n) != name)
-        .map(str::to_string)
-        .collect();
-    req.remove_header(&http::header::COOKIE);
-    if !kept.is_empty() {
-        let _ = req.insert_header(http::header::COOKIE, kept.join("; "));
-    }
-}
-
-/// Removes every cookie named in `names` from the `Cookie` headers in `headers`, keeping
-/// the others. Names compare exactly, after the spaces around them (which servers
-/// drop) are trimmed. Nothing is rewritten, or allocated, when none of them is there.
-pub fn remove_cookies(headers: &mut http::HeaderMap, names: &[String]) {
-    let named = |pair: &[u8]| {
-        let name = pair
-            .split(|b| *b == b'=')
-            .next()
-            .unwrap_or(b"")
-            .trim_ascii();
-        names.iter().any(|n| n.as_bytes() == name)
-    };
-    let cookies = headers.get_all(http::header::COOKIE);
-    if !cookies
-        .iter()
-        .any(|v| v.as_bytes().split(|b| *b == b';').any(named))
-    {
-        return;
-    }
-    let mut kept = Vec::new();
-    for value in cookies {
-        for pair in value.as_bytes().split(|b| *b == b';') {
-            let pair = pair.trim_ascii();
-            if pair.is_empty() || named(pair) {
-                continue;
-            }
-            if !kept.is_empty() {
-                kept.extend_from_slice(b"; ");
-            }
-            kept.extend_from_slice(pair);
-        }
-    }
-    headers.remove(http::header::COOKIE);
-    // The kept bytes come from valid header values, joined by "; ": always valid.
-    if let Ok(value) = http::HeaderValue::from_bytes(&kept) {
-        if !kept.is_empty() {
-            headers.insert(http::header::COOKIE, value);
-        }
-    }
-}
-
-/// The value of the request's cookie `name`, if any.
-///
-/// Two copies with different values (one planted by a sibling domain, say) make the
-/// request ambiguous: the answer is then an empty value, which never verifies, rather
-/// than whichever copy happens to come first. The same value twice is one cookie.
-pub fn cookie<'r>(req: &'r crate::RequestHeader, name: &str) -> Option<&'r str> {
-    let mut values = req
-        .headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| {
-            let (n, value) = pair.trim().split_once('=')?;
-            (n.trim() == name).then_some(value.trim())
-        });
-    let first = values.next()?;
-    if values.any(|other| other != first) {
-        return Some("");
-    }
-    Some(first)
-}
-
 /// True when an `Origin` header names another site than the request's `Host`, or
 /// comes more than once: such logins and logouts are refused.
 pub fn cross_origin(req: &crate::RequestHeader) -> bool {
@@ -348,27 +265,6 @@ pub fn cross_origin(req: &crate::RequestHeader) -> bool {
         .unwrap_or("");
     let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
     origin == "null" || !origin_host.eq_ignore_ascii_case(host)
-}
-
-/// The value of query parameter `name`, decoded.
-pub fn query_param(req: &crate::RequestHeader, name: &str) -> Option<String> {
-    parse_form(req.uri.query()?.as_bytes())
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v)
-}
-
-/// Percent-encodes a value for a query string.
-pub fn encode_query(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 8);
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// A browser loading a page: GET with `text/html` in `Accept`. Such requests are sent
@@ -408,53 +304,6 @@ pub fn safe_next(next: &str) -> &str {
         return "/";
     }
     next
-}
-
-/// Decodes `%XX` escapes and `+` (form encoding); invalid escapes are kept as they are.
-pub fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(v) => {
-                        out.push(v);
-                        i += 3;
-                    }
-                    None => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parses an `application/x-www-form-urlencoded` body into (name, value) pairs.
-pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
-    String::from_utf8_lossy(body)
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(n), percent_decode(v))
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -563,33 +412,6 @@ mod tests {
     }
 
     #[test]
-    fn gateway_cookies_are_removed_from_every_cookie_header() {
-        let names = ["gatewarden".to_string(), "__Host-gatewarden".to_string()];
-        let mut headers = http::HeaderMap::new();
-        headers.append("cookie", "a=1; gatewarden=tok".parse().unwrap());
-        headers.append(
-            "cookie",
-            " gatewarden = tok2 ;b=2;__Host-gatewarden=x"
-                .parse()
-                .unwrap(),
-        );
-        remove_cookies(&mut headers, &names);
-        let left: Vec<_> = headers.get_all("cookie").iter().collect();
-        assert_eq!(left, ["a=1; b=2"]);
-        let mut only = http::HeaderMap::new();
-        only.append("cookie", "gatewarden=tok".parse().unwrap());
-        remove_cookies(&mut only, &names);
-        assert!(only.get("cookie").is_none());
-        // Untouched, in their own order and spacing, when no gateway cookie is there.
-        let mut others = http::HeaderMap::new();
-        others.append("cookie", "a=1;b=2".parse().unwrap());
-        others.append("cookie", "gatewardenx=3".parse().unwrap());
-        remove_cookies(&mut others, &names);
-        let left: Vec<_> = others.get_all("cookie").iter().collect();
-        assert_eq!(left, ["a=1;b=2", "gatewardenx=3"]);
-    }
-
-    #[test]
     fn two_different_session_cookies_are_ambiguous() {
         let k = keys(&[]);
         let token_of = |cookies: &[&str]| {
@@ -635,14 +457,5 @@ mod tests {
         ] {
             assert_eq!(safe_next(bad), "/", "{bad:?}");
         }
-    }
-
-    #[test]
-    fn forms_decode() {
-        let form = parse_form(b"pin=12%2034&next=%2Fchat%3Fa%3D1&empty=&x");
-        assert_eq!(form[0], ("pin".into(), "12 34".into()));
-        assert_eq!(form[1], ("next".into(), "/chat?a=1".into()));
-        assert_eq!(form[2], ("empty".into(), "".into()));
-        assert_eq!(form[3], ("x".into(), "".into()));
     }
 }

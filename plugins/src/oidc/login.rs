@@ -13,7 +13,7 @@ use super::*;
 impl Oidc {
     /// Sends the browser to the provider.
     pub(super) fn login(&self, req: &RequestHeader, https: bool, provider: &Provider) -> Reply {
-        let next = session::query_param(req, "next").unwrap_or_default();
+        let next = crate::forms::query_param(req, "next").unwrap_or_default();
         let Some(redirect_uri) = self.redirect_uri(req, https) else {
             return Reply::error(400, "the Host header is not a valid host");
         };
@@ -93,7 +93,7 @@ impl Oidc {
         ctx: &mut Ctx,
     ) -> Result<(LoginState, String), Reply> {
         let https = ctx.https;
-        let params = session::parse_form(req.uri.query().unwrap_or("").as_bytes());
+        let params = crate::forms::parse_form(req.uri.query().unwrap_or("").as_bytes());
         let param = |name: &str| {
             params
                 .iter()
@@ -119,7 +119,7 @@ impl Oidc {
         let (Some(code), Some(state)) = (param("code"), param("state")) else {
             return Err(refuse(400, "the callback lacks `code` or `state`"));
         };
-        let Some(cookie) = session::cookie(req, self.state_cookie_name(https)) else {
+        let Some(cookie) = crate::cookies::cookie(req, self.state_cookie_name(https)) else {
             return Err(refuse(
                 400,
                 "no login is in progress in this browser (its login-state cookie is missing or expired); start again",

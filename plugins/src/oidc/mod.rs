@@ -266,11 +266,11 @@ impl Oidc {
                 let sep = if endpoint.contains('?') { '&' } else { '?' };
                 let mut location = format!(
                     "{endpoint}{sep}client_id={}",
-                    session::encode_query(&self.client_id)
+                    crate::forms::encode_query(&self.client_id)
                 );
                 if let Some(back) = back {
                     location.push_str("&post_logout_redirect_uri=");
-                    location.push_str(&session::encode_query(&back));
+                    location.push_str(&crate::forms::encode_query(&back));
                 }
                 Reply::error(303, "logged out").with_header(http::header::LOCATION, &location)
             }
@@ -371,7 +371,7 @@ impl Plugin for Oidc {
     fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
         self.ensure_started();
         // A login left unfinished must not hand its verifier and nonce to the upstream.
-        session::strip_cookie(req, self.state_cookie_name(ctx.https));
+        crate::cookies::strip_cookie(req, self.state_cookie_name(ctx.https));
         match self.sessions.recognise(req, ctx) {
             Some(reply) => RequestFlow::reply(reply),
             None => RequestFlow::CONTINUE,

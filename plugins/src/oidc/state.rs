@@ -8,7 +8,6 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::session::{self};
 use crate::RequestHeader;
 
 /// What travels through the provider in the login-state cookie.
@@ -87,7 +86,7 @@ pub(super) fn authorization_url(
     state: &LoginState,
 ) -> String {
     let sep = if endpoint.contains('?') { '&' } else { '?' };
-    let q = session::encode_query;
+    let q = crate::forms::encode_query;
     format!(
         "{endpoint}{sep}response_type=code&client_id={}&redirect_uri={}&scope={}&state={}&nonce={}&code_challenge={}&code_challenge_method=S256",
         q(client_id),
