@@ -90,6 +90,16 @@ impl Chain {
         }
     }
 
+    /// How many plugins the chain has.
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    /// True when the chain has no plugin.
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
     /// True when an identity plugin is in the chain.
     pub fn has_identity(&self) -> bool {
         self.has_identity

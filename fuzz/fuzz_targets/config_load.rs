@@ -127,7 +127,7 @@ fn summary(c: &Compiled) -> String {
                 r.access,
                 r.pool.name,
                 r.max_request_body,
-                r.chain.plugins.len()
+                r.chain.len()
             )
         })
         .collect();

@@ -85,7 +85,8 @@ fuzz_target!(|input: Input| {
     };
     let mut resp = ResponseHeader::build(status, None).unwrap();
     resp.insert_header("Content-Type", content_type).unwrap();
-    plugin.on_response(&mut resp, &mut ctx);
+    let mut parts = http::response::Parts::from(resp);
+    plugin.on_response(&mut parts, &mut ctx);
 
     let expected = if input.untouched.is_none() {
         reference(&input.page, &tag())
