@@ -359,9 +359,18 @@ impl Drop for ApiKey {
     }
 }
 
+impl crate::PluginType for ApiKey {
+    const TYPE: &'static str = "api_key";
+    type Config = ApiKeyConfig;
+
+    fn build(config: ApiKeyConfig, _env: &crate::BuildEnv) -> Result<Self, String> {
+        ApiKey::new(config)
+    }
+}
+
 impl Plugin for ApiKey {
     fn type_name(&self) -> &'static str {
-        "api_key"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {

@@ -94,9 +94,18 @@ pub fn record(req: &RequestHeader, ctx: &Ctx, status: u16) -> serde_json::Value 
     })
 }
 
+impl crate::PluginType for Audit {
+    const TYPE: &'static str = "audit";
+    type Config = AuditConfig;
+
+    fn build(config: AuditConfig, _env: &crate::BuildEnv) -> Result<Self, String> {
+        Audit::new(config)
+    }
+}
+
 impl Plugin for Audit {
     fn type_name(&self) -> &'static str {
-        "audit"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {

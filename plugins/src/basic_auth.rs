@@ -309,9 +309,18 @@ fn basic_credentials(value: &[u8]) -> Result<Option<(String, Vec<u8>)>, &'static
     Ok(Some((user.to_string(), decoded[colon + 1..].to_vec())))
 }
 
+impl crate::PluginType for BasicAuth {
+    const TYPE: &'static str = "basic_auth";
+    type Config = BasicAuthConfig;
+
+    fn build(config: BasicAuthConfig, env: &crate::BuildEnv) -> Result<Self, String> {
+        BasicAuth::new(config, env)
+    }
+}
+
 impl Plugin for BasicAuth {
     fn type_name(&self) -> &'static str {
-        "basic_auth"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {

@@ -258,9 +258,18 @@ fn vary_on_origin(resp: &mut ResponseParts) {
     }
 }
 
+impl crate::PluginType for Cors {
+    const TYPE: &'static str = "cors";
+    type Config = CorsConfig;
+
+    fn build(config: CorsConfig, _env: &crate::BuildEnv) -> Result<Self, String> {
+        Cors::new(config)
+    }
+}
+
 impl Plugin for Cors {
     fn type_name(&self) -> &'static str {
-        "cors"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {

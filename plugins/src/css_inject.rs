@@ -337,9 +337,18 @@ fn is_encoded(resp: &ResponseParts) -> bool {
         .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
 }
 
+impl crate::PluginType for CssInject {
+    const TYPE: &'static str = "css_inject";
+    type Config = CssInjectConfig;
+
+    fn build(config: CssInjectConfig, env: &crate::BuildEnv) -> Result<Self, String> {
+        CssInject::new(config, env)
+    }
+}
+
 impl Plugin for CssInject {
     fn type_name(&self) -> &'static str {
-        "css_inject"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {

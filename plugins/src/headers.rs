@@ -138,9 +138,18 @@ impl Headers {
     }
 }
 
+impl crate::PluginType for Headers {
+    const TYPE: &'static str = "headers";
+    type Config = HeadersConfig;
+
+    fn build(config: HeadersConfig, _env: &crate::BuildEnv) -> Result<Self, String> {
+        Headers::new(config)
+    }
+}
+
 impl Plugin for Headers {
     fn type_name(&self) -> &'static str {
-        "headers"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {

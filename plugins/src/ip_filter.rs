@@ -75,9 +75,18 @@ impl IpFilter {
     }
 }
 
+impl crate::PluginType for IpFilter {
+    const TYPE: &'static str = "ip_filter";
+    type Config = IpFilterConfig;
+
+    fn build(config: IpFilterConfig, _env: &crate::BuildEnv) -> Result<Self, String> {
+        IpFilter::new(config)
+    }
+}
+
 impl Plugin for IpFilter {
     fn type_name(&self) -> &'static str {
-        "ip_filter"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {

@@ -44,7 +44,7 @@ pub mod value;
 pub mod watch;
 
 pub use ctx::{client_network, Conflict, Ctx, Identity, IpText, RequestId, Role};
-pub use plugin::{Hooks, Plugin, RequestFlow, Verdict};
+pub use plugin::{Hooks, Plugin, PluginType, RequestFlow, Verdict};
 pub use registry::{build, BuildEnv, BuildError, PLUGIN_TYPES};
 pub use reply::Reply;
 

@@ -165,9 +165,18 @@ impl LlmBudget {
     }
 }
 
+impl crate::PluginType for LlmBudget {
+    const TYPE: &'static str = "llm_budget";
+    type Config = LlmBudgetConfig;
+
+    fn build(config: LlmBudgetConfig, env: &crate::BuildEnv) -> Result<Self, String> {
+        LlmBudget::new(config, env)
+    }
+}
+
 impl Plugin for LlmBudget {
     fn type_name(&self) -> &'static str {
-        "llm_budget"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {

@@ -326,9 +326,18 @@ fn is_websocket_upgrade(req: &RequestHeader) -> bool {
     })
 }
 
+impl crate::PluginType for Origin {
+    const TYPE: &'static str = "origin";
+    type Config = OriginConfig;
+
+    fn build(config: OriginConfig, _env: &crate::BuildEnv) -> Result<Self, String> {
+        Origin::new(config)
+    }
+}
+
 impl Plugin for Origin {
     fn type_name(&self) -> &'static str {
-        "origin"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {

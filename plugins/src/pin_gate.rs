@@ -254,9 +254,18 @@ impl PinGate {
     }
 }
 
+impl crate::PluginType for PinGate {
+    const TYPE: &'static str = "pin_gate";
+    type Config = PinGateConfig;
+
+    fn build(config: PinGateConfig, env: &crate::BuildEnv) -> Result<Self, String> {
+        PinGate::new(config, env)
+    }
+}
+
 impl Plugin for PinGate {
     fn type_name(&self) -> &'static str {
-        "pin_gate"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {

@@ -72,6 +72,21 @@ impl Hooks {
     }
 }
 
+/// A plugin type, as the registry knows it: the `type:` that names it in YAML, the
+/// settings it takes, and how it is built from them. Building checks the settings and
+/// reads the files they name, and does nothing else (no network, no threads): what a
+/// plugin needs to serve beyond that, [`Plugin::start`] brings up.
+pub trait PluginType: Plugin + Sized {
+    /// The YAML `type:`.
+    const TYPE: &'static str;
+    /// The settings, parsed from the plugin's YAML block (`deny_unknown_fields`, each
+    /// field documented: those docs are the reference).
+    type Config: serde::de::DeserializeOwned;
+
+    /// Checks `config` and builds the plugin; the error says what is wrong.
+    fn build(config: Self::Config, env: &crate::BuildEnv) -> Result<Self, String>;
+}
+
 /// A filter in a route's chain. Built once from YAML; shared by every request and every
 /// route that names it.
 pub trait Plugin: Send + Sync + 'static {

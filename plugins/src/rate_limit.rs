@@ -309,9 +309,18 @@ fn add_headers(reply: Reply, info: RateLimitInfo) -> Reply {
         .with_header(RATELIMIT_RESET.clone(), &info.reset_secs.to_string())
 }
 
+impl crate::PluginType for RateLimit {
+    const TYPE: &'static str = "rate_limit";
+    type Config = RateLimitConfig;
+
+    fn build(config: RateLimitConfig, env: &crate::BuildEnv) -> Result<Self, String> {
+        RateLimit::new(config, env)
+    }
+}
+
 impl Plugin for RateLimit {
     fn type_name(&self) -> &'static str {
-        "rate_limit"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {

@@ -3,9 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::de::DeserializeOwned;
-
-use crate::Plugin;
+use crate::{Plugin, PluginType};
 
 /// What a plugin may need from its surroundings at build time.
 #[derive(Debug, Clone, Default)]
@@ -29,36 +27,40 @@ pub enum BuildError {
 
 type Constructor = fn(serde_yaml_ng::Value, &BuildEnv) -> Result<Arc<dyn Plugin>, String>;
 
-/// Parses a plugin's settings into its config struct; serde's message names the field.
-fn settings<T: DeserializeOwned>(value: serde_yaml_ng::Value) -> Result<T, String> {
-    serde_yaml_ng::from_value(value).map_err(|e| e.to_string())
+/// Parses `settings` into `T`'s config (serde's message names the field) and builds it.
+fn construct<T: PluginType>(
+    settings: serde_yaml_ng::Value,
+    env: &BuildEnv,
+) -> Result<Arc<dyn Plugin>, String> {
+    let config: T::Config = serde_yaml_ng::from_value(settings).map_err(|e| e.to_string())?;
+    Ok(Arc::new(T::build(config, env)?))
 }
 
-/// One line per plugin type: its YAML `type:` and how to build it from its settings.
+/// The plugin types this build knows: one line each.
 macro_rules! registry {
-    ($($name:literal => $build:expr,)*) => {
-        const REGISTRY: &[(&str, Constructor)] = &[$(($name, $build)),*];
+    ($($plugin:ty,)*) => {
+        const REGISTRY: &[(&str, Constructor)] = &[$((<$plugin>::TYPE, construct::<$plugin>)),*];
 
         /// Every plugin type this build knows, in registry order.
-        pub const PLUGIN_TYPES: &[&str] = &[$($name),*];
+        pub const PLUGIN_TYPES: &[&str] = &[$(<$plugin>::TYPE),*];
     };
 }
 
 registry! {
-    "headers" => |v, _| Ok(Arc::new(crate::headers::Headers::new(settings(v)?)?)),
-    "ip_filter" => |v, _| Ok(Arc::new(crate::ip_filter::IpFilter::new(settings(v)?)?)),
-    "origin" => |v, _| Ok(Arc::new(crate::origin::Origin::new(settings(v)?)?)),
-    "cors" => |v, _| Ok(Arc::new(crate::cors::Cors::new(settings(v)?)?)),
-    "api_key" => |v, _| Ok(Arc::new(crate::api_key::ApiKey::new(settings(v)?)?)),
-    "pin_gate" => |v, env| Ok(Arc::new(crate::pin_gate::PinGate::new(settings(v)?, env)?)),
-    "upstream_auth" => |v, _| Ok(Arc::new(crate::upstream_auth::UpstreamAuth::new(settings(v)?)?)),
-    "css_inject" => |v, env| Ok(Arc::new(crate::css_inject::CssInject::new(settings(v)?, env)?)),
-    "jwt" => |v, env| Ok(Arc::new(crate::jwt::Jwt::new(settings(v)?, env)?)),
-    "oidc" => |v, env| Ok(Arc::new(crate::oidc::Oidc::new(settings(v)?, env)?)),
-    "rate_limit" => |v, env| Ok(Arc::new(crate::rate_limit::RateLimit::new(settings(v)?, env)?)),
-    "llm_budget" => |v, env| Ok(Arc::new(crate::llm_budget::LlmBudget::new(settings(v)?, env)?)),
-    "audit" => |v, _| Ok(Arc::new(crate::audit::Audit::new(settings(v)?)?)),
-    "basic_auth" => |v, env| Ok(Arc::new(crate::basic_auth::BasicAuth::new(settings(v)?, env)?)),
+    crate::headers::Headers,
+    crate::ip_filter::IpFilter,
+    crate::origin::Origin,
+    crate::cors::Cors,
+    crate::api_key::ApiKey,
+    crate::pin_gate::PinGate,
+    crate::upstream_auth::UpstreamAuth,
+    crate::css_inject::CssInject,
+    crate::jwt::Jwt,
+    crate::oidc::Oidc,
+    crate::rate_limit::RateLimit,
+    crate::llm_budget::LlmBudget,
+    crate::audit::Audit,
+    crate::basic_auth::BasicAuth,
 }
 
 /// Builds a plugin of type `type_name` from its settings (the YAML block without `type`).

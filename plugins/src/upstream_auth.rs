@@ -89,9 +89,18 @@ impl UpstreamAuth {
     }
 }
 
+impl crate::PluginType for UpstreamAuth {
+    const TYPE: &'static str = "upstream_auth";
+    type Config = UpstreamAuthConfig;
+
+    fn build(config: UpstreamAuthConfig, _env: &crate::BuildEnv) -> Result<Self, String> {
+        UpstreamAuth::new(config)
+    }
+}
+
 impl Plugin for UpstreamAuth {
     fn type_name(&self) -> &'static str {
-        "upstream_auth"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {

@@ -256,9 +256,18 @@ impl Jwt {
     }
 }
 
+impl crate::PluginType for Jwt {
+    const TYPE: &'static str = "jwt";
+    type Config = JwtConfig;
+
+    fn build(config: JwtConfig, env: &crate::BuildEnv) -> Result<Self, String> {
+        Jwt::new(config, env)
+    }
+}
+
 impl Plugin for Jwt {
     fn type_name(&self) -> &'static str {
-        "jwt"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {

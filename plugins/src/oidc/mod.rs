@@ -287,9 +287,18 @@ impl Oidc {
     }
 }
 
+impl crate::PluginType for Oidc {
+    const TYPE: &'static str = "oidc";
+    type Config = OidcConfig;
+
+    fn build(config: OidcConfig, env: &crate::BuildEnv) -> Result<Self, String> {
+        Oidc::new(config, env)
+    }
+}
+
 impl Plugin for Oidc {
     fn type_name(&self) -> &'static str {
-        "oidc"
+        <Self as crate::PluginType>::TYPE
     }
 
     fn hooks(&self) -> Hooks {
