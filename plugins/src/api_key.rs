@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 use http::HeaderName;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::keys::{self, KeysFile};
 use crate::{credentials, Ctx, Hooks, Identity, Plugin, Reply, RequestFlow, RequestHeader, Role};
@@ -37,7 +37,7 @@ use crate::{credentials, Ctx, Hooks, Identity, Plugin, Reply, RequestFlow, Reque
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Where a key may be presented.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Source {
     /// `Authorization: Bearer <key>`
@@ -47,14 +47,14 @@ pub enum Source {
 }
 
 /// Settings of an `api_key` plugin.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyConfig {
     /// The keys file managed by `gatewarden key`. Re-read when it changes.
     pub keys_file: Option<String>,
     /// One extra key with the admin role, kept outside the keys file (from the
     /// environment or a secret file). At least 16 characters.
-    pub admin_key: Option<String>,
+    pub admin_key: Option<crate::secret::Secret>,
     /// Where keys are accepted (default both).
     #[serde(default = "default_sources")]
     pub sources: Vec<Source>,
@@ -156,7 +156,7 @@ impl ApiKey {
             return Err("`sources` must name at least one of bearer, x-api-key".into());
         }
         if let Some(k) = &config.admin_key {
-            if k.len() < 16 {
+            if k.expose().len() < 16 {
                 return Err("`admin_key` must be at least 16 characters".into());
             }
         }
@@ -184,7 +184,8 @@ impl ApiKey {
             store,
             admin_digest: config
                 .admin_key
-                .as_deref()
+                .as_ref()
+                .map(|k| k.expose())
                 .map(|k| keys::digest(k.as_bytes())),
             admin_subject: Arc::from("admin"),
             bearer: config.sources.contains(&Source::Bearer),
@@ -502,7 +503,7 @@ mod tests {
     fn plugin(path: &Path) -> ApiKey {
         ApiKey::new(ApiKeyConfig {
             keys_file: Some(path.display().to_string()),
-            admin_key: Some("a-very-long-admin-key".into()),
+            admin_key: Some(crate::secret::Secret::new("a-very-long-admin-key")),
             sources: default_sources(),
             strip: true,
         })

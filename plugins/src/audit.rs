@@ -15,13 +15,13 @@
 //! stalls a request; when its queue is full, lines are dropped and counted), and the
 //! file is reopened on SIGHUP or SIGUSR1 for log rotation.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::line_writer::{LineWriter, Target};
 use crate::{Ctx, Hooks, Plugin, RequestHeader};
 
 /// Settings of an `audit` plugin.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// The JSON-lines file; created if missing, appended to.

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use base64::Engine;
 use http::HeaderValue;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::lockout::{Admission, LockoutConfig, LoginLockout};
@@ -48,7 +48,7 @@ use crate::{
 };
 
 /// Settings of a `basic_auth` plugin.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BasicAuthConfig {
     /// The users: one `user:hash` line each (`htpasswd -B` makes bcrypt hashes; argon2

@@ -38,7 +38,7 @@
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::origin::OriginSpec;
 use crate::{Ctx, Hooks, Plugin, Reply, RequestHeader, ResponseParts};
@@ -47,7 +47,7 @@ use crate::{Ctx, Hooks, Plugin, Reply, RequestHeader, ResponseParts};
 struct AllowedOrigin(http::HeaderValue);
 
 /// Settings of a `cors` plugin.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CorsConfig {
     /// Origins whose pages may read responses (`https://chat.example.com`,

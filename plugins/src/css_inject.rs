@@ -35,13 +35,13 @@ use std::path::Path;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header;
 use memchr::memmem::Finder;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::registry::BuildEnv;
 use crate::{Ctx, Hooks, Plugin, RequestFlow, RequestHeader, RequestParts, ResponseParts};
 
 /// Settings of a `css_inject` plugin: exactly one of `file` or `href`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CssInjectConfig {
     /// A CSS file whose content is inlined in a `<style>` element. Read when the config

@@ -21,13 +21,13 @@
 use std::collections::BTreeMap;
 
 use http::{HeaderMap, HeaderName};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::template::Template;
 use crate::{Ctx, Hooks, Plugin, RequestFlow, RequestHeader, RequestParts, ResponseParts};
 
 /// Settings of a `headers` plugin.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeadersConfig {
     /// Changes to the request sent upstream.
@@ -39,7 +39,7 @@ pub struct HeadersConfig {
 }
 
 /// One direction's changes.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderOps {
     /// Headers to set, replacing any existing value. Values may use `{client_ip}`,

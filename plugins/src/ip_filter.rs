@@ -13,12 +13,12 @@
 //! `allow` list, everything not on it is refused. Refusals are 403.
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader};
 
 /// Settings of an `ip_filter` plugin.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IpFilterConfig {
     /// Addresses or CIDR ranges let through; empty means everyone not denied.

@@ -36,6 +36,7 @@ pub mod password;
 pub mod pin_gate;
 pub mod rate_limit;
 pub mod redis_store;
+pub mod secret;
 pub mod session;
 pub mod spelling;
 pub mod totp;
@@ -45,7 +46,7 @@ pub mod watch;
 
 pub use ctx::{client_network, Conflict, Ctx, Identity, IpText, RequestId, Role};
 pub use plugin::{Hooks, Plugin, PluginType, RequestFlow, Verdict};
-pub use registry::{build, BuildEnv, BuildError, PLUGIN_TYPES};
+pub use registry::{build, shown, BuildEnv, BuildError, PLUGIN_TYPES};
 pub use reply::Reply;
 
 /// Re-exported so the core and plugins agree on the header types.

@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::gcra::{Gcra, LocalTable, RedisGcra, RedisMode};
 use crate::rate_limit::{Backend, OnError};
@@ -29,7 +29,7 @@ use crate::{
 };
 
 /// Settings of an `llm_budget` plugin.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlmBudgetConfig {
     /// Whose budget: `identity` (default), `client_ip` or `header:NAME`.

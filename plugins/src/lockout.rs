@@ -17,12 +17,12 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::units::parse_duration;
 
 /// `lockout:` of a password plugin.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LockoutConfig {
     /// Failed attempts from one client within `window` that start a ban (default 5, at

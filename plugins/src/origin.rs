@@ -34,14 +34,14 @@
 //! `:80` for http) is the same as none. Nothing is allocated for a request that passes.
 
 use http::{header, HeaderName};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader};
 
 static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
 /// Which requests have their origin checked.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Check {
     /// Every method but GET, HEAD, OPTIONS and TRACE, and WebSocket upgrades.
@@ -52,7 +52,7 @@ pub enum Check {
 }
 
 /// Settings of an `origin` plugin.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OriginConfig {
     /// Origins (`https://chat.example.com`, `http://127.0.0.1:8080`) whose requests are

@@ -35,10 +35,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::Argon2;
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::lockout::{Admission, LoginLockout};
 use crate::password;
+use crate::secret::Secret;
 use crate::session::{self, SecureCookie, SessionKeys};
 use crate::units::parse_duration;
 use crate::{Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, Role, Verdict};
@@ -59,16 +60,16 @@ pub fn hash_pin(pin: &str) -> Result<String, String> {
 }
 
 /// Settings of a `pin_gate` plugin.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PinGateConfig {
     /// argon2id hash of the PIN, as printed by `gatewarden hash-pin`.
-    pub pin_hash: String,
+    pub pin_hash: Secret,
     /// Signs session cookies; at least 32 bytes.
-    pub secret: String,
+    pub secret: Secret,
     /// Older secrets whose sessions are still accepted (for rotation); never used to sign.
     #[serde(default)]
-    pub previous_secrets: Vec<String>,
+    pub previous_secrets: Vec<Secret>,
     /// How long a session lasts (default 30d).
     #[serde(default = "default_ttl")]
     pub session_ttl: String,
@@ -85,7 +86,7 @@ pub struct PinGateConfig {
     #[serde(default = "default_subject")]
     pub subject: String,
     /// Base32 TOTP secret; when set, the login form also asks for a 6-digit code.
-    pub totp_secret: Option<String>,
+    pub totp_secret: Option<Secret>,
     /// Lockout of client addresses after repeated failures.
     #[serde(default)]
     pub lockout: LockoutConfig,
@@ -121,7 +122,7 @@ pub struct PinGate {
 
 impl PinGate {
     pub fn new(config: PinGateConfig, env: &crate::BuildEnv) -> Result<Self, String> {
-        let parsed = PasswordHash::new(&config.pin_hash).map_err(|_| {
+        let parsed = PasswordHash::new(config.pin_hash.expose()).map_err(|_| {
             "`pin_hash` is not an argon2 hash; make one with `gatewarden hash-pin`".to_string()
         })?;
         if parsed.algorithm.as_str() != "argon2id" {
@@ -129,8 +130,12 @@ impl PinGate {
         }
         let ttl = parse_duration(&config.session_ttl).map_err(|e| format!("session_ttl: {e}"))?;
         let sessions = SessionKeys::new(
-            &config.secret,
-            &config.previous_secrets,
+            config.secret.expose(),
+            &config
+                .previous_secrets
+                .iter()
+                .map(|s| s.expose().to_string())
+                .collect::<Vec<_>>(),
             ttl,
             &config.cookie_name,
             config.secure_cookie,
@@ -139,7 +144,7 @@ impl PinGate {
             .ok_or_else(|| format!("role: unknown role {:?}; use user or admin", config.role))?;
         let totp = match &config.totp_secret {
             Some(s) => Some(
-                crate::totp::decode_base32(s)
+                crate::totp::decode_base32(s.expose())
                     .filter(|k| k.len() >= 10)
                     .ok_or("totp_secret: not a base32 secret of at least 80 bits")?,
             ),
@@ -150,7 +155,7 @@ impl PinGate {
             return Err("login_css must not contain </style>".into());
         }
         Ok(PinGate {
-            pin_hash: config.pin_hash,
+            pin_hash: config.pin_hash.expose().to_string(),
             sessions,
             role,
             subject: config.subject,

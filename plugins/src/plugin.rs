@@ -81,7 +81,9 @@ pub trait PluginType: Plugin + Sized {
     const TYPE: &'static str;
     /// The settings, parsed from the plugin's YAML block (`deny_unknown_fields`, each
     /// field documented: those docs are the reference).
-    type Config: serde::de::DeserializeOwned;
+    /// Secret settings are [`crate::secret::Secret`]s, so serializing a config (for
+    /// `GET /admin/config`) masks them.
+    type Config: serde::de::DeserializeOwned + serde::Serialize;
 
     /// Checks `config` and builds the plugin; the error says what is wrong.
     fn build(config: Self::Config, env: &crate::BuildEnv) -> Result<Self, String>;

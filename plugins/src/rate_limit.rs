@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::gcra::{Decision, Gcra, LocalTable, RedisGcra, RedisMode};
 use crate::redis_store;
@@ -51,7 +51,7 @@ pub struct RateLimitInfo {
 }
 
 /// Settings of a `rate_limit` plugin.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// What is limited: `client_ip` (default), `identity`, `header:NAME` or `route`.
@@ -75,7 +75,7 @@ fn default_key() -> String {
     "client_ip".into()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     #[default]
@@ -83,7 +83,7 @@ pub enum Backend {
     Redis,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OnError {
     #[default]

@@ -26,6 +26,7 @@ pub enum BuildError {
 }
 
 type Constructor = fn(serde_yaml_ng::Value, &BuildEnv) -> Result<Arc<dyn Plugin>, String>;
+type Shower = fn(serde_yaml_ng::Value) -> Result<serde_json::Value, String>;
 
 /// Parses `settings` into `T`'s config (serde's message names the field) and builds it.
 fn construct<T: PluginType>(
@@ -36,10 +37,18 @@ fn construct<T: PluginType>(
     Ok(Arc::new(T::build(config, env)?))
 }
 
+/// `settings` parsed into `T`'s config and serialized back: defaults filled in, secrets
+/// masked by their type.
+fn show<T: PluginType>(settings: serde_yaml_ng::Value) -> Result<serde_json::Value, String> {
+    let config: T::Config = serde_yaml_ng::from_value(settings).map_err(|e| e.to_string())?;
+    serde_json::to_value(&config).map_err(|e| e.to_string())
+}
+
 /// The plugin types this build knows: one line each.
 macro_rules! registry {
     ($($plugin:ty,)*) => {
-        const REGISTRY: &[(&str, Constructor)] = &[$((<$plugin>::TYPE, construct::<$plugin>)),*];
+        const REGISTRY: &[(&str, Constructor, Shower)] =
+            &[$((<$plugin>::TYPE, construct::<$plugin>, show::<$plugin>)),*];
 
         /// Every plugin type this build knows, in registry order.
         pub const PLUGIN_TYPES: &[&str] = &[$(<$plugin>::TYPE),*];
@@ -69,16 +78,59 @@ pub fn build(
     settings: serde_yaml_ng::Value,
     env: &BuildEnv,
 ) -> Result<Arc<dyn Plugin>, BuildError> {
-    let (_, constructor) = REGISTRY
+    let (_, constructor, _) = REGISTRY
         .iter()
-        .find(|(name, _)| *name == type_name)
+        .find(|(name, _, _)| *name == type_name)
         .ok_or_else(|| BuildError::UnknownType(type_name.to_string()))?;
     constructor(settings, env).map_err(BuildError::Settings)
+}
+
+/// A plugin's settings as `GET /admin/config` shows them: parsed into the type's config
+/// and serialized back, so that every secret setting (a
+/// [`Secret`](crate::secret::Secret)) shows as `********`.
+pub fn shown(
+    type_name: &str,
+    settings: serde_yaml_ng::Value,
+) -> Result<serde_json::Value, BuildError> {
+    let (_, _, show) = REGISTRY
+        .iter()
+        .find(|(name, _, _)| *name == type_name)
+        .ok_or_else(|| BuildError::UnknownType(type_name.to_string()))?;
+    show(settings).map_err(BuildError::Settings)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_settings_mask_every_secret_by_type() {
+        let cases = [
+            ("pin_gate", "{ pin_hash: '$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2g', secret: s3cret-s3cret-s3cret-s3cret-s3cret-x, previous_secrets: [old-old-old-old-old-old-old-old-old], totp_secret: JBSWY3DPEHPK3PXP }"),
+            ("api_key", "{ admin_key: the-admin-key-0123456789 }"),
+            ("upstream_auth", "{ value: 'Bearer sk-live-secret' }"),
+            ("jwt", "{ issuer: i, audiences: [a], hs_secret: hs-secret-hs-secret-hs-secret-hs, algorithms: [HS256] }"),
+            ("oidc", "{ issuer: 'https://idp.example/', client_id: c, client_secret: client-secret-xyz, secret: session-secret-session-secret-abc }"),
+        ];
+        for (type_name, yaml) in cases {
+            let settings: serde_yaml_ng::Value = serde_yaml_ng::from_str(yaml).unwrap();
+            let shown = shown(type_name, settings).unwrap().to_string();
+            for secret in [
+                "c2FsdHNhbHQ",
+                "s3cret",
+                "old-old",
+                "JBSWY3",
+                "the-admin-key",
+                "sk-live",
+                "hs-secret",
+                "client-secret-xyz",
+                "session-secret",
+            ] {
+                assert!(!shown.contains(secret), "{type_name}: {secret} in {shown}");
+            }
+            assert!(shown.contains("********"), "{type_name}: {shown}");
+        }
+    }
 
     #[test]
     fn unknown_types_and_fields_are_named() {

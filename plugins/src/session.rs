@@ -44,7 +44,7 @@ pub struct SessionKeys {
 }
 
 /// When the cookie gets `Secure` and the `__Host-` prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SecureCookie {
     /// When the client came over HTTPS (a TLS listener, or https from a trusted proxy).

@@ -24,12 +24,12 @@
 //! their header compression tables.
 
 use http::{HeaderName, HeaderValue};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Ctx, Hooks, Plugin, RequestParts};
 
 /// Settings of an `upstream_auth` plugin.
-#[derive(Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamAuthConfig {
     /// The request header that carries the credential (default `Authorization`). The
@@ -38,18 +38,7 @@ pub struct UpstreamAuthConfig {
     pub header: String,
     /// The credential sent upstream, usually from the environment or a secret file:
     /// `"Bearer ${env:LITELLM_MASTER_KEY}"`.
-    pub value: String,
-}
-
-// Hand-written so that printing a config (in a panic, a test failure or a debug log)
-// can never show the secret.
-impl std::fmt::Debug for UpstreamAuthConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamAuthConfig")
-            .field("header", &self.header)
-            .field("value", &"********")
-            .finish()
-    }
+    pub value: crate::secret::Secret,
 }
 
 fn default_header() -> String {
@@ -77,10 +66,10 @@ impl UpstreamAuth {
         let header = HeaderName::from_bytes(config.header.as_bytes())
             .map_err(|_| format!("`header`: {:?} is not a valid header name", config.header))?;
         // Error messages describe the value, never quote it: it is a secret.
-        if config.value.trim().is_empty() {
+        if config.value.expose().trim().is_empty() {
             return Err("`value` is empty".into());
         }
-        let mut value = HeaderValue::from_str(&config.value).map_err(|_| {
+        let mut value = HeaderValue::from_str(config.value.expose()).map_err(|_| {
             "`value` contains characters a header cannot carry (control characters or line breaks)"
                 .to_string()
         })?;
@@ -198,7 +187,7 @@ mod tests {
 
         let err = UpstreamAuth::new(UpstreamAuthConfig {
             header: default_header(),
-            value: format!("Bearer {secret}\n"),
+            value: crate::secret::Secret::new(format!("Bearer {secret}\n")),
         })
         .err()
         .unwrap();

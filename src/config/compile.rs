@@ -195,7 +195,7 @@ pub fn compile_with(
             }]);
         }
     };
-    let masked_config = super::mask::masked(&root);
+    let as_written = root.clone();
     let mut expand_errors = Vec::new();
     expand_tree(&mut root, "", &mut expand_errors);
     for e in &expand_errors {
@@ -242,20 +242,20 @@ pub fn compile_with(
     }
 
     let listeners = compile_listeners(take("listeners"), &mut errors);
+    let mut admin_shown = None;
     let admin = match take("admin") {
         Value::Null => None,
         v => errors.parse::<AdminSection>("admin", v).and_then(|a| {
+            admin_shown = serde_json::to_value(&a).ok();
             let address = socket_addr(&a.address, "admin.address", &mut errors)?;
-            if a.api_key.as_deref().is_some_and(|k| k.len() < 16) {
+            let api_key = a.api_key.map(|k| k.expose().to_string());
+            if api_key.as_ref().is_some_and(|k| k.len() < 16) {
                 errors.push(
                     "admin.api_key",
                     "the admin API key must be at least 16 characters",
                 );
             }
-            Some(Admin {
-                address,
-                api_key: a.api_key,
-            })
+            Some(Admin { address, api_key })
         }),
     };
 
@@ -407,6 +407,7 @@ pub fn compile_with(
     let mut plugins: BTreeMap<String, Arc<dyn Plugin>> = BTreeMap::new();
     let mut built: BTreeMap<String, BuiltPlugin> = BTreeMap::new();
     let mut declared_plugins = BTreeSet::new();
+    let mut plugins_shown = serde_json::Map::new();
     if let Some(map) = mapping(take("plugins"), "plugins", &mut errors) {
         for (key, value) in map {
             let name = key.as_str().unwrap_or("?").to_string();
@@ -430,6 +431,12 @@ pub fn compile_with(
                 }
             };
             let settings = Value::Mapping(block);
+            if let Ok(serde_json::Value::Object(mut shown)) =
+                gatewarden_plugins::shown(&type_name, settings.clone())
+            {
+                shown.insert("type".into(), type_name.clone().into());
+                plugins_shown.insert(name.clone(), shown.into());
+            }
             let print = fingerprint(&type_name, &settings, redis_url.as_deref());
             if let Some(old) = previous
                 .and_then(|p| p.plugins.get(&name))
@@ -570,7 +577,7 @@ pub fn compile_with(
             plugin_count,
             redis_url,
             admin_api_key: admin.as_ref().and_then(|a| a.api_key.clone()),
-            masked_config,
+            masked_config: super::mask::masked(&as_written, plugins_shown, admin_shown),
             keys_files,
             gateway_cookies,
             plugins: built,

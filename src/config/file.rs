@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `server:` — process settings handed on to Pingora.
 #[derive(Debug, Default, Deserialize)]
@@ -57,12 +57,12 @@ pub struct TlsSection {
 }
 
 /// `admin:` — the internal listener.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     pub address: String,
     /// Required for `/admin/*`; `/metrics` and `/healthz` need none.
-    pub api_key: Option<String>,
+    pub api_key: Option<super::mask::Secret>,
 }
 
 /// `redis:` — shared state for several replicas.

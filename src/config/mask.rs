@@ -1,58 +1,65 @@
-//! The config as `GET /admin/config` shows it: as written, with every secret masked.
+//! The config as `GET /admin/config` shows it.
+//!
+//! Plugins and the admin section are shown as their typed settings serialize: every
+//! secret setting is a [`Secret`], which serializes as `********`, so nothing here
+//! knows which settings are secret. The other sections are shown as written. URLs
+//! anywhere lose their passwords (`redis://:pw@host` shows `redis://:********@host`).
 
 use serde_yaml_ng::Value;
 
-/// Keys whose values are secrets wherever they appear.
-pub const SECRET_KEYS: &[&str] = &[
-    "secret",
-    "previous_secrets",
-    "pin_hash",
-    "api_key",
-    "admin_key",
-    "value",
-    "client_secret",
-    "hs_secret",
-    "totp_secret",
-    "password",
-    "token",
-];
+pub use gatewarden_plugins::secret::{Secret, MASK};
 
-pub const MASK: &str = "********";
-
-/// A JSON copy of the config text's tree (before `${...}` expansion), with secrets
-/// replaced by `********`. A value that is only a `${env:..}`/`${file:..}` reference is
-/// kept: it names where the secret lives, not what it is. URLs lose their passwords.
-pub fn masked(root: &Value) -> serde_json::Value {
-    mask(root, false)
+/// The config as written (`root`, before `${...}` expansion), with `plugins` and
+/// `admin` replaced by their typed views.
+pub fn masked(
+    root: &Value,
+    plugins: serde_json::Map<String, serde_json::Value>,
+    admin: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let mut shown = as_json(root);
+    if let serde_json::Value::Object(top) = &mut shown {
+        if top.contains_key("plugins") {
+            top.insert("plugins".into(), strip_passwords(plugins.into()));
+        }
+        if let Some(admin) = admin {
+            top.insert("admin".into(), strip_passwords(admin));
+        }
+    }
+    shown
 }
 
-fn mask(value: &Value, secret: bool) -> serde_json::Value {
+fn as_json(value: &Value) -> serde_json::Value {
     match value {
         Value::Mapping(map) => serde_json::Value::Object(
             map.iter()
                 .map(|(k, v)| {
                     let key = k.as_str().map_or_else(|| format!("{k:?}"), str::to_string);
-                    let child_secret = secret || SECRET_KEYS.contains(&key.as_str());
-                    (key, mask(v, child_secret))
+                    (key, as_json(v))
                 })
                 .collect(),
         ),
-        Value::Sequence(items) => {
-            serde_json::Value::Array(items.iter().map(|v| mask(v, secret)).collect())
-        }
-        Value::String(s) if secret && !is_reference(s) => serde_json::Value::String(MASK.into()),
+        Value::Sequence(items) => serde_json::Value::Array(items.iter().map(as_json).collect()),
         Value::String(s) => serde_json::Value::String(strip_url_password(s)),
-        Value::Tagged(t) => mask(&t.value, secret),
+        Value::Tagged(t) => as_json(&t.value),
         Value::Null => serde_json::Value::Null,
         Value::Bool(b) => serde_json::Value::Bool(*b),
-        Value::Number(_) if secret => serde_json::Value::String(MASK.into()),
         Value::Number(n) => serde_json::to_value(n).unwrap_or(serde_json::Value::Null),
     }
 }
 
-/// True for `${env:NAME}` or `${file:PATH}` alone.
-fn is_reference(s: &str) -> bool {
-    s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1
+fn strip_passwords(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::String(s) => serde_json::Value::String(strip_url_password(&s)),
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.into_iter().map(strip_passwords).collect())
+        }
+        serde_json::Value::Object(map) => serde_json::Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k, strip_passwords(v)))
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 /// `redis://user:pass@host` → `redis://user:********@host`.
@@ -77,22 +84,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn secrets_are_masked_and_references_kept() {
+    fn typed_views_replace_plugins_and_admin_and_urls_lose_passwords() {
         let v: Value = serde_yaml_ng::from_str(
             "admin: { api_key: literal-admin-key-123456 }\nplugins:\n  p: { type: pin_gate, pin_hash: '$argon2id$x', secret: '${env:S}', previous_secrets: [old-one] }\n  u: { type: upstream_auth, value: 'Bearer sk-123' }\nredis: { url: 'redis://:hunter2@127.0.0.1:6379/0' }\nroutes: [{ name: r }]\n",
         )
         .unwrap();
-        let text = masked(&v).to_string();
+        let mut plugins = serde_json::Map::new();
+        plugins.insert(
+            "u".into(),
+            serde_json::json!({ "type": "upstream_auth", "value": MASK, "jwks": "https://a:b@c/" }),
+        );
+        let admin = serde_json::json!({ "address": "127.0.0.1:9091", "api_key": MASK });
+        let text = masked(&v, plugins, Some(admin)).to_string();
         for secret in [
             "literal-admin-key-123456",
             "$argon2id$x",
             "old-one",
             "sk-123",
             "hunter2",
+            ":b@",
         ] {
             assert!(!text.contains(secret), "{secret} leaked: {text}");
         }
-        assert!(text.contains("${env:S}"));
         assert!(text.contains("\"name\":\"r\""));
+        assert!(text.contains("upstream_auth"));
     }
 }

@@ -4,14 +4,14 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Serialize};
 
 use crate::units::parse_duration;
 
 use super::*;
 
 /// Settings of a `jwt` plugin.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     /// The `iss` every token must carry, exactly (for OIDC providers: the issuer URL
@@ -70,33 +70,6 @@ pub(super) fn default_refresh() -> String {
 }
 pub(super) fn default_cooldown() -> String {
     "30s".into()
-}
-
-/// A secret setting. Accepts any scalar (a numeric secret is still a secret) and never
-/// shows its value, in errors or in `Debug`.
-pub struct Secret(pub(super) String);
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match serde_yaml_ng::Value::deserialize(d)? {
-            serde_yaml_ng::Value::String(s) => Ok(Secret(s)),
-            serde_yaml_ng::Value::Number(n) => Ok(Secret(n.to_string())),
-            _ => Err(serde::de::Error::custom("a secret must be a string")),
-        }
-    }
-}
-
-impl Secret {
-    /// The secret itself, for the code that uses it; never for logs or errors.
-    pub(crate) fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(********)")
-    }
 }
 
 pub(super) fn algorithm_names(algs: &[Algorithm]) -> String {

@@ -58,9 +58,10 @@ use crate::{
     credentials, BuildEnv, Ctx, Hooks, Identity, Plugin, Reply, RequestFlow, RequestHeader, Verdict,
 };
 
+pub use crate::secret::Secret;
+pub use config::JwtConfig;
 use config::*;
 pub(crate) use config::{check_claim_settings, parse_algorithms, parse_leeway};
-pub use config::{JwtConfig, Secret};
 use keys::*;
 use refresh::*;
 use verify::*;
@@ -155,7 +156,7 @@ impl Jwt {
         let keys = if let Some(secret) = &config.hs_secret {
             let hmac = AlgorithmFamily::Hmac.algorithms();
             let algs = strict_fit("`hs_secret` (an HMAC secret)", hmac, &algorithms)?;
-            if secret.0.len() < MIN_SECRET_LEN {
+            if secret.expose().len() < MIN_SECRET_LEN {
                 return Err(format!(
                     "`hs_secret` must be at least {MIN_SECRET_LEN} bytes"
                 ));
@@ -163,7 +164,7 @@ impl Jwt {
             Keys::Fixed(KeySet {
                 keys: vec![VerifyKey {
                     kid: None,
-                    key: DecodingKey::from_secret(secret.0.as_bytes()),
+                    key: DecodingKey::from_secret(secret.expose().as_bytes()),
                     validation: validation_for(&base, algs),
                 }],
             })

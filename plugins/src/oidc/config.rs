@@ -1,12 +1,12 @@
 //! The settings of an `oidc` plugin and the checks on them.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::jwt::Secret;
 use crate::session::SecureCookie;
 
 /// Settings of an `oidc` plugin.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OidcConfig {
     /// The provider's issuer URL, exactly as its discovery document says (trailing
