@@ -23,9 +23,10 @@
 //! nothing waits longer than that turn: an event streamed to the client still leaves
 //! as soon as it is written.
 //!
-//! The wait is bounded as Pingora bounds it: the first request of a connection by
-//! [`FIRST_REQUEST_WAIT`], each later one by the client keep-alive timeout. A
-//! graceful shutdown or upgrade closes parked connections at once, except that a
+//! The wait is bounded as Pingora bounds it: the first request of a connection by the
+//! client header timeout (`server.client_header_timeout_seconds`, 60 s unless set),
+//! each later one by the client keep-alive timeout. A graceful shutdown or upgrade
+//! closes parked connections at once, except that a
 //! connection accepted moments before and still waiting for its first request gets
 //! [`FIRST_REQUEST_SHUTDOWN_GRACE`] for it to arrive. TLS connections
 //! (where ALPN may pick HTTP/2) and h2c keep Pingora's own loop.
@@ -54,10 +55,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::head_deadline::HeadDeadline;
 
-/// How long a new connection may stay silent before its first request: Pingora's
-/// wait, and nginx's `client_header_timeout`.
-pub const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(60);
-
 /// How long a new connection may still send its first request once the server is
 /// shutting down. A client whose connection was accepted just before a graceful stop
 /// or upgrade has its request on the way, and retries nothing on a connection that
@@ -80,7 +77,8 @@ pub const DEFAULT_WRITE_BUFFER: usize = 1460;
 /// How client connections are served.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientSettings {
-    /// The first request head's deadline, from its first byte.
+    /// The first request head's deadline, from its first byte, and how long a new
+    /// connection may wait before sending it.
     pub head_limit: Duration,
     /// How long a kept-alive connection may wait for its next request; `None`
     /// closes connections after each response.
@@ -119,7 +117,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientConnections<A> {
         let conn = SharedStream::new(stream);
         let mut handle = Box::new(conn.clone());
         let mut carried = None;
-        let mut wait = FIRST_REQUEST_WAIT;
+        let mut wait = self.settings.head_limit;
         let mut first = true;
         while next_request(&conn, wait, first, &mut shutdown).await {
             first = false;
@@ -139,7 +137,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientConnections<A> {
             };
             (handle, carried) = (back, settings);
             // (Without keep-alive the proxy never hands the stream back.)
-            wait = self.settings.keepalive.unwrap_or(FIRST_REQUEST_WAIT);
+            wait = self.settings.keepalive.unwrap_or(self.settings.head_limit);
         }
     }
 

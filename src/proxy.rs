@@ -120,6 +120,9 @@ pub struct Gateway {
     /// How long an idle HTTP/1.1 client connection waits for its next request; `None`
     /// closes it after every response.
     pub client_keepalive: Option<u64>,
+    /// How long a client may stay silent while sending a body; `None` keeps Pingora's
+    /// 60 s.
+    pub client_body_timeout: Option<Duration>,
 }
 
 fn trusted(nets: &[IpNet], ip: IpAddr) -> bool {
@@ -384,6 +387,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if let Some(timeout) = self.client_body_timeout {
+            session.set_read_timeout(Some(timeout));
+        }
         // Pingora keeps an idle HTTP/1.1 connection open forever (`Some(0)`); bound that
         // wait by ours. A longer `Some(n)` would come from the client's own `Keep-Alive:
         // timeout=n`, which Pingora 0.9 does not parse yet (a TODO there): never let it

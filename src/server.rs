@@ -122,7 +122,9 @@ pub fn run(
         Some(secs) => Some(secs),
     };
     let clients = ClientSettings {
-        head_limit: HEAD_DEADLINE,
+        head_limit: server_section
+            .client_header_timeout_seconds
+            .map_or(HEAD_DEADLINE, Duration::from_secs),
         keepalive: client_keepalive.map(Duration::from_secs),
         write_buffer: server_section
             .client_write_buffer_bytes
@@ -134,6 +136,9 @@ pub fn run(
             state: state.clone(),
             tls: listener.tls.is_some(),
             client_keepalive,
+            client_body_timeout: server_section
+                .client_body_timeout_seconds
+                .map(Duration::from_secs),
         };
         let addr = listener.address.to_string();
         let mut service = Service::new(

@@ -229,6 +229,20 @@ pub fn compile_with(
     if server.threads == Some(0) {
         errors.push("server.threads", "threads must be at least 1");
     }
+    for (setting, value) in [
+        (
+            "server.client_header_timeout_seconds",
+            server.client_header_timeout_seconds,
+        ),
+        (
+            "server.client_body_timeout_seconds",
+            server.client_body_timeout_seconds,
+        ),
+    ] {
+        if value == Some(0) {
+            errors.push(setting, "at least 1 second");
+        }
+    }
     if server
         .client_write_buffer_bytes
         .is_some_and(|b| b > MAX_CLIENT_WRITE_BUFFER)

@@ -37,6 +37,12 @@ pub struct ServerSection {
     /// A response's head and body that fit in it leave in one send; it is held for the
     /// connection's whole life.
     pub client_write_buffer_bytes: Option<usize>,
+    /// Seconds a client has for its first request head, from its first byte, and to
+    /// send it at all once connected (default 60, as nginx's `client_header_timeout`).
+    pub client_header_timeout_seconds: Option<u64>,
+    /// Seconds a client may stay silent while it sends a request body before it gets
+    /// 408 (default 60, as nginx's `client_body_timeout`).
+    pub client_body_timeout_seconds: Option<u64>,
 }
 
 /// An entry of `listeners:`.
