@@ -23,6 +23,7 @@ use std::borrow::Cow;
 use std::net::Ipv6Addr;
 
 use http::header::{self, HeaderName};
+use pingora::proxy::Session;
 use pingora_http::RequestHeader;
 
 static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
@@ -231,6 +232,28 @@ pub fn check_upgrade(req: &RequestHeader, upgrade: bool) -> Result<(), Refusal> 
     Ok(())
 }
 
+/// True when the request came with both `Transfer-Encoding` and `Content-Length`.
+/// Pingora drops the `Content-Length` when it parses such a request, so the raw head
+/// is asked; it is only read for requests with a `Transfer-Encoding`.
+pub fn has_content_length_and_transfer_encoding(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .contains_key(header::TRANSFER_ENCODING)
+        && session
+            .as_http1()
+            .is_some_and(|h1| head_has_content_length(&h1.get_headers_raw_bytes()))
+}
+
+/// True when a raw request head has a `Content-Length` line (the parser allows no
+/// space before the colon).
+pub fn head_has_content_length(head: &[u8]) -> bool {
+    const NAME: &[u8] = b"content-length:";
+    head.split(|&b| b == b'\n')
+        .skip(1)
+        .any(|line| line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME))
+}
+
 /// One decimal number without sign, spaces or leading zeros, of at most 18 digits.
 fn is_plain_length(value: &[u8]) -> bool {
     match value {
@@ -372,6 +395,19 @@ mod tests {
         assert!(check_upgrade(&ws(&[("Content-Length", "10")]), true).is_err());
         assert!(check_upgrade(&ws(&[("Transfer-Encoding", "chunked")]), true).is_err());
         assert!(check_upgrade(&ws(&[]), false).is_err());
+    }
+
+    #[test]
+    fn content_length_lines_are_found_in_a_raw_head() {
+        assert!(head_has_content_length(
+            b"POST / HTTP/1.1\r\nHost: a\r\nCONTENT-length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(!head_has_content_length(
+            b"POST / HTTP/1.1\r\nHost: a\r\nX-Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(!head_has_content_length(
+            b"POST /content-length: HTTP/1.1\r\n\r\n"
+        ));
     }
 
     #[test]

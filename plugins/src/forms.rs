@@ -74,6 +74,11 @@ mod tests {
     use super::*;
 
     #[test]
+    fn next_is_percent_encoded() {
+        assert_eq!(encode_query("/a b?x=1&y=2"), "/a%20b%3Fx%3D1%26y%3D2");
+    }
+
+    #[test]
     fn forms_decode() {
         let form = parse_form(b"pin=12%2034&next=%2Fchat%3Fa%3D1&empty=&x");
         assert_eq!(form[0], ("pin".into(), "12 34".into()));
