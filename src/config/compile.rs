@@ -13,11 +13,10 @@ use serde_yaml_ng::{Mapping, Value};
 use super::expand::expand_tree;
 use super::file::*;
 use super::lines::LineIndex;
+use super::routes::compile_route;
 use super::units::parse_size;
 use super::ConfigError;
-use crate::chain::{Chain, Link};
-use crate::observe::RouteMetrics;
-use crate::router::{normalize, Access, HostMatch, PathMatch, Route, Router};
+use crate::router::{normalize, Router};
 use crate::upstream::Pool;
 
 /// A listening socket for proxied traffic.
@@ -100,16 +99,16 @@ pub const DEFAULT_LISTENER: &str = "127.0.0.1:8080";
 const MAX_CLIENT_WRITE_BUFFER: usize = 1 << 20;
 
 /// Collects errors; every error is placed at a path and looked up in the line index.
-struct Errors<'a> {
+pub(super) struct Errors<'a> {
     index: &'a LineIndex,
-    list: Vec<ConfigError>,
+    pub(super) list: Vec<ConfigError>,
     /// Values whose `${...}` could not be expanded: already reported, so the errors that
     /// the unexpanded text causes later (an "address" of `${env:X}`) are noise.
     unexpanded: Vec<String>,
 }
 
 impl Errors<'_> {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         let path = path.into();
         if self.unexpanded.contains(&path) {
             return;
@@ -123,7 +122,7 @@ impl Errors<'_> {
     }
 
     /// Deserializes `value` as a `T`; on failure records the error at the exact field.
-    fn parse<T: DeserializeOwned>(&mut self, path: &str, value: Value) -> Option<T> {
+    pub(super) fn parse<T: DeserializeOwned>(&mut self, path: &str, value: Value) -> Option<T> {
         match serde_path_to_error::deserialize::<_, T>(value) {
             Ok(v) => Some(v),
             Err(e) => {
@@ -605,7 +604,7 @@ pub fn compile_with(
     })
 }
 
-fn mapping(value: Value, path: &str, errors: &mut Errors) -> Option<Mapping> {
+pub(super) fn mapping(value: Value, path: &str, errors: &mut Errors) -> Option<Mapping> {
     match value {
         Value::Null => None,
         Value::Mapping(m) => Some(m),
@@ -629,7 +628,7 @@ fn socket_addr(text: &str, path: &str, errors: &mut Errors) -> Option<SocketAddr
     }
 }
 
-fn size(value: Value, path: &str, errors: &mut Errors) -> Option<u64> {
+pub(super) fn size(value: Value, path: &str, errors: &mut Errors) -> Option<u64> {
     let parsed = match &value {
         Value::Number(n) => n
             .as_u64()
@@ -677,163 +676,6 @@ fn compile_listeners(value: Value, errors: &mut Errors) -> Vec<Listener> {
             Some(Listener { address, tls })
         })
         .collect()
-}
-
-#[allow(clippy::too_many_arguments)]
-fn compile_route(
-    path: &str,
-    section: RouteSection,
-    global: &[String],
-    plugins: &BTreeMap<String, Arc<dyn Plugin>>,
-    declared_plugins: &BTreeSet<String>,
-    pools: &BTreeMap<String, Arc<Pool>>,
-    declared_upstreams: &BTreeSet<String>,
-    default_max_body: u64,
-    errors: &mut Errors,
-) -> Option<Route> {
-    let before = errors.list.len();
-    let m = &section.matcher;
-    let path_match = match (&m.path, &m.path_prefix) {
-        (Some(_), Some(_)) => {
-            errors.push(
-                format!("{path}.match"),
-                "use either `path` or `path_prefix`, not both",
-            );
-            None
-        }
-        (Some(p), None) => {
-            route_path(p, &format!("{path}.match.path"), errors).map(PathMatch::Exact)
-        }
-        (None, prefix) => {
-            let prefix = prefix.as_deref().unwrap_or("/");
-            route_path(prefix, &format!("{path}.match.path_prefix"), errors).map(|p| {
-                let trimmed = p.trim_end_matches('/');
-                PathMatch::Prefix(if trimmed.is_empty() {
-                    "/".into()
-                } else {
-                    trimmed.into()
-                })
-            })
-        }
-    };
-    let hosts: Vec<HostMatch> = m.hosts.iter().map(|h| HostMatch::parse(h)).collect();
-    let mut methods = Vec::new();
-    for (i, name) in m.methods.iter().enumerate() {
-        match http::Method::from_bytes(name.to_ascii_uppercase().as_bytes()) {
-            Ok(method) => methods.push(method),
-            Err(_) => errors.push(
-                format!("{path}.match.methods[{i}]"),
-                format!("{name:?} is not an HTTP method"),
-            ),
-        }
-    }
-    let strip_prefix = section.strip_prefix.as_ref().and_then(|p| {
-        let p = route_path(p, &format!("{path}.strip_prefix"), errors)?;
-        let p = p.trim_end_matches('/').to_string();
-        (!p.is_empty()).then_some(p)
-    });
-    let access = match section.access.as_deref().unwrap_or("user") {
-        "public" => Some(Access::Public),
-        "user" => Some(Access::User),
-        "admin" => Some(Access::Admin),
-        other => {
-            errors.push(
-                format!("{path}.access"),
-                format!("unknown access {other:?}; use public, user or admin"),
-            );
-            None
-        }
-    };
-    let pool = match pools.get(&section.upstream) {
-        Some(p) => Some(p.clone()),
-        None => {
-            if !declared_upstreams.contains(&section.upstream) {
-                errors.push(
-                    format!("{path}.upstream"),
-                    format!(
-                        "no upstream named {:?} under `upstreams:`",
-                        section.upstream
-                    ),
-                );
-            }
-            None
-        }
-    };
-    let mut chain = Vec::new();
-    for name in global {
-        if let Some(p) = plugins.get(name) {
-            chain.push(Link {
-                name: Arc::from(name.as_str()),
-                plugin: p.clone(),
-            });
-        }
-    }
-    for (i, name) in section.plugins.iter().enumerate() {
-        match plugins.get(name) {
-            Some(p) => chain.push(Link {
-                name: Arc::from(name.as_str()),
-                plugin: p.clone(),
-            }),
-            None if declared_plugins.contains(name) => {} // already reported under plugins:
-            None => errors.push(
-                format!("{path}.plugins[{i}]"),
-                format!("no plugin named {name:?} under `plugins:`"),
-            ),
-        }
-    }
-    let max_request_body = match section.max_request_body {
-        Some(s) => size(
-            Value::String(s),
-            &format!("{path}.max_request_body"),
-            errors,
-        )
-        .unwrap_or(default_max_body),
-        None => default_max_body,
-    };
-    let chain = Chain::new(chain);
-    if let Some(access) = access {
-        if access != Access::Public && !chain.has_identity() && errors.list.len() == before {
-            errors.push(
-                format!("{path}.access"),
-                format!(
-                    "route {:?} needs `access: {}` but has no identity plugin (api_key, pin_gate, jwt, oidc) in its chain; add one, or set `access: public` deliberately",
-                    section.name,
-                    if access == Access::Admin { "admin" } else { "user" }
-                ),
-            );
-        }
-    }
-    if errors.list.len() != before {
-        return None;
-    }
-    let name: Arc<str> = Arc::from(section.name.as_str());
-    Some(Route {
-        metrics: RouteMetrics::new(&name),
-        name,
-        hosts,
-        path: path_match?,
-        methods,
-        strip_prefix,
-        access: access?,
-        pool: pool?,
-        chain,
-        max_request_body,
-    })
-}
-
-/// A path in a route must already be normal: what the user wrote is what matches.
-fn route_path(p: &str, path: &str, errors: &mut Errors) -> Option<String> {
-    match normalize(p) {
-        Ok(n) if n == p => Some(p.to_string()),
-        Ok(n) => {
-            errors.push(path, format!("{p:?} is not normalised; write {n:?}"));
-            None
-        }
-        Err(e) => {
-            errors.push(path, format!("{p:?}: {e}"));
-            None
-        }
-    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod expand;
 pub mod file;
 mod lines;
 pub mod mask;
+mod routes;
 pub mod units;
 
 use std::fmt;
