@@ -54,6 +54,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::head_deadline::HeadDeadline;
+use crate::stop::OpenConnection;
 
 /// How long a new connection may still send its first request once the server is
 /// shutting down. A client whose connection was accepted just before a graceful stop
@@ -173,17 +174,26 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientConnections<A
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // A graceful stop waits for this connection until it is dropped.
+        let open = OpenConnection::enter();
         let parks = self.parks(&stream);
         // Under TLS, Pingora's own buffer sits below the encryption.
         let write_buffer = if parks { self.settings.write_buffer } else { 0 };
         let stream = ClientStream::new(stream, self.settings.head_limit, write_buffer);
         if !parks {
-            return ServerApp::process_new(&self.app, Box::new(stream), shutdown).await;
+            let reused = ServerApp::process_new(&self.app, Box::new(stream), shutdown).await;
+            drop(open);
+            return reused;
         }
         // Pingora's task for the connection is sized for a TLS handshake this one did
         // not need, and would be held for the connection's life. A task of our own, a
         // fifth of that, serves it from here, and Pingora's ends.
-        tokio::spawn(self.clone().serve(stream, shutdown.clone()));
+        let this = self.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            this.serve(stream, shutdown).await;
+            drop(open);
+        });
         None
     }
 

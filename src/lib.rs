@@ -18,4 +18,5 @@ pub mod reload;
 pub mod request_rules;
 pub mod router;
 pub mod server;
+pub mod stop;
 pub mod upstream;

@@ -18,6 +18,7 @@ use crate::downstream::{ClientConnections, ClientSettings, DEFAULT_WRITE_BUFFER}
 use crate::head_deadline::HEAD_DEADLINE;
 use crate::proxy::Gateway;
 use crate::reload::{SighupReloader, State};
+use crate::stop::{StopSignals, Stopper};
 use crate::upstream::HealthChecker;
 
 /// Idle seconds before a kept-alive client connection is closed, unless
@@ -34,6 +35,10 @@ const DEFAULT_CLIENT_KEEPALIVE_SECS: u64 = 75;
 fn client_buffers() -> L4BufferSettings {
     L4BufferSettings::default().read(0).write(0)
 }
+
+/// How long in-flight requests may take to finish after SIGTERM or an upgrade's
+/// SIGQUIT, unless `server.grace_period_seconds` says otherwise: Pingora's default.
+const DEFAULT_GRACE_PERIOD_SECS: u64 = 300;
 
 /// How the process was asked to start.
 #[derive(Debug, Default, Clone)]
@@ -57,7 +62,9 @@ fn server_conf(compiled: &Compiled, flags: &RunFlags) -> ServerConf {
     if let Some(v) = s.work_stealing {
         conf.work_stealing = v;
     }
-    conf.grace_period_seconds = s.grace_period_seconds.or(conf.grace_period_seconds);
+    // The grace period is gatewarden's (see `crate::stop`): Pingora's own would be slept
+    // through in full after every graceful stop.
+    conf.grace_period_seconds = Some(0);
     conf.graceful_shutdown_timeout_seconds = s
         .graceful_shutdown_timeout_seconds
         .or(conf.graceful_shutdown_timeout_seconds);
@@ -95,6 +102,17 @@ pub fn run(
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
     let conf = server.configuration.clone();
+    let stopper = Stopper::new();
+    let stop_signals = StopSignals {
+        stopper: stopper.clone(),
+        grace: Duration::from_secs(
+            compiled
+                .server
+                .grace_period_seconds
+                .unwrap_or(DEFAULT_GRACE_PERIOD_SECS),
+        ),
+        upgrade_sock: conf.upgrade_sock.clone(),
+    };
 
     let Compiled {
         snapshot,
@@ -160,7 +178,7 @@ pub fn run(
                 lines.push(format!("listening on http://{addr}"));
             }
         }
-        server.add_service(service);
+        server.add_service(stopper.wrap(service));
     }
     if let Some(admin) = &admin {
         let mut service = Service::new(
@@ -170,7 +188,7 @@ pub fn run(
             },
         );
         service.add_tcp(&admin.address.to_string());
-        server.add_service(service);
+        server.add_service(stopper.wrap(service));
         lines.push(format!(
             "admin on http://{} (/metrics, /healthz, /admin/*)",
             admin.address
@@ -202,7 +220,9 @@ pub fn run(
     }
     // Not `run_forever`: it ends in `process::exit`, which skips destructors, and the
     // config's plugins write out what they hold when dropped (API keys' last use).
-    server.run(pingora::server::RunArgs::default());
+    server.run(pingora::server::RunArgs {
+        shutdown_signal: Box::new(stop_signals),
+    });
     drop(state);
     Ok(())
 }

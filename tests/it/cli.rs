@@ -718,6 +718,54 @@ fn unit_directives(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A duration of the unit file (`150s`, `2min`, `2min 30s`, `90`), in seconds.
+fn unit_seconds(value: &str) -> u64 {
+    let mut total = 0;
+    for part in value.split_whitespace() {
+        let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
+        let n: u64 = digits
+            .parse()
+            .unwrap_or_else(|_| panic!("not a duration: {value}"));
+        total += match &part[digits.len()..] {
+            "" | "s" | "sec" => n,
+            "m" | "min" => n * 60,
+            "h" | "hr" => n * 3600,
+            unit => panic!("unit {unit:?} in {value}"),
+        };
+    }
+    total
+}
+
+/// Every shipped config's longest stop (grace period, then the runtimes' own timeout)
+/// fits in the time the unit gives a stop before SIGKILL, with room for the process to
+/// write out what it holds.
+#[test]
+fn every_shipped_config_stops_within_the_units_timeout() {
+    const MARGIN: u64 = 10;
+    let unit = std::fs::read_to_string(repo().join("systemd/gatewarden.service")).unwrap();
+    let timeout = unit_directives(&unit)
+        .into_iter()
+        .find(|(k, _)| k == "TimeoutStopSec")
+        .map(|(_, v)| unit_seconds(&v))
+        .expect("TimeoutStopSec in the unit");
+    assert_eq!(unit_seconds("2min 30s"), 150);
+    for file in shipped_configs() {
+        let yaml: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        let server = &yaml["server"];
+        // Unset: the defaults, 300 s and 5 s.
+        let grace = server["grace_period_seconds"].as_u64().unwrap_or(300);
+        let runtimes = server["graceful_shutdown_timeout_seconds"]
+            .as_u64()
+            .unwrap_or(5);
+        assert!(
+            grace + runtimes + MARGIN < timeout,
+            "{}: a stop may take {grace} s + {runtimes} s, the unit's TimeoutStopSec is {timeout} s",
+            file.display()
+        );
+    }
+}
+
 #[test]
 fn systemd_unit_is_hardened_and_verifies() {
     let path = repo().join("systemd/gatewarden.service");

@@ -129,6 +129,16 @@ impl Gateway {
     pub fn pid(&self) -> u32 {
         self.process.child.id()
     }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        self.process.exited()
+    }
+
+    /// Waits for the process to exit; panics with its output after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        self.process.wait_exit(timeout)
+    }
 }
 
 /// Starts `cmd` with its stdout and stderr collected, line by line, into one string.
@@ -562,6 +572,23 @@ impl Process {
     /// Whether the process has exited.
     pub fn exited(&mut self) -> bool {
         !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the process to exit; panics with its output after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "still running {timeout:?} later; output:\n{}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits until `GET /healthz` on `addr` answers 200; panics with the output if the

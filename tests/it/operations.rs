@@ -1,4 +1,4 @@
-//! Operations: the audit plugin, the access log, log rotation.
+//! Operations: the audit plugin, the access log, log rotation, stopping and upgrades.
 
 use std::time::Duration;
 
@@ -198,7 +198,8 @@ fn twenty_reloads_under_load_fail_no_request() {
 #[test]
 fn a_graceful_upgrade_fails_no_request_and_lets_streams_finish() {
     let up = Upstreams::start(1);
-    let extra = "server: { grace_period_seconds: 1, graceful_shutdown_timeout_seconds: 10, upgrade_sock: '{dir}/upgrade.sock', pid_file: '{dir}/gw.pid' }\n";
+    // The old process exits once its stream is done, not after the grace period.
+    let extra = "server: { grace_period_seconds: 60, graceful_shutdown_timeout_seconds: 10, upgrade_sock: '{dir}/upgrade.sock', pid_file: '{dir}/gw.pid' }\n";
     let old = Gateway::start(&format!("{}{extra}", simple_config(up.addr(0), "")));
     let addr = old.addr;
     let stream = std::thread::spawn(move || get(addr, "/sse?n=4&interval_ms=500", &[]));
@@ -240,6 +241,95 @@ fn a_graceful_upgrade_fails_no_request_and_lets_streams_finish() {
         200,
         "the new process serves"
     );
+}
+
+/// A gateway whose graceful stop may take a minute: long enough that a stop which sat
+/// out the grace period, rather than waiting for what is in flight, shows.
+fn gateway_with_minute_grace(up: &Upstreams) -> Gateway {
+    Gateway::start(&format!(
+        "server: {{ grace_period_seconds: 60, graceful_shutdown_timeout_seconds: 5 }}\n{}",
+        simple_config(up.addr(0), "")
+    ))
+}
+
+/// Opens a stream of `n` server-sent events 500 ms apart and reads its first event.
+fn open_stream(addr: std::net::SocketAddr, n: u32) -> std::io::BufReader<std::net::TcpStream> {
+    use std::io::Write;
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        conn,
+        "GET /sse?n={n}&interval_ms=500 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = std::io::BufReader::new(conn);
+    assert!(
+        next_event(&mut reader).is_some(),
+        "the stream's first event"
+    );
+    reader
+}
+
+/// The next `data:` line of a stream; `None` once it ends or breaks.
+fn next_event(reader: &mut std::io::BufReader<std::net::TcpStream>) -> Option<String> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) if line.starts_with("data:") => return Some(line),
+            Ok(_) => {}
+        }
+    }
+}
+
+#[test]
+fn an_idle_gateway_stops_soon_after_sigterm() {
+    let up = Upstreams::start(1);
+    let mut gw = gateway_with_minute_grace(&up);
+    assert_eq!(get(gw.addr, "/echo", &[]).status, 200);
+    gw.signal("TERM");
+    // Nothing is in flight: well under the 60 s grace period, with room for a loaded
+    // machine.
+    let status = gw.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_stop_lets_a_stream_finish_then_exits() {
+    let up = Upstreams::start(1);
+    let mut gw = gateway_with_minute_grace(&up);
+    let mut stream = open_stream(gw.addr, 6);
+    gw.signal("TERM");
+    let mut events = 1;
+    while next_event(&mut stream).is_some() {
+        events += 1;
+        assert!(!gw.exited(), "the gateway exited with a stream in flight");
+    }
+    assert_eq!(events, 6, "the stream ran to its end");
+    // The stream was all that was left.
+    let status = gw.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_second_signal_during_a_stop_ends_it_at_once() {
+    let up = Upstreams::start(1);
+    for second in ["INT", "TERM"] {
+        let mut gw = gateway_with_minute_grace(&up);
+        // A stream that would outlast the grace period.
+        let mut stream = open_stream(gw.addr, 1000);
+        gw.signal("TERM");
+        // The stop waits for the stream, which goes on.
+        assert!(next_event(&mut stream).is_some());
+        assert!(next_event(&mut stream).is_some());
+        assert!(!gw.exited(), "the first signal waits for the stream");
+        gw.signal(second);
+        gw.wait_exit(Duration::from_secs(10));
+        while next_event(&mut stream).is_some() {}
+    }
 }
 
 #[test]
