@@ -12,6 +12,7 @@ pub mod demo_upstream;
 pub mod downstream;
 pub mod forwarding;
 pub mod head_deadline;
+pub mod logging;
 pub mod observe;
 pub mod proxy;
 pub mod reload;

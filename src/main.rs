@@ -9,6 +9,6 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    gatewarden::logging::init();
     gatewarden::cli::main(gatewarden::cli::Cli::parse())
 }

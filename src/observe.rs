@@ -15,6 +15,7 @@ pub struct Metrics {
     pub upstream_requests: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub client_disconnects: IntCounterVec,
     pub backend_healthy: IntGaugeVec,
     pub config_reloads: IntCounterVec,
     pub inflight: IntGauge,
@@ -49,6 +50,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "gatewarden_rate_limited_total",
         "Requests refused by a rate limit.",
         &["route", "plugin"],
+    )?;
+    let client_disconnects = counter(
+        "gatewarden_client_disconnects_total",
+        "Requests whose client went away before the response was complete.",
+        &["route"],
     )?;
     let config_reloads = counter(
         "gatewarden_config_reloads_total",
@@ -94,6 +100,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         upstream_requests,
         auth_failures,
         rate_limited,
+        client_disconnects,
         backend_healthy,
         config_reloads,
         inflight,
@@ -167,6 +174,7 @@ pub struct RouteMetrics {
     pub requests: StatusCounters,
     pub duration: Histogram,
     pub auth_failures: IntCounterVec,
+    pub client_disconnects: IntCounter,
     route: Arc<str>,
 }
 
@@ -177,6 +185,7 @@ impl RouteMetrics {
             requests: StatusCounters::new(&m.requests, &[route]),
             duration: m.duration.with_label_values(&[route]),
             auth_failures: m.auth_failures.clone(),
+            client_disconnects: m.client_disconnects.with_label_values(&[route]),
             route: route.clone(),
         }
     }

@@ -109,6 +109,16 @@ pub struct Gateway {
     pub client_body_timeout: Option<Duration>,
 }
 
+/// True when the error is the client's connection ending: closed, reset, or failing
+/// a read or write. Nothing can be sent to it any more.
+fn client_went_away(e: &Error) -> bool {
+    e.esource() == &ErrorSource::Downstream
+        && matches!(
+            e.etype(),
+            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+        )
+}
+
 impl Gateway {
     /// Writes a gateway reply (rejection, redirect, health) and ends the request.
     async fn respond(
@@ -606,12 +616,10 @@ impl ProxyHttp for Gateway {
             {
                 (504, "upstream timed out")
             }
+            _ if client_went_away(e) => (0, ""),
             _ => match e.esource() {
                 ErrorSource::Upstream => (502, "upstream unavailable"),
                 ErrorSource::Downstream => match e.etype() {
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
-                        (0, "")
-                    }
                     // A client that stopped sending its body (Pingora's 60 s read timeout).
                     ErrorType::ReadTimedout => (408, "request timed out"),
                     _ => (400, "bad request"),
@@ -664,7 +672,18 @@ impl ProxyHttp for Gateway {
                     .to_string(),
             );
         }
-        if let (Some(e), Some(route)) = (e, &ctx.route) {
+        let Some(e) = e else {
+            return;
+        };
+        if client_went_away(e) {
+            let metrics = ctx.route.as_ref().map_or(&*UNROUTED, |r| &r.metrics);
+            metrics.client_disconnects.inc();
+            log::debug!(
+                "route {}: the client went away: {e} (request {})",
+                ctx.plugin.route.as_deref().unwrap_or("-"),
+                ctx.plugin.request_id.as_str()
+            );
+        } else if let Some(route) = &ctx.route {
             log::warn!(
                 "route {} upstream {}{}: {} (request {})",
                 route.name,
@@ -676,5 +695,12 @@ impl ProxyHttp for Gateway {
                 ctx.plugin.request_id.as_str()
             );
         }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        // Counted and logged at debug in `logging`: a client that stops reading a
+        // stream it has what it wanted from (an SDK at `data: [DONE]`, a browser that
+        // reloads) is no error of the gateway's.
+        client_went_away(e)
     }
 }

@@ -581,6 +581,49 @@ fn metrics_text(gw: &Gateway) -> String {
     String::from_utf8(resp.body).expect("metrics are text")
 }
 
+/// An SDK that stops reading a stream at the event it wanted (`data: [DONE]`) and a
+/// browser that reloads in the middle of a download: the client goes away, which is
+/// counted, and is no error or warning of the gateway's.
+#[test]
+fn a_client_that_goes_away_mid_response_is_counted_not_logged_as_an_error() {
+    let ups = Upstreams::start(1);
+    let gw = Gateway::start(&simple_config(ups.addr(0), ""));
+    for (path, enough) in [
+        ("/sse?n=100&interval_ms=50", b"data:".as_slice()),
+        ("/bytes/100000000", b"\r\n\r\n".as_slice()),
+    ] {
+        let mut conn = TcpStream::connect(gw.addr).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(enough.len()).any(|w| w == enough) {
+            let n = conn.read(&mut buf).expect("part of the response");
+            assert!(n > 0, "the response ended early: {path}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        drop(conn);
+    }
+    poll_until("both disconnects counted", Duration::from_secs(10), || {
+        sample(
+            &metrics_text(&gw),
+            "gatewarden_client_disconnects_total",
+            &[("route", "app")],
+        ) == Some(2.0)
+    });
+    assert_eq!(
+        get(gw.addr, "/echo", &[]).status,
+        200,
+        "the gateway serves on"
+    );
+    let output = gw.output();
+    assert!(
+        !output.contains("ERROR") && !output.contains("WARN"),
+        "a client going away is logged as a problem:\n{output}"
+    );
+}
+
 #[test]
 fn metrics_count_requests_upstream_responses_and_backend_health() {
     let ups = Upstreams::start(1);
