@@ -384,7 +384,6 @@ impl ProxyHttp for Gateway {
 
         ctx.snapshot = Some(snapshot);
         ctx.plugin.route = Some(route.name.clone());
-        ctx.plugin.upstream = Some(route.pool.name.clone());
         let refusal = route
             .chain
             .run_request(
@@ -452,6 +451,10 @@ impl ProxyHttp for Gateway {
             );
         };
         ctx.backend = backend.addr.as_inet().copied();
+        // Only now is the upstream contacted: the gateway's own replies name none.
+        if ctx.plugin.upstream.is_none() {
+            ctx.plugin.upstream = Some(pool.name.clone());
+        }
         Ok(pool.peer(&backend))
     }
 

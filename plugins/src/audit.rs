@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Each line: `ts`, `request_id`, `client_ip`, `subject`, `auth` (method), `method`,
-//! `path` (never the query string), `route`, `status`, `duration_ms`, `upstream`.
+//! `path` (never the query string), `route`, `status`, `duration_ms`, `upstream` (null
+//! when the gateway answered itself).
 //! Never credentials, cookies, query strings or bodies; control characters are escaped
 //! by the JSON encoder. Lines are written by a background thread (a slow disk never
 //! stalls a request; when its queue is full, lines are dropped and counted), and the

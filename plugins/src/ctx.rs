@@ -245,7 +245,8 @@ pub struct Ctx {
     pub rate_limited: bool,
     /// When the request arrived.
     pub started: std::time::Instant,
-    /// The upstream pool of the matched route (set by the core).
+    /// The upstream pool the request went to, set by the core once a backend is
+    /// picked; `None` while the chain runs and for the gateway's own replies.
     pub upstream: Option<Arc<str>>,
     /// Plugins' own per-request state, by type.
     pub ext: Extensions,

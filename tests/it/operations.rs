@@ -113,6 +113,63 @@ routes:
     assert!(lines(&dir.path().join("audit.jsonl.1")).len() >= 2);
 }
 
+/// The access log names an upstream only for requests that went to it: the gateway's
+/// own 401 and 429 contacted none.
+#[test]
+fn access_log_lines_name_an_upstream_only_when_it_was_contacted() {
+    let up = Upstreams::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    let out = run_cli(
+        &[
+            "key",
+            "new",
+            "--file",
+            keys.to_str().unwrap(),
+            "--name",
+            "ci",
+        ],
+        dir.path(),
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let access = dir.path().join("access.jsonl");
+    let gw = Gateway::start(&format!(
+        "listeners: [{{ address: '{{listen}}' }}]
+admin: {{ address: '{{admin}}' }}
+access_log: '{}'
+upstreams:
+  app: {{ backends: ['{}'] }}
+plugins:
+  keys: {{ type: api_key, keys_file: '{}' }}
+  once: {{ type: rate_limit, key: identity, rate: 1/h, burst: 1 }}
+routes:
+  - {{ name: app, upstream: app, plugins: [keys, once] }}
+",
+        access.display(),
+        up.addr(0),
+        keys.display()
+    ));
+    let auth = format!("Authorization: Bearer {key}");
+    assert_eq!(get(gw.addr, "/echo", &[&auth]).status, 200);
+    assert_eq!(get(gw.addr, "/echo", &[]).status, 401);
+    assert_eq!(get(gw.addr, "/echo", &[&auth]).status, 429);
+    poll_until("three access log lines", Duration::from_secs(5), || {
+        lines(&access).len() == 3
+    });
+    let logged: Vec<_> = lines(&access)
+        .iter()
+        .map(|l| (l["status"].as_u64().unwrap(), l["upstream"].clone()))
+        .collect();
+    assert_eq!(
+        logged,
+        [
+            (200, serde_json::json!("app")),
+            (401, serde_json::Value::Null),
+            (429, serde_json::Value::Null),
+        ]
+    );
+}
+
 #[test]
 fn an_unwritable_audit_file_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
