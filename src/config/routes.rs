@@ -95,12 +95,16 @@ pub(super) fn compile_route(
         }
     };
     let mut chain = Vec::new();
+    // A plugin that is declared but failed to build (reported under `plugins:`) may be
+    // the route's identity plugin: whether the chain has one is then unknown.
+    let mut unbuilt = false;
     for name in global {
-        if let Some(p) = plugins.get(name) {
-            chain.push(Link {
+        match plugins.get(name) {
+            Some(p) => chain.push(Link {
                 name: Arc::from(name.as_str()),
                 plugin: p.clone(),
-            });
+            }),
+            None => unbuilt = true,
         }
     }
     for (i, name) in section.plugins.iter().enumerate() {
@@ -109,7 +113,7 @@ pub(super) fn compile_route(
                 name: Arc::from(name.as_str()),
                 plugin: p.clone(),
             }),
-            None if declared_plugins.contains(name) => {} // already reported under plugins:
+            None if declared_plugins.contains(name) => unbuilt = true,
             None => errors.push(
                 format!("{path}.plugins[{i}]"),
                 format!("no plugin named {name:?} under `plugins:`"),
@@ -127,11 +131,15 @@ pub(super) fn compile_route(
     };
     let chain = Chain::new(chain);
     if let Some(access) = access {
-        if access != Access::Public && !chain.has_identity() && errors.list.len() == before {
+        if access != Access::Public
+            && !chain.has_identity()
+            && !unbuilt
+            && errors.list.len() == before
+        {
             errors.push(
                 format!("{path}.access"),
                 format!(
-                    "route {:?} needs `access: {}` but has no identity plugin (api_key, pin_gate, jwt, oidc) in its chain; add one, or set `access: public` deliberately",
+                    "route {:?} needs `access: {}` but has no identity plugin (api_key, pin_gate, basic_auth, jwt, oidc) in its chain; add one, or set `access: public` deliberately",
                     section.name,
                     if access == Access::Admin { "admin" } else { "user" }
                 ),

@@ -170,6 +170,37 @@ fn check_names_a_missing_file() {
     );
 }
 
+/// An identity plugin that cannot be built (its keys file is missing) is reported once,
+/// as what it is; the routes that use it are not also said to lack an identity plugin.
+/// A route that really has none still is.
+#[test]
+fn a_broken_identity_plugin_is_reported_without_follow_on_errors() {
+    let yaml = "upstreams:
+  app: { backends: ['127.0.0.1:9'] }
+plugins:
+  keys: { type: api_key, keys_file: /nonexistent/gatewarden-cli-test/keys.yaml }
+routes:
+  - { name: app, upstream: app, plugins: [keys] }
+  - { name: bare, upstream: app, match: { path_prefix: /bare } }
+";
+    let (out, _, stderr) = with_config("check", yaml, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.lines().any(
+            |l| l.trim_start().starts_with("plugins.keys (type: api_key)")
+                && l.contains("does not exist")
+        ),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("routes[0]"),
+        "a follow-on error for the route using the plugin:\n{stderr}"
+    );
+    let line = problem(&stderr, "routes[1].access", 7);
+    assert!(line.contains("no identity plugin"), "{line}");
+    assert!(stderr.contains("2 problems"), "{stderr}");
+}
+
 #[test]
 fn check_gives_the_line_of_invalid_yaml() {
     let yaml = "upstreams:\n  app: { backends: [127.0.0.1:9] }\nroutes: [\n  - name: x\n";
