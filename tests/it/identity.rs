@@ -1501,3 +1501,90 @@ routes: [{ name: app, access: user, upstream: app, plugins: [keys] }]
         "{stderr}"
     );
 }
+
+/// `conf/open-webui.yaml` signs callers in to Open WebUI by their subject. Its comments
+/// and the README tell how to make a key for the PIN's account, and a key made exactly
+/// so reaches Open WebUI as the same account as the PIN login.
+#[test]
+fn open_webui_keys_made_as_documented_sign_in_as_the_pins_account() {
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/open-webui.yaml");
+    let shipped = std::fs::read_to_string(&conf).unwrap();
+    let parsed: serde_yaml_ng::Value = serde_yaml_ng::from_str(&shipped).unwrap();
+    let account = parsed["plugins"]["pin"]["subject"]
+        .as_str()
+        .expect("the pin plugin's subject")
+        .to_string();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let documented = |text: &str| {
+        text.lines()
+            .filter_map(|l| l.split_once("gatewarden key new "))
+            .map(|(_, args)| args.trim().to_string())
+            .find(|args| args.contains(&format!("--subject {account}")))
+    };
+    assert!(
+        documented(&readme).is_some(),
+        "the README shows no `gatewarden key new ... --subject {account}`"
+    );
+    let args = documented(&shipped).unwrap_or_else(|| {
+        panic!("conf/open-webui.yaml shows no `gatewarden key new ... --subject {account}`")
+    });
+
+    let open_webui = RecordingUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    // The documented command, with the keys file in the test's directory.
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let file_at = args.iter().position(|a| *a == "--file").expect("--file");
+    let rest: Vec<&str> = args
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != file_at && *i != file_at + 1)
+        .map(|(_, a)| *a)
+        .collect();
+    let key = key_new(&keys, &rest);
+
+    let mut yaml = shipped.clone();
+    for (from, to) in [
+        ("127.0.0.1:8080", "{listen}".to_string()),
+        ("127.0.0.1:9091", "{admin}".to_string()),
+        ("127.0.0.1:3000", open_webui.addr.to_string()),
+        ("/var/lib/gatewarden/keys.yaml", keys.display().to_string()),
+    ] {
+        assert!(
+            yaml.contains(from),
+            "conf/open-webui.yaml no longer has {from}"
+        );
+        yaml = yaml.replace(from, &to);
+    }
+    let gw = Gateway::start_with(
+        &yaml,
+        &[
+            ("GATEWARDEN_PIN_HASH", pin_hash()),
+            ("GATEWARDEN_SESSION_SECRET", SECRET),
+        ],
+    );
+    let session = cookie_pair(&login(gw.addr, PIN, "/", &[]));
+    for (who, credential) in [
+        ("the PIN login", format!("Cookie: {session}")),
+        ("the key", format!("X-API-Key: {key}")),
+    ] {
+        let path = format!("/api/v1/auths/{}", who.replace(' ', "-"));
+        assert_eq!(get(gw.addr, &path, &[&credential]).status, 200, "{who}");
+        let seen = open_webui
+            .requests()
+            .into_iter()
+            .find(|r| r.target() == path)
+            .unwrap_or_else(|| panic!("{who}: the request did not reach Open WebUI"));
+        let email = seen
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("x-trusted-user-email"))
+            .map(|(_, v)| v.as_str());
+        assert_eq!(
+            email,
+            Some(account.as_str()),
+            "{who} signs in as another account"
+        );
+    }
+}
