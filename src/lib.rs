@@ -20,4 +20,5 @@ pub mod request_rules;
 pub mod router;
 pub mod server;
 pub mod stop;
+pub mod tunnel;
 pub mod upstream;

@@ -107,6 +107,8 @@ pub struct Gateway {
     /// How long a client may stay silent while sending a body; `None` keeps Pingora's
     /// 60 s.
     pub client_body_timeout: Option<Duration>,
+    /// Serves upgrade requests (WebSocket) outside Pingora's proxy loop.
+    pub upgrades: Arc<crate::tunnel::Upgrades>,
 }
 
 /// True when the error is the client's connection ending: closed, reset, or failing
@@ -396,6 +398,7 @@ impl ProxyHttp for Gateway {
         ctx.route = Some(route);
         match refusal {
             Some(reply) => self.respond(session, ctx, reply).await,
+            None if session.is_upgrade_req() => self.serve_upgrade(session, ctx).await,
             None => Ok(false),
         }
     }

@@ -149,6 +149,7 @@ pub fn run(
             .unwrap_or(DEFAULT_WRITE_BUFFER),
     };
     let mut lines = Vec::new();
+    let upgrades = crate::tunnel::Upgrades::new(&conf);
     for listener in &listeners {
         let gateway = Gateway {
             state: state.clone(),
@@ -157,6 +158,7 @@ pub fn run(
             client_body_timeout: server_section
                 .client_body_timeout_seconds
                 .map(Duration::from_secs),
+            upgrades: upgrades.clone(),
         };
         let addr = listener.address.to_string();
         let mut service = Service::new(

@@ -178,7 +178,7 @@ fn origin_refuses_a_websocket_from_a_foreign_page_and_accepts_its_own() {
             Ok(_) => panic!("a foreign page opened a WebSocket"),
         }
         let own = format!("http://{}", gw.addr);
-        let (mut ws, _) = ws_connect(|| request(&own)).await;
+        let (mut ws, _) = ws_connect(request(&own)).await;
         ws.send(Message::text("same origin")).await.expect("send");
         let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
             .await

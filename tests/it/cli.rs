@@ -383,7 +383,7 @@ fn demo_serves_a_page_json_echo_sse_and_websocket_echo() {
     };
     let reply = runtime.block_on(async {
         tokio::time::timeout(Duration::from_secs(30), async {
-            let (mut ws, _) = ws_connect(request).await;
+            let (mut ws, _) = ws_connect(request()).await;
             ws.send(Message::text("hello gatewarden")).await.unwrap();
             loop {
                 match ws.next().await.expect("stream ended").unwrap() {

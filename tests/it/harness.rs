@@ -633,45 +633,33 @@ pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Opens a WebSocket and checks that one text frame echoes before handing it over.
-///
-/// Pingora 0.9 can end an upgraded tunnel right after the 101 when the upstream answers
-/// before the request's (empty) body has gone through its pipe — a race in
-/// `proxy_handle_upstream` reported upstream as cloudflare/pingora#946 (fix PRs #947,
-/// #1016, not released). On loopback it hits a few connections in a hundred under load;
-/// the session then resets before the first frame. A client reconnects; so does this
-/// helper, up to three times, and every attempt is asserted to get its 101.
-pub async fn ws_connect<R, F>(
-    make_request: F,
+/// One attempt: an upgrade cut after its 101 fails the test.
+pub async fn ws_connect<R>(
+    request: R,
 ) -> (
     Ws,
     tokio_tungstenite::tungstenite::handshake::client::Response,
 )
 where
-    F: Fn() -> R,
     R: tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
 {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    let mut last = String::new();
-    for _ in 0..3 {
-        let (mut ws, resp) = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio_tungstenite::connect_async(make_request()),
-        )
+    let (mut ws, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .expect("websocket handshake in time")
+    .expect("websocket handshake");
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("gatewarden-probe"))
         .await
-        .expect("websocket handshake in time")
-        .expect("websocket handshake");
-        assert_eq!(resp.status(), 101);
-        if ws.send(Message::text("gatewarden-probe")).await.is_ok() {
-            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "gatewarden-probe" => {
-                    return (ws, resp)
-                }
-                other => last = format!("{other:?}"),
-            }
-        }
+        .expect("the first frame is sent");
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "gatewarden-probe" => (ws, resp),
+        other => panic!("the first frame did not echo: {other:?}"),
     }
-    panic!("no WebSocket session echoed a frame in three attempts; last: {last}");
 }
 
 /// Peak resident memory of a process, from /proc.

@@ -798,7 +798,7 @@ fn websocket_and_sse_go_through_the_same_access_check() {
     };
     let echoed = ups.runtime.block_on(async {
         tokio::time::timeout(Duration::from_secs(30), async {
-            let (mut ws, _) = ws_connect(request).await;
+            let (mut ws, _) = ws_connect(request()).await;
             ws.send(Message::text("with a key")).await.unwrap();
             loop {
                 if let Message::Text(t) = ws.next().await.expect("stream ended").unwrap() {

@@ -444,7 +444,7 @@ fn json_errors_images_events_and_websockets_are_untouched() {
     // WebSocket upgrades go through with their frames as sent.
     let (gw, _theme) = css_gateway(demo.addr(0));
     demo.runtime.block_on(async {
-        let (mut ws, _) = ws_connect(|| format!("ws://{}/ws", gw.addr)).await;
+        let (mut ws, _) = ws_connect(format!("ws://{}/ws", gw.addr)).await;
         let text = "<html><head></head></html>";
         ws.send(Message::text(text)).await.expect("send");
         let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())

@@ -21,3 +21,4 @@ mod proxying;
 mod routing;
 mod traffic;
 mod upstreams;
+mod websocket;

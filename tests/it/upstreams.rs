@@ -723,7 +723,7 @@ fn websocket_frames_echo_both_ways() {
     let ups = Upstreams::start(1);
     let gw = Gateway::start(&simple_config(ups.addr(0), ""));
     ups.runtime.block_on(async {
-        let (mut ws, _) = ws_connect(|| format!("ws://{}/ws", gw.addr)).await;
+        let (mut ws, _) = ws_connect(format!("ws://{}/ws", gw.addr)).await;
         for i in 0..3 {
             let text = format!("hello {i} through the gateway");
             ws.send(Message::text(text.clone())).await.expect("send");

@@ -1,0 +1,217 @@
+//! WebSockets whose server speaks first, as Socket.IO (Open WebUI) and Jupyter's
+//! kernels do: the server's first frame follows its 101 in the same write.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::harness::Gateway;
+use crate::identity::{key_new, pin_hash, SECRET};
+
+/// The Engine.IO "open" packet a Socket.IO server sends as its first frame.
+const OPEN_PACKET: &str = r#"0{"sid":"gatewarden-test","upgrades":[],"pingInterval":25000}"#;
+
+/// Upgrades to WebSocket with the first frame in the same write as the 101, then
+/// echoes; answers `GET /health` for the health checks. Runs until dropped.
+async fn speak_first_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(serve_one(stream));
+        }
+    });
+    (addr, task)
+}
+
+async fn serve_one(mut stream: TcpStream) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&byte[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let key = text.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("sec-websocket-key")
+            .then(|| value.trim().to_string())
+    });
+    let Some(key) = key else {
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            .await;
+        return;
+    };
+    let mut reply = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        derive_accept_key(key.as_bytes())
+    )
+    .into_bytes();
+    // An unmasked text frame from the server: FIN + text, then the length.
+    reply.extend_from_slice(&[0x81, OPEN_PACKET.len() as u8]);
+    reply.extend_from_slice(OPEN_PACKET.as_bytes());
+    if stream.write_all(&reply).await.is_err() {
+        return;
+    }
+    let mut ws = WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+    while let Some(Ok(message)) = ws.next().await {
+        let echo = matches!(message, Message::Text(_) | Message::Binary(_));
+        if message.is_close() || (echo && ws.send(message).await.is_err()) {
+            return;
+        }
+    }
+}
+
+/// One Socket.IO-style session: the open packet arrives, a frame echoes, the client
+/// closes. An error names the step that failed.
+async fn one_session(gateway: SocketAddr, key: &str, i: usize) -> Result<(), String> {
+    let request = http::Request::builder()
+        .uri(format!(
+            "ws://{gateway}/ws/socket.io/?EIO=4&transport=websocket"
+        ))
+        .header("Host", gateway.to_string())
+        .header("X-API-Key", key)
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header(
+            "Sec-WebSocket-Key",
+            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+        )
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let step = |what: &'static str| move |e: String| format!("{what}: {e}");
+    let within = Duration::from_secs(10);
+    let (mut ws, resp) = tokio::time::timeout(within, tokio_tungstenite::connect_async(request))
+        .await
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| format!("handshake: {e}"))?;
+    if resp.status() != 101 {
+        return Err(format!("status {}", resp.status()));
+    }
+    let first = tokio::time::timeout(within, ws.next())
+        .await
+        .map_err(|_| "first frame timed out".to_string())?;
+    match first {
+        Some(Ok(Message::Text(t))) if t.as_str() == OPEN_PACKET => {}
+        other => return Err(format!("first frame: {other:?}")),
+    }
+    let probe = format!("42[\"probe\",{i}]");
+    ws.send(Message::text(probe.clone()))
+        .await
+        .map_err(|e| e.to_string())
+        .map_err(step("send"))?;
+    match tokio::time::timeout(within, ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) if t.as_str() == probe => {}
+        other => return Err(format!("echo: {other:?}")),
+    }
+    let _ = ws.close(None).await;
+    Ok(())
+}
+
+/// Opens `n` sessions one after another and returns the failures (index, why).
+pub async fn sequential_sessions(gateway: SocketAddr, key: &str, n: usize) -> Vec<(usize, String)> {
+    let mut failures = Vec::new();
+    for i in 0..n {
+        if let Err(why) = one_session(gateway, key, i).await {
+            failures.push((i, why));
+        }
+    }
+    failures
+}
+
+/// The shipped Open WebUI config, pointed at `upstream`, with a keys file in `dir`.
+fn open_webui_config(upstream: SocketAddr, dir: &Path) -> (String, String) {
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/open-webui.yaml");
+    let mut yaml = std::fs::read_to_string(conf).unwrap();
+    let keys = dir.join("keys.yaml");
+    let key = key_new(
+        &keys,
+        &["--name", "socket", "--subject", "owner@example.com"],
+    );
+    for (from, to) in [
+        ("127.0.0.1:8080", "{listen}".to_string()),
+        ("127.0.0.1:9091", "{admin}".to_string()),
+        ("127.0.0.1:3000", upstream.to_string()),
+        ("/var/lib/gatewarden/keys.yaml", keys.display().to_string()),
+    ] {
+        assert!(
+            yaml.contains(from),
+            "conf/open-webui.yaml no longer has {from}"
+        );
+        yaml = yaml.replace(from, &to);
+    }
+    (yaml, key)
+}
+
+/// Sessions opened one after another under the shipped Open WebUI config (two worker
+/// threads, work stealing, a global response plugin and an identity chain): every one
+/// keeps its first frame and echoes. No retry: a cut upgrade fails the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_upgrade_is_cut_after_its_101_under_the_open_webui_config() {
+    let (upstream, _server) = speak_first_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (yaml, key) = open_webui_config(upstream, dir.path());
+    let gw = tokio::task::spawn_blocking(move || {
+        Gateway::start_with(
+            &yaml,
+            &[
+                ("GATEWARDEN_PIN_HASH", pin_hash()),
+                ("GATEWARDEN_SESSION_SECRET", SECRET),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let n: usize = std::env::var("GATEWARDEN_WS_SESSIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    // A busy machine: the gateway's threads are preempted between writing the request
+    // and reading the answer, which is when a server that speaks first gets ahead.
+    let stop = Arc::new(AtomicBool::new(false));
+    let spinners: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let failures = sequential_sessions(gw.addr, &key, n).await;
+    stop.store(true, Ordering::Relaxed);
+    for spinner in spinners {
+        spinner.join().unwrap();
+    }
+    eprintln!(
+        "{n} sequential WebSocket sessions in {:?}: {} cut",
+        started.elapsed(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {n} sessions failed; first: {:?}\n{}",
+        failures.len(),
+        failures.first(),
+        gw.output()
+    );
+}
