@@ -23,8 +23,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
@@ -133,20 +133,8 @@ pub struct ApiKey {
     watching: std::sync::Once,
 }
 
-/// How often the keys file is checked for changes.
-const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often last-use times are written out (only when a key was used since).
 const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
-/// How long a changed keys file must stand still before it is applied. A script or
-/// editor that rewrites the file in place (truncate, then write) leaves it empty or
-/// half-written for a moment; applying that would drop valid keys until the next check.
-const SETTLE: Duration = Duration::from_millis(100);
-
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
-
 impl ApiKey {
     pub fn new(config: ApiKeyConfig) -> Result<Self, String> {
         if config.keys_file.is_none() && config.admin_key.is_none() {
@@ -278,54 +266,13 @@ fn read_for_reload(path: &Path) -> Result<KeysFile, String> {
     KeysFile::parse(&text).map_err(|e| format!("{} is not a valid keys file: {e}", path.display()))
 }
 
-/// Watches the keys file and writes last-use times, until the plugin is dropped.
-fn spawn_watcher(store: Weak<Store>) {
-    let spawned = std::thread::Builder::new()
-        .name("gw-keys-watch".into())
-        .spawn(move || {
-            let mut stamp = store
-                .upgrade()
-                .and_then(|s| s.path.as_deref().and_then(file_stamp));
-            let mut since_flush = Duration::ZERO;
-            loop {
-                std::thread::sleep(WATCH_INTERVAL);
-                let Some(store) = store.upgrade() else { return };
-                let Some(path) = store.path.as_deref() else {
-                    return;
-                };
-                let now = file_stamp(path);
-                if now != stamp {
-                    std::thread::sleep(SETTLE);
-                    let loaded = read_for_reload(path);
-                    // Changed again meanwhile: still being written; look at the next check.
-                    if file_stamp(path) == now {
-                        stamp = now;
-                        match loaded {
-                            Ok(file) => {
-                                let table = Table::from_file(&file, Some(&store.table.load()));
-                                log::info!(
-                                    "keys file {} reloaded: {} keys",
-                                    path.display(),
-                                    table.by_digest.len()
-                                );
-                                store.table.store(Arc::new(table));
-                            }
-                            Err(e) => log::error!(
-                                "keys file changed but cannot be used, keeping the previous keys: {e}"
-                            ),
-                        }
-                    }
-                }
-                since_flush += WATCH_INTERVAL;
-                if since_flush >= FLUSH_INTERVAL {
-                    since_flush = Duration::ZERO;
-                    flush_last_used(&store);
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        log::error!("cannot start the keys file watcher; key changes need a reload: {e}");
-    }
+/// Takes in a changed keys file, keeping what the keys already in use have recorded.
+fn reload_keys(store: &Store, path: &Path) -> Result<String, String> {
+    let file = read_for_reload(path)?;
+    let table = Table::from_file(&file, Some(&store.table.load()));
+    let loaded = format!(": {} keys", table.by_digest.len());
+    store.table.store(Arc::new(table));
+    Ok(loaded)
 }
 
 fn flush_last_used(store: &Store) {
@@ -390,9 +337,16 @@ impl Plugin for ApiKey {
     }
 
     fn start(&self) -> Result<(), String> {
-        if self.store.path.is_some() {
-            self.watching
-                .call_once(|| spawn_watcher(Arc::downgrade(&self.store)));
+        if let Some(path) = &self.store.path {
+            self.watching.call_once(|| {
+                crate::watch::Follow {
+                    what: "keys file",
+                    path: path.clone(),
+                    apply: reload_keys,
+                    chore: Some((FLUSH_INTERVAL, flush_last_used)),
+                }
+                .spawn(Arc::downgrade(&self.store))
+            });
         }
         Ok(())
     }

@@ -30,7 +30,7 @@
 //! later requests skip the slow hash; a wrong one is checked every time.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -139,9 +139,12 @@ struct Store {
     users: ArcSwap<Users>,
 }
 
-fn reload_users(store: &Store, text: &str) -> Result<(), String> {
-    store.users.store(Arc::new(Users::parse(text)?));
-    Ok(())
+fn reload_users(store: &Store, path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let users = Users::parse(&text)?;
+    let loaded = format!(": {} users", users.hashes.len());
+    store.users.store(Arc::new(users));
+    Ok(loaded)
 }
 
 /// The runtime form of a `basic_auth` plugin.
@@ -340,12 +343,13 @@ impl Plugin for BasicAuth {
 
     fn start(&self) -> Result<(), String> {
         self.watching.call_once(|| {
-            crate::watch::follow(
-                "users file",
-                self.users_file.clone(),
-                Arc::downgrade(&self.store),
-                reload_users,
-            )
+            crate::watch::Follow {
+                what: "users file",
+                path: self.users_file.clone(),
+                apply: reload_users,
+                chore: None,
+            }
+            .spawn(Arc::downgrade(&self.store))
         });
         Ok(())
     }

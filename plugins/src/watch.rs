@@ -19,44 +19,68 @@ pub fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-/// Calls `apply(owner, text)` with the file's new contents after each change, on a
-/// thread of its own that ends when `owner` is dropped. `what` names the file in logs.
-pub fn follow<T: Send + Sync + 'static>(
-    what: &'static str,
-    path: PathBuf,
-    owner: Weak<T>,
-    apply: fn(&T, &str) -> Result<(), String>,
-) {
-    let spawned = std::thread::Builder::new()
-        .name("gw-file-watch".into())
-        .spawn(move || {
-            let mut seen = stamp(&path);
-            loop {
-                std::thread::sleep(INTERVAL);
-                let Some(owner) = owner.upgrade() else { return };
-                let now = stamp(&path);
-                if now == seen {
-                    continue;
+/// A file followed for its owner: how a change is taken in, and an optional chore
+/// done on the same thread while the owner lives.
+pub struct Follow<T> {
+    /// Names the file in logs ("keys file", "users file").
+    pub what: &'static str,
+    pub path: PathBuf,
+    /// Reads the changed file and applies it; `Ok` says what was loaded (for the log,
+    /// may be empty), `Err` why the file cannot be used.
+    pub apply: fn(&T, &Path) -> Result<String, String>,
+    /// Done about every so often (rounded up to the check interval).
+    pub chore: Option<Chore<T>>,
+}
+
+/// A chore and how often it is done.
+pub type Chore<T> = (Duration, fn(&T));
+
+impl<T: Send + Sync + 'static> Follow<T> {
+    /// Follows the file on a thread of its own that ends when `owner` is dropped.
+    pub fn spawn(self, owner: Weak<T>) {
+        let Follow {
+            what,
+            path,
+            apply,
+            chore,
+        } = self;
+        let spawned = std::thread::Builder::new()
+            .name("gw-file-watch".into())
+            .spawn(move || {
+                let mut seen = stamp(&path);
+                let mut since_chore = Duration::ZERO;
+                loop {
+                    std::thread::sleep(INTERVAL);
+                    let Some(owner) = owner.upgrade() else { return };
+                    let now = stamp(&path);
+                    if now != seen {
+                        std::thread::sleep(SETTLE);
+                        // Changed again meanwhile: still being written; look at the
+                        // next check.
+                        if stamp(&path) == now {
+                            seen = now;
+                            match apply(&owner, &path) {
+                                Ok(loaded) => {
+                                    log::info!("{what} {} reloaded{loaded}", path.display())
+                                }
+                                Err(e) => log::error!(
+                                    "{what} {} changed but cannot be used, keeping the previous one: {e}",
+                                    path.display()
+                                ),
+                            }
+                        }
+                    }
+                    if let Some((every, chore)) = chore {
+                        since_chore += INTERVAL;
+                        if since_chore >= every {
+                            since_chore = Duration::ZERO;
+                            chore(&owner);
+                        }
+                    }
                 }
-                std::thread::sleep(SETTLE);
-                // Changed again meanwhile: still being written; look at the next check.
-                if stamp(&path) != now {
-                    continue;
-                }
-                seen = now;
-                let outcome = std::fs::read_to_string(&path)
-                    .map_err(|e| format!("cannot read it: {e}"))
-                    .and_then(|text| apply(&owner, &text));
-                match outcome {
-                    Ok(()) => log::info!("{what} {} reloaded", path.display()),
-                    Err(e) => log::error!(
-                        "{what} {} changed but cannot be used, keeping the previous one: {e}",
-                        path.display()
-                    ),
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        log::error!("cannot watch the {what}; changes need a reload: {e}");
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot watch the {what}; changes need a reload: {e}");
+        }
     }
 }
