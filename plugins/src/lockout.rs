@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::units::parse_duration;
+use crate::units::Span;
 
 /// `lockout:` of a password plugin.
 #[derive(Debug, Serialize, Deserialize)]
@@ -31,10 +31,10 @@ pub struct LockoutConfig {
     pub max_failures: u32,
     /// How long failures are remembered (default 10m).
     #[serde(default = "default_window")]
-    pub window: String,
+    pub window: Span,
     /// How long a ban lasts (default 15m).
     #[serde(default = "default_ban")]
-    pub ban: String,
+    pub ban: Span,
 }
 
 impl Default for LockoutConfig {
@@ -50,11 +50,11 @@ impl Default for LockoutConfig {
 fn default_failures() -> u32 {
     5
 }
-fn default_window() -> String {
-    "10m".into()
+fn default_window() -> Span {
+    Span::from_secs(600)
 }
-fn default_ban() -> String {
-    "15m".into()
+fn default_ban() -> Span {
+    Span::from_secs(900)
 }
 
 /// Failures per client address. Bounded: past `MAX_TRACKED` addresses the oldest
@@ -236,8 +236,8 @@ impl LoginLockout {
         }
         let local = Lockout {
             max_failures: config.max_failures,
-            window: parse_duration(&config.window).map_err(|e| format!("lockout.window: {e}"))?,
-            ban: parse_duration(&config.ban).map_err(|e| format!("lockout.ban: {e}"))?,
+            window: config.window.get(),
+            ban: config.ban.get(),
             clients: Mutex::new(HashMap::new()),
         };
         Ok(LoginLockout {

@@ -41,7 +41,7 @@ use crate::lockout::{Admission, LoginLockout};
 use crate::password;
 use crate::secret::Secret;
 use crate::session::{self, SecureCookie, SessionKeys};
-use crate::units::parse_duration;
+use crate::units::Span;
 use crate::{Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, Role, Verdict};
 
 pub use crate::lockout::LockoutConfig;
@@ -72,7 +72,7 @@ pub struct PinGateConfig {
     pub previous_secrets: Vec<Secret>,
     /// How long a session lasts (default 30d).
     #[serde(default = "default_ttl")]
-    pub session_ttl: String,
+    pub session_ttl: Span,
     /// Cookie name (default `gatewarden`; `__Host-gatewarden` over HTTPS).
     #[serde(default = "default_cookie")]
     pub cookie_name: String,
@@ -95,8 +95,8 @@ pub struct PinGateConfig {
     pub login_css: String,
 }
 
-fn default_ttl() -> String {
-    "30d".into()
+fn default_ttl() -> Span {
+    Span::from_secs(30 * 86_400)
 }
 fn default_cookie() -> String {
     "gatewarden".into()
@@ -128,7 +128,7 @@ impl PinGate {
         if parsed.algorithm.as_str() != "argon2id" {
             return Err("`pin_hash` must be argon2id (from `gatewarden hash-pin`)".into());
         }
-        let ttl = parse_duration(&config.session_ttl).map_err(|e| format!("session_ttl: {e}"))?;
+        let ttl = config.session_ttl.get();
         let sessions = SessionKeys::new(
             config.secret.expose(),
             &config

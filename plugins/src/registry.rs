@@ -28,20 +28,32 @@ pub enum BuildError {
 type Constructor = fn(serde_yaml_ng::Value, &BuildEnv) -> Result<Arc<dyn Plugin>, String>;
 type Shower = fn(serde_yaml_ng::Value) -> Result<serde_json::Value, String>;
 
-/// Parses `settings` into `T`'s config (serde's message names the field) and builds it.
+/// Parses `settings` into `T`'s config. An error names the setting it is about
+/// (`lockout.window: ...`), whether serde or a setting's own type found it.
+fn parse<T: PluginType>(settings: serde_yaml_ng::Value) -> Result<T::Config, String> {
+    serde_path_to_error::deserialize(settings).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
+
+/// Parses `settings` into `T`'s config and builds it.
 fn construct<T: PluginType>(
     settings: serde_yaml_ng::Value,
     env: &BuildEnv,
 ) -> Result<Arc<dyn Plugin>, String> {
-    let config: T::Config = serde_yaml_ng::from_value(settings).map_err(|e| e.to_string())?;
-    Ok(Arc::new(T::build(config, env)?))
+    Ok(Arc::new(T::build(parse::<T>(settings)?, env)?))
 }
 
 /// `settings` parsed into `T`'s config and serialized back: defaults filled in, secrets
 /// masked by their type.
 fn show<T: PluginType>(settings: serde_yaml_ng::Value) -> Result<serde_json::Value, String> {
-    let config: T::Config = serde_yaml_ng::from_value(settings).map_err(|e| e.to_string())?;
-    serde_json::to_value(&config).map_err(|e| e.to_string())
+    serde_json::to_value(parse::<T>(settings)?).map_err(|e| e.to_string())
 }
 
 /// The plugin types this build knows: one line each.
@@ -110,7 +122,7 @@ mod tests {
             ("api_key", "{ admin_key: the-admin-key-0123456789 }"),
             ("upstream_auth", "{ value: 'Bearer sk-live-secret' }"),
             ("jwt", "{ issuer: i, audiences: [a], hs_secret: hs-secret-hs-secret-hs-secret-hs, algorithms: [HS256] }"),
-            ("oidc", "{ issuer: 'https://idp.example/', client_id: c, client_secret: client-secret-xyz, secret: session-secret-session-secret-abc }"),
+            ("oidc", "{ issuer: 'https://idp.example/', client_id: c, client_secret: client-secret-xyz, secret: session-secret-session-secret-abc, previous_secrets: [old-old-old-old-old-old-old-old-old] }"),
         ];
         for (type_name, yaml) in cases {
             let settings: serde_yaml_ng::Value = serde_yaml_ng::from_str(yaml).unwrap();

@@ -2,6 +2,68 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A duration setting: written as `250ms`, `10s`, `5m`, `12h` or `30d`, parsed once when
+/// the config is read (a bad one is an error of the config, naming the setting), and
+/// shown back in the largest unit that states it exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Span(Duration);
+
+impl Span {
+    pub const fn from_secs(secs: u64) -> Self {
+        Span(Duration::from_secs(secs))
+    }
+
+    pub const fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl From<Span> for Duration {
+    fn from(span: Span) -> Duration {
+        span.0
+    }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.as_millis();
+        for (unit, size) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
+            if ms >= size && ms.is_multiple_of(size) {
+                return write!(f, "{}{unit}", ms / size);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+impl std::str::FromStr for Span {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        parse_duration(text).map(Span)
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 /// Parses `250ms`, `10s`, `5m`, `12h` or `30d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -60,6 +122,30 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_span_reads_once_and_shows_in_its_largest_exact_unit() {
+        #[derive(Deserialize, Serialize)]
+        struct S {
+            ttl: Span,
+        }
+        let s: S = serde_yaml_ng::from_str("ttl: 90m").unwrap();
+        assert_eq!(s.ttl.get(), Duration::from_secs(5400));
+        assert_eq!(s.ttl.to_string(), "90m");
+        for (written, shown) in [
+            ("120s", "2m"),
+            ("1500ms", "1500ms"),
+            ("48h", "2d"),
+            ("0s", "0ms"),
+        ] {
+            assert_eq!(written.parse::<Span>().unwrap().to_string(), shown);
+        }
+        let err = serde_yaml_ng::from_str::<S>("ttl: 5 minutes")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("unknown unit"), "{err}");
+    }
 
     #[test]
     fn durations() {

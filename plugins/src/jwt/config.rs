@@ -6,7 +6,7 @@ use std::time::Duration;
 use jsonwebtoken::Algorithm;
 use serde::{Deserialize, Serialize};
 
-use crate::units::parse_duration;
+use crate::units::Span;
 
 use super::*;
 
@@ -45,31 +45,31 @@ pub struct JwtConfig {
     pub admin_values: Vec<String>,
     /// Clock skew allowed on `exp` and `nbf` (default 30s, at most 5m).
     #[serde(default = "default_leeway")]
-    pub leeway: String,
+    pub leeway: Span,
     /// Remove the `Authorization` header before proxying (default false: upstreams
     /// that verify the token themselves still get it).
     #[serde(default)]
     pub strip: bool,
     /// How often the JWKS is fetched again in the background (default 5m).
     #[serde(default = "default_refresh")]
-    pub jwks_refresh: String,
+    pub jwks_refresh: Span,
     /// The shortest time between two fetches caused by tokens with an unknown `kid`
     /// (default 30s).
     #[serde(default = "default_cooldown")]
-    pub jwks_cooldown: String,
+    pub jwks_cooldown: Span,
 }
 
 pub(super) fn default_subject_claim() -> String {
     "sub".into()
 }
-pub(super) fn default_leeway() -> String {
-    "30s".into()
+pub(super) fn default_leeway() -> Span {
+    Span::from_secs(30)
 }
-pub(super) fn default_refresh() -> String {
-    "5m".into()
+pub(super) fn default_refresh() -> Span {
+    Span::from_secs(300)
 }
-pub(super) fn default_cooldown() -> String {
-    "30s".into()
+pub(super) fn default_cooldown() -> Span {
+    Span::from_secs(30)
 }
 
 pub(super) fn algorithm_names(algs: &[Algorithm]) -> String {
@@ -136,9 +136,9 @@ pub(crate) fn check_claim_settings(
     }
 }
 
-/// Parses `leeway`, at most [`MAX_LEEWAY`].
-pub(crate) fn parse_leeway(text: &str) -> Result<Duration, String> {
-    let leeway = parse_duration(text).map_err(|e| format!("leeway: {e}"))?;
+/// Checks `leeway`: at most [`MAX_LEEWAY`].
+pub(crate) fn check_leeway(leeway: Span) -> Result<Duration, String> {
+    let leeway = leeway.get();
     if leeway > MAX_LEEWAY {
         return Err("leeway: at most 5m; more would accept long-expired tokens".into());
     }

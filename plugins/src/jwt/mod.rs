@@ -53,7 +53,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 
-use crate::units::parse_duration;
 use crate::{
     credentials, BuildEnv, Ctx, Hooks, Identity, Plugin, Reply, RequestFlow, RequestHeader, Verdict,
 };
@@ -61,7 +60,7 @@ use crate::{
 pub use crate::secret::Secret;
 pub use config::JwtConfig;
 use config::*;
-pub(crate) use config::{check_claim_settings, parse_algorithms, parse_leeway};
+pub(crate) use config::{check_claim_settings, check_leeway, parse_algorithms};
 use keys::*;
 use refresh::*;
 use verify::*;
@@ -113,11 +112,9 @@ impl Jwt {
             config.role_claim.as_deref(),
             &config.admin_values,
         )?;
-        let leeway = parse_leeway(&config.leeway)?;
-        let refresh_every =
-            parse_duration(&config.jwks_refresh).map_err(|e| format!("jwks_refresh: {e}"))?;
-        let cooldown =
-            parse_duration(&config.jwks_cooldown).map_err(|e| format!("jwks_cooldown: {e}"))?;
+        let leeway = check_leeway(config.leeway)?;
+        let refresh_every = config.jwks_refresh.get();
+        let cooldown = config.jwks_cooldown.get();
         if refresh_every < Duration::from_secs(1) || cooldown < Duration::from_secs(1) {
             return Err("jwks_refresh and jwks_cooldown must be at least 1s".into());
         }

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::jwt::Secret;
 use crate::session::SecureCookie;
+use crate::units::Span;
 
 /// Settings of an `oidc` plugin.
 #[derive(Serialize, Deserialize)]
@@ -33,10 +34,10 @@ pub struct OidcConfig {
     pub secret: Secret,
     /// Older secrets whose sessions are still accepted (for rotation); never used to sign.
     #[serde(default)]
-    pub previous_secrets: Vec<String>,
+    pub previous_secrets: Vec<Secret>,
     /// How long a session lasts once logged in (default 12h).
     #[serde(default = "default_ttl")]
-    pub session_ttl: String,
+    pub session_ttl: Span,
     /// Session cookie name (default `gatewarden`; `__Host-gatewarden` over HTTPS). The
     /// login-state cookie is this name with `_oidc` appended.
     #[serde(default = "default_cookie")]
@@ -58,10 +59,10 @@ pub struct OidcConfig {
     pub algorithms: Vec<String>,
     /// Clock skew allowed on the ID token's `exp` and `nbf` (default 30s, at most 5m).
     #[serde(default = "default_leeway")]
-    pub leeway: String,
+    pub leeway: Span,
     /// How often the provider's JWKS is fetched again (default 5m).
     #[serde(default = "default_refresh")]
-    pub jwks_refresh: String,
+    pub jwks_refresh: Span,
 }
 
 pub(super) fn default_scopes() -> Vec<String> {
@@ -70,8 +71,8 @@ pub(super) fn default_scopes() -> Vec<String> {
 pub(super) fn default_subject_claim() -> String {
     "sub".into()
 }
-pub(super) fn default_ttl() -> String {
-    "12h".into()
+pub(super) fn default_ttl() -> Span {
+    Span::from_secs(12 * 3600)
 }
 pub(super) fn default_cookie() -> String {
     "gatewarden".into()
@@ -79,11 +80,11 @@ pub(super) fn default_cookie() -> String {
 pub(super) fn default_algorithms() -> Vec<String> {
     vec!["RS256".into()]
 }
-pub(super) fn default_leeway() -> String {
-    "30s".into()
+pub(super) fn default_leeway() -> Span {
+    Span::from_secs(30)
 }
-pub(super) fn default_refresh() -> String {
-    "5m".into()
+pub(super) fn default_refresh() -> Span {
+    Span::from_secs(300)
 }
 
 pub(super) fn check_redirect_setting(

@@ -7,6 +7,7 @@ use arc_swap::ArcSwapOption;
 use serde::Deserialize;
 
 use crate::jwt::{Jwt, JwtConfig};
+use crate::units::Span;
 use crate::BuildEnv;
 
 use super::*;
@@ -35,8 +36,8 @@ pub(super) struct VerifierSettings {
     pub(super) subject_claim: String,
     pub(super) role_claim: Option<String>,
     pub(super) admin_values: Vec<String>,
-    pub(super) leeway: String,
-    pub(super) jwks_refresh: String,
+    pub(super) leeway: Span,
+    pub(super) jwks_refresh: Span,
 }
 
 #[derive(Deserialize)]
@@ -130,10 +131,10 @@ impl Discovery {
                 subject_claim: s.subject_claim.clone(),
                 role_claim: s.role_claim.clone(),
                 admin_values: s.admin_values.clone(),
-                leeway: s.leeway.clone(),
+                leeway: s.leeway,
                 strip: false,
-                jwks_refresh: s.jwks_refresh.clone(),
-                jwks_cooldown: "30s".into(),
+                jwks_refresh: s.jwks_refresh,
+                jwks_cooldown: Span::from_secs(30),
             },
             &BuildEnv::default(),
         )?;

@@ -65,7 +65,6 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 
 use crate::session::{self, SessionKeys, LOGIN_PATH, LOGOUT_PATH, MIN_SECRET_LEN};
-use crate::units::parse_duration;
 use crate::{BuildEnv, Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, Verdict};
 
 pub use config::OidcConfig;
@@ -136,10 +135,8 @@ impl Oidc {
             config.role_claim.as_deref(),
             &config.admin_values,
         )?;
-        crate::jwt::parse_leeway(&config.leeway)?;
-        let refresh =
-            parse_duration(&config.jwks_refresh).map_err(|e| format!("jwks_refresh: {e}"))?;
-        if refresh < Duration::from_secs(1) {
+        crate::jwt::check_leeway(config.leeway)?;
+        if config.jwks_refresh.get() < Duration::from_secs(1) {
             return Err("jwks_refresh must be at least 1s".into());
         }
         if let Some(bad) = config.scopes.iter().find(|s| {
@@ -158,11 +155,14 @@ impl Oidc {
         if let Some(url) = &config.post_logout_redirect_url {
             check_redirect_setting("post_logout_redirect_url", url, None)?;
         }
-        let ttl = parse_duration(&config.session_ttl).map_err(|e| format!("session_ttl: {e}"))?;
         let sessions = SessionKeys::new(
             config.secret.expose(),
-            &config.previous_secrets,
-            ttl,
+            &config
+                .previous_secrets
+                .iter()
+                .map(|s| s.expose().to_string())
+                .collect::<Vec<_>>(),
+            config.session_ttl.get(),
             &config.cookie_name,
             config.secure_cookie,
         )?;
