@@ -139,7 +139,7 @@ pub(super) fn compile_route(
             errors.push(
                 format!("{path}.access"),
                 format!(
-                    "route {:?} needs `access: {}` but has no identity plugin (api_key, pin_gate, basic_auth, jwt, oidc) in its chain; add one, or set `access: public` deliberately",
+                    "route {:?} needs `access: {}` but has no identity plugin (one that recognises callers: keys, a login, tokens) in its chain; add one, or set `access: public` deliberately",
                     section.name,
                     if access == Access::Admin { "admin" } else { "user" }
                 ),

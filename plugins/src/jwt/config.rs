@@ -32,7 +32,7 @@ pub struct JwtConfig {
     /// The algorithms accepted, explicitly: HS256, HS384, HS512, RS256, RS384, RS512,
     /// PS256, PS384, PS512, ES256, ES384, EdDSA. Each must fit the key: HS* only with
     /// `hs_secret`, the others only with a public key of their type.
-    pub algorithms: Vec<String>,
+    pub algorithms: Algorithms,
     /// The claim that names the caller (default `sub`); it must be a string.
     #[serde(default = "default_subject_claim")]
     pub subject_claim: String,
@@ -79,7 +79,37 @@ pub(super) fn algorithm_names(algs: &[Algorithm]) -> String {
         .join(", ")
 }
 
-pub(crate) fn parse_algorithms(names: &[String]) -> Result<Vec<Algorithm>, String> {
+/// The signature algorithms a verifier accepts, read from their names when the config
+/// is read: at least one, never `none`, each once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Algorithms(Vec<Algorithm>);
+
+impl Algorithms {
+    pub fn new(algorithms: Vec<Algorithm>) -> Self {
+        Algorithms(algorithms)
+    }
+
+    pub fn as_slice(&self) -> &[Algorithm] {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Algorithms {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let names = Vec::<String>::deserialize(deserializer)?;
+        parse_algorithms(&names)
+            .map(Algorithms)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Algorithms {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|a| format!("{a:?}")))
+    }
+}
+
+fn parse_algorithms(names: &[String]) -> Result<Vec<Algorithm>, String> {
     if names.is_empty() {
         return Err("`algorithms` must list at least one algorithm, e.g. [RS256]".into());
     }

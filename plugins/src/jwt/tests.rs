@@ -114,12 +114,15 @@ fn config(yaml: &str) -> JwtConfig {
     serde_yaml_ng::from_str(yaml).unwrap()
 }
 
+/// Reads and builds; settings refused when read (an unknown algorithm) or when built
+/// (a key that does not fit) are both errors.
 fn build(yaml: &str) -> Result<Jwt, String> {
     let env = BuildEnv {
         base_dir: data(""),
         ..BuildEnv::default()
     };
-    Jwt::new(config(yaml), &env)
+    let config: JwtConfig = serde_yaml_ng::from_str(yaml).map_err(|e| e.to_string())?;
+    Jwt::new(config, &env)
 }
 
 fn rsa_plugin(extra: &str) -> Jwt {

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::jwt::Secret;
+use crate::jwt::{Algorithms, Secret};
 use crate::session::SecureCookie;
 use crate::units::Span;
 
@@ -56,7 +56,7 @@ pub struct OidcConfig {
     /// PS256/384/512, ES256, ES384, EdDSA. HS* (keyed by the client secret) is not
     /// supported.
     #[serde(default = "default_algorithms")]
-    pub algorithms: Vec<String>,
+    pub algorithms: Algorithms,
     /// Clock skew allowed on the ID token's `exp` and `nbf` (default 30s, at most 5m).
     #[serde(default = "default_leeway")]
     pub leeway: Span,
@@ -77,8 +77,8 @@ pub(super) fn default_ttl() -> Span {
 pub(super) fn default_cookie() -> String {
     "gatewarden".into()
 }
-pub(super) fn default_algorithms() -> Vec<String> {
-    vec!["RS256".into()]
+pub(super) fn default_algorithms() -> Algorithms {
+    Algorithms::new(vec![jsonwebtoken::Algorithm::RS256])
 }
 pub(super) fn default_leeway() -> Span {
     Span::from_secs(30)

@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 use arc_swap::ArcSwapOption;
 use serde::Deserialize;
 
-use crate::jwt::{Jwt, JwtConfig};
+use crate::jwt::{Algorithms, Jwt, JwtConfig};
 use crate::units::Span;
 use crate::BuildEnv;
 
@@ -32,7 +32,7 @@ pub(super) struct Provider {
 /// The settings the ID token verifier is built from once the JWKS URL is known.
 pub(super) struct VerifierSettings {
     pub(super) client_id: String,
-    pub(super) algorithms: Vec<String>,
+    pub(super) algorithms: Algorithms,
     pub(super) subject_claim: String,
     pub(super) role_claim: Option<String>,
     pub(super) admin_values: Vec<String>,

@@ -121,8 +121,9 @@ impl Oidc {
         if config.secret.expose().len() < MIN_SECRET_LEN {
             return Err(format!("`secret` must be at least {MIN_SECRET_LEN} bytes"));
         }
-        let algorithms = crate::jwt::parse_algorithms(&config.algorithms)?;
-        if let Some(hs) = algorithms
+        if let Some(hs) = config
+            .algorithms
+            .as_slice()
             .iter()
             .find(|a| a.family() == jsonwebtoken::AlgorithmFamily::Hmac)
         {
