@@ -98,10 +98,10 @@ impl Gateway {
             }
         };
         if resp.status.as_u16() == 101 && !upstream.was_upgraded() {
-            // A 101 that does not name the protocol asked for.
+            // Only an HTTP/1.1 101 switches: an HTTP/1.0 one cannot be relayed.
             return Error::e_explain(
                 ErrorType::InvalidHTTPHeader,
-                "the upstream switched protocols without agreeing to the upgrade",
+                "the upstream answered 101 in a version that has no upgrade",
             )
             .map_err(|e| e.into_up());
         }

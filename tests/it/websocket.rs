@@ -215,3 +215,55 @@ async fn no_upgrade_is_cut_after_its_101_under_the_open_webui_config() {
         gw.output()
     );
 }
+
+const UPGRADE_REQUEST: &str = "GET /ws?room=1 HTTP/1.1\r\nHost: app.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+/// An upstream that answers an upgrade with an ordinary response: the client gets that
+/// response as it was, and the upstream got the request with the gateway's usual edits.
+#[test]
+fn an_upgrade_the_upstream_refuses_is_answered_as_the_upstream_answered() {
+    let upstream = crate::harness::RecordingUpstream::start();
+    let gw = Gateway::start(&crate::harness::simple_config(upstream.addr, ""));
+    let resp = crate::harness::raw(gw.addr, UPGRADE_REQUEST).unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, b"/ws?room=1");
+    assert!(resp.header("x-request-id").is_some());
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 1);
+    let header = |name: &str| {
+        seen[0]
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(header("upgrade").as_deref(), Some("websocket"));
+    assert_eq!(header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert!(header("x-request-id").is_some());
+}
+
+/// An upgrade whose backends are all down is answered 502, as any other request is.
+#[test]
+fn an_upgrade_to_backends_that_are_down_is_a_bad_gateway() {
+    let down = |_| -> SocketAddr {
+        format!("127.0.0.1:{}", crate::harness::free_port())
+            .parse()
+            .unwrap()
+    };
+    let (a, b) = (down(0), down(1));
+    let yaml = format!(
+        "listeners: [{{ address: '{{listen}}' }}]
+admin: {{ address: '{{admin}}' }}
+upstreams:
+  app: {{ backends: ['{a}', '{b}'], retries: 1 }}
+routes:
+  - name: app
+    access: public
+    upstream: app
+"
+    );
+    let gw = Gateway::start(&yaml);
+    let resp = crate::harness::raw(gw.addr, UPGRADE_REQUEST).unwrap();
+    assert_eq!(resp.status, 502);
+    assert!(resp.header("x-request-id").is_some());
+}
