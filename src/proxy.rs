@@ -367,6 +367,10 @@ impl ProxyHttp for Gateway {
                     .await;
             }
         }
+        if session.is_upgrade_req() {
+            request_rules::drop_foreign_upgrade(session.req_header_mut());
+        }
+        let req = session.req_header();
         if let Err(Refusal { status, reason }) =
             request_rules::check_upgrade(req, session.is_upgrade_req())
         {

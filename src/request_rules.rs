@@ -22,7 +22,7 @@
 use std::borrow::Cow;
 use std::net::Ipv6Addr;
 
-use http::header::{self, HeaderName};
+use http::header::{self, HeaderName, HeaderValue};
 use pingora::proxy::Session;
 use pingora_http::RequestHeader;
 
@@ -212,6 +212,45 @@ pub fn check_request(req: &RequestHeader) -> Result<(), Refusal> {
         });
     }
     Ok(())
+}
+
+/// Drops an HTTP/1.1 `Upgrade` to anything but WebSocket, so the request goes on as an
+/// ordinary one (as nginx drops `Upgrade` unless told otherwise). Above all `h2c`: an
+/// upstream connection switched to HTTP/2 would take requests for any path from the
+/// client, past every route's checks. `curl --http2` asks for `h2c` on plain HTTP and
+/// gets its answer over HTTP/1.1.
+pub fn drop_foreign_upgrade(req: &mut RequestHeader) {
+    let mut offered = req.headers.get_all(header::UPGRADE).iter();
+    let websocket = offered
+        .next()
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"))
+        && offered.next().is_none();
+    if websocket {
+        return;
+    }
+    req.remove_header(&header::UPGRADE);
+    req.remove_header("HTTP2-Settings");
+    let rest: Vec<String> = req
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("upgrade")
+                && !t.eq_ignore_ascii_case("http2-settings")
+        })
+        .map(str::to_string)
+        .collect();
+    req.remove_header(&header::CONNECTION);
+    if !rest.is_empty() {
+        // Tokens joined with ", " are a valid header value: each came from one.
+        if let Ok(value) = HeaderValue::from_str(&rest.join(", ")) {
+            let _ = req.insert_header(header::CONNECTION, value);
+        }
+    }
 }
 
 /// An upgrade request carries no body, and only HTTP/1.1 can ask for one (`upgrade`:

@@ -19,6 +19,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::header::{self, HeaderName};
 use pingora::connectors::http::v1::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::prelude::*;
@@ -26,6 +27,7 @@ use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora::protocols::ALPN;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
+use pingora_http::RequestHeader;
 
 use crate::proxy::{Gateway, RequestCtx};
 
@@ -63,6 +65,45 @@ impl std::fmt::Display for End {
     }
 }
 
+/// Fields that end at the gateway (RFC 9110 §7.6.1), removed before the request goes
+/// upstream, as Pingora's default request policy removes them from the requests its
+/// proxy loop sends: the fields the client named in `Connection` (except `Host`, which
+/// the request needs), and the standard hop-by-hop fields, among them a
+/// `Proxy-Authorization` meant for a proxy, never for the upstream. The handshake then
+/// goes on as `Connection: Upgrade` and `Upgrade: websocket`, the only upgrade the
+/// gateway relays (`request_rules::drop_foreign_upgrade`).
+fn end_hop_by_hop_fields(req: &mut RequestHeader) -> Result<()> {
+    let named: Vec<HeaderName> = req
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|name| name != header::HOST)
+        .collect();
+    for name in &named {
+        req.remove_header(name);
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "http2-settings",
+    ] {
+        req.remove_header(name);
+    }
+    req.insert_header(header::CONNECTION, "Upgrade")?;
+    req.insert_header(header::UPGRADE, "websocket")?;
+    Ok(())
+}
+
 impl Gateway {
     /// Serves an upgrade request that passed its chain: connects, forwards the request,
     /// answers the client with the upstream's answer, and after a 101 relays both ways
@@ -78,6 +119,7 @@ impl Gateway {
 
         let mut req = session.req_header().clone();
         req.set_version(http::Version::HTTP_11);
+        end_hop_by_hop_fields(&mut req)?;
         self.upstream_request_filter(session, &mut req, ctx).await?;
         upstream
             .write_request_header(Box::new(req))
@@ -145,7 +187,13 @@ impl Gateway {
             let mut peer = self.upstream_peer(session, ctx).await?;
             peer.options.alpn = ALPN::H1;
             match self.upgrades.connector.get_http_session(&*peer).await {
-                Ok((upstream, _reused)) => return Ok(upstream),
+                Ok((mut upstream, _reused)) => {
+                    // The pool's `read_timeout` and `write_timeout`, as the proxy loop
+                    // sets them on its upstream sessions.
+                    upstream.read_timeout = peer.options.read_timeout;
+                    upstream.write_timeout = peer.options.write_timeout;
+                    return Ok(upstream);
+                }
                 Err(e) => {
                     let e = self.fail_to_connect(session, &peer, ctx, e.into_up());
                     if !e.retry() {

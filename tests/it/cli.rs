@@ -397,8 +397,7 @@ fn demo_serves_a_page_json_echo_sse_and_websocket_echo() {
         .expect("websocket echo timed out")
     });
     assert_eq!(reply, "hello gatewarden");
-    // Checked last: an upgrade refused just before a good one makes Pingora 0.9's
-    // upgrade race (cloudflare/pingora#946) far more likely to cut the good one.
+    // And without the session, the same WebSocket is refused.
     let refused = runtime.block_on(tokio_tungstenite::connect_async(format!(
         "ws://{listen}/ws"
     )));

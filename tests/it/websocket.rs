@@ -267,3 +267,109 @@ routes:
     assert_eq!(resp.status, 502);
     assert!(resp.header("x-request-id").is_some());
 }
+
+/// An upgrade to anything but WebSocket is dropped: the request goes on as an ordinary
+/// one, and the upstream never learns the client asked to switch. Relayed, an `h2c`
+/// switch would let the client send the upstream HTTP/2 requests for any path, past
+/// every route's checks (here: a public health route in front of a protected app).
+#[test]
+fn an_upgrade_to_anything_but_websocket_never_reaches_the_upstream() {
+    let upstream = crate::harness::RecordingUpstream::start();
+    let gw = Gateway::start(&crate::harness::simple_config(upstream.addr, ""));
+    for (asked, connection) in [
+        ("h2c", "Upgrade, HTTP2-Settings"),
+        ("H2C", "upgrade, http2-settings, keep-alive"),
+        ("websocket, h2c", "Upgrade"),
+        ("TLS/1.2", "Upgrade"),
+    ] {
+        let request = format!(
+            "GET /health HTTP/1.1\r\nHost: app.example\r\nConnection: {connection}\r\nUpgrade: {asked}\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Length: 0\r\n\r\n"
+        );
+        let resp = crate::harness::raw(gw.addr, &request).unwrap();
+        assert_eq!(resp.status, 200, "{asked}");
+        assert_eq!(resp.body, b"/health", "{asked}");
+        let seen = upstream
+            .requests()
+            .pop()
+            .expect("the request reached the upstream");
+        for (name, value) in &seen.headers {
+            let name = name.to_ascii_lowercase();
+            assert!(
+                name != "upgrade" && name != "http2-settings",
+                "{asked}: the upstream got {name}: {value}"
+            );
+            if name == "connection" {
+                assert!(
+                    !value.to_ascii_lowercase().contains("upgrade"),
+                    "{asked}: the upstream got Connection: {value}"
+                );
+            }
+        }
+    }
+}
+
+/// A WebSocket handshake reaches the upstream without the fields that end at the
+/// gateway: hop-by-hop ones (a `Proxy-Authorization` is for a proxy, never for the
+/// upstream) and those the client named in `Connection`.
+#[test]
+fn a_websocket_handshake_reaches_the_upstream_without_hop_by_hop_fields() {
+    let upstream = crate::harness::RecordingUpstream::start();
+    let gw = Gateway::start(&crate::harness::simple_config(upstream.addr, ""));
+    let request = "GET /ws HTTP/1.1\r\nHost: app.example\r\nConnection: Upgrade, X-Hop-Secret, keep-alive\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Hop-Secret: only-for-the-gateway\r\nProxy-Authorization: Basic cHJveHk6c2VjcmV0\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\r\n";
+    let resp = crate::harness::raw(gw.addr, request).unwrap();
+    assert_eq!(resp.status, 200);
+    let seen = upstream
+        .requests()
+        .pop()
+        .expect("the handshake reached the upstream");
+    let header = |name: &str| {
+        seen.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    for gone in ["x-hop-secret", "proxy-authorization", "keep-alive", "te"] {
+        assert!(
+            header(gone).is_empty(),
+            "the upstream got {gone}: {:?}",
+            header(gone)
+        );
+    }
+    assert_eq!(header("upgrade"), ["websocket"]);
+    assert_eq!(header("connection"), ["Upgrade"]);
+    assert_eq!(header("sec-websocket-key"), ["dGhlIHNhbXBsZSBub25jZQ=="]);
+}
+
+/// An upstream that takes an upgrade and never answers meets the pool's
+/// `read_timeout`: 504, as any other request would get.
+#[test]
+fn an_upgrade_the_upstream_never_answers_times_out() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            keep.lock().unwrap().push(stream);
+        }
+    });
+    let yaml = format!(
+        "listeners: [{{ address: '{{listen}}' }}]
+admin: {{ address: '{{admin}}' }}
+upstreams:
+  app: {{ backends: ['{upstream}'], read_timeout: 1s }}
+routes:
+  - name: app
+    access: public
+    upstream: app
+"
+    );
+    let gw = Gateway::start(&yaml);
+    let resp = crate::harness::raw(gw.addr, UPGRADE_REQUEST).unwrap();
+    assert_eq!(resp.status, 504);
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the upstream was never reached"
+    );
+}
