@@ -214,6 +214,17 @@ pub fn check_request(req: &RequestHeader) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// The tokens of every `Connection` field, trimmed, empty ones skipped.
+pub fn connection_tokens(req: &RequestHeader) -> impl Iterator<Item = &str> {
+    req.headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
 /// Drops an HTTP/1.1 `Upgrade` to anything but WebSocket, so the request goes on as an
 /// ordinary one (as nginx drops `Upgrade` unless told otherwise). Above all `h2c`: an
 /// upstream connection switched to HTTP/2 would take requests for any path from the
@@ -230,18 +241,8 @@ pub fn drop_foreign_upgrade(req: &mut RequestHeader) {
     }
     req.remove_header(&header::UPGRADE);
     req.remove_header("HTTP2-Settings");
-    let rest: Vec<String> = req
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| {
-            !t.is_empty()
-                && !t.eq_ignore_ascii_case("upgrade")
-                && !t.eq_ignore_ascii_case("http2-settings")
-        })
+    let rest: Vec<String> = connection_tokens(req)
+        .filter(|t| !t.eq_ignore_ascii_case("upgrade") && !t.eq_ignore_ascii_case("http2-settings"))
         .map(str::to_string)
         .collect();
     req.remove_header(&header::CONNECTION);

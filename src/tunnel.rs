@@ -73,13 +73,8 @@ impl std::fmt::Display for End {
 /// goes on as `Connection: Upgrade` and `Upgrade: websocket`, the only upgrade the
 /// gateway relays (`request_rules::drop_foreign_upgrade`).
 fn end_hop_by_hop_fields(req: &mut RequestHeader) -> Result<()> {
-    let named: Vec<HeaderName> = req
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = crate::request_rules::connection_tokens(req)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .filter(|name| name != header::HOST)
         .collect();
     for name in &named {
