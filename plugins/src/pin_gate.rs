@@ -131,11 +131,7 @@ impl PinGate {
         let ttl = config.session_ttl.get();
         let sessions = SessionKeys::new(
             config.secret.expose(),
-            &config
-                .previous_secrets
-                .iter()
-                .map(|s| s.expose().to_string())
-                .collect::<Vec<_>>(),
+            &config.previous_secrets,
             ttl,
             &config.cookie_name,
             config.secure_cookie,

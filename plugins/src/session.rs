@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cookies::{cookie, strip_cookie};
 use crate::forms::{encode_query, percent_decode};
+use crate::secret::Secret;
 use crate::{Identity, Role};
 
 /// The login page every login plugin answers (`pin_gate`'s form, `oidc`'s redirect to the
@@ -64,7 +65,7 @@ pub enum SessionError {
 impl SessionKeys {
     pub fn new(
         secret: &str,
-        previous: &[String],
+        previous: &[Secret],
         ttl: Duration,
         cookie_name: &str,
         secure: SecureCookie,
@@ -72,7 +73,10 @@ impl SessionKeys {
         if secret.len() < MIN_SECRET_LEN {
             return Err(format!("`secret` must be at least {MIN_SECRET_LEN} bytes"));
         }
-        if let Some(short) = previous.iter().position(|s| s.len() < MIN_SECRET_LEN) {
+        if let Some(short) = previous
+            .iter()
+            .position(|s| s.expose().len() < MIN_SECRET_LEN)
+        {
             return Err(format!(
                 "previous_secrets[{short}] must be at least {MIN_SECRET_LEN} bytes"
             ));
@@ -89,7 +93,7 @@ impl SessionKeys {
         validation.validate_exp = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         let verifying = std::iter::once(secret)
-            .chain(previous.iter().map(String::as_str))
+            .chain(previous.iter().map(Secret::expose))
             .map(|s| DecodingKey::from_secret(s.as_bytes()))
             .collect();
         Ok(SessionKeys {
@@ -312,7 +316,7 @@ mod tests {
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
-    fn keys(previous: &[String]) -> SessionKeys {
+    fn keys(previous: &[Secret]) -> SessionKeys {
         SessionKeys::new(
             SECRET,
             previous,
@@ -356,7 +360,7 @@ mod tests {
         )
         .unwrap();
         let token = old.issue("pin", Role::User, "pin").unwrap();
-        let rotated = keys(&["an-old-secret-that-is-long-enough!!".to_string()]);
+        let rotated = keys(&[Secret::new("an-old-secret-that-is-long-enough!!")]);
         assert!(rotated.verify(&token).is_ok());
         assert!(keys(&[]).verify(&token).is_err());
         assert!(old

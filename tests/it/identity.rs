@@ -224,7 +224,7 @@ fn error_of(resp: &RawResponse) -> String {
     resp.json()["error"].as_str().unwrap_or("").to_string()
 }
 
-/// A 401 as SPEC section 3 describes it: JSON error body and `WWW-Authenticate: Bearer`.
+/// The gateway's 401: a JSON error body and `WWW-Authenticate: Bearer`.
 #[track_caller]
 fn assert_401(resp: &RawResponse) {
     assert_eq!(resp.status, 401, "{resp:?}");

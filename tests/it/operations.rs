@@ -120,18 +120,7 @@ fn access_log_lines_name_an_upstream_only_when_it_was_contacted() {
     let up = Upstreams::start(1);
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.yaml");
-    let out = run_cli(
-        &[
-            "key",
-            "new",
-            "--file",
-            keys.to_str().unwrap(),
-            "--name",
-            "ci",
-        ],
-        dir.path(),
-    );
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let key = crate::identity::key_new(&keys, &["--name", "ci"]);
     let access = dir.path().join("access.jsonl");
     let gw = Gateway::start(&format!(
         "listeners: [{{ address: '{{listen}}' }}]

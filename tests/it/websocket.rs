@@ -242,6 +242,21 @@ fn an_upgrade_the_upstream_refuses_is_answered_as_the_upstream_answered() {
     assert!(header("x-request-id").is_some());
 }
 
+/// One public route to an upstream `app` with these settings.
+fn public_app(upstream: &str) -> String {
+    format!(
+        "listeners: [{{ address: '{{listen}}' }}]
+admin: {{ address: '{{admin}}' }}
+upstreams:
+  app: {{ {upstream} }}
+routes:
+  - name: app
+    access: public
+    upstream: app
+"
+    )
+}
+
 /// An upgrade whose backends are all down is answered 502, as any other request is.
 #[test]
 fn an_upgrade_to_backends_that_are_down_is_a_bad_gateway() {
@@ -251,18 +266,9 @@ fn an_upgrade_to_backends_that_are_down_is_a_bad_gateway() {
             .unwrap()
     };
     let (a, b) = (down(0), down(1));
-    let yaml = format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{a}', '{b}'], retries: 1 }}
-routes:
-  - name: app
-    access: public
-    upstream: app
-"
-    );
-    let gw = Gateway::start(&yaml);
+    let gw = Gateway::start(&public_app(&format!(
+        "backends: ['{a}', '{b}'], retries: 1"
+    )));
     let resp = crate::harness::raw(gw.addr, UPGRADE_REQUEST).unwrap();
     assert_eq!(resp.status, 502);
     assert!(resp.header("x-request-id").is_some());
@@ -354,18 +360,9 @@ fn an_upgrade_the_upstream_never_answers_times_out() {
             keep.lock().unwrap().push(stream);
         }
     });
-    let yaml = format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{upstream}'], read_timeout: 1s }}
-routes:
-  - name: app
-    access: public
-    upstream: app
-"
-    );
-    let gw = Gateway::start(&yaml);
+    let gw = Gateway::start(&public_app(&format!(
+        "backends: ['{upstream}'], read_timeout: 1s"
+    )));
     let resp = crate::harness::raw(gw.addr, UPGRADE_REQUEST).unwrap();
     assert_eq!(resp.status, 504);
     assert!(

@@ -158,11 +158,7 @@ impl Oidc {
         }
         let sessions = SessionKeys::new(
             config.secret.expose(),
-            &config
-                .previous_secrets
-                .iter()
-                .map(|s| s.expose().to_string())
-                .collect::<Vec<_>>(),
+            &config.previous_secrets,
             config.session_ttl.get(),
             &config.cookie_name,
             config.secure_cookie,
