@@ -127,7 +127,7 @@ enum Case {
 fn keys() -> SessionKeys {
     SessionKeys::new(
         SECRET,
-        &[PREVIOUS.to_string()],
+        &[gatewarden_plugins::secret::Secret::new(PREVIOUS)],
         Duration::from_secs(3600),
         "gatewarden",
         SecureCookie::Auto,
