@@ -16,7 +16,7 @@ use pingora_http::RequestHeader;
 use crate::config::file::{
     BackendSection, HealthCheckSection, UpstreamSection, UpstreamTlsSection,
 };
-use crate::config::units::parse_duration;
+use crate::config::units::Span;
 use crate::observe::{metrics, StatusCounters};
 
 /// How a `hash` pool picks the key that pins a client to a backend.
@@ -136,12 +136,6 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("backend {address:?} resolves to no address"))
 }
 
-fn duration(value: &Option<String>, default: Duration, what: &str) -> Result<Duration, String> {
-    value.as_deref().map_or(Ok(default), |v| {
-        parse_duration(v).map_err(|e| format!("{what}: {e}"))
-    })
-}
-
 impl Pool {
     /// Builds a pool from its section; `Err` lists every problem found.
     pub fn build(name: &str, section: &UpstreamSection) -> Result<Pool, Vec<(String, String)>> {
@@ -226,18 +220,13 @@ impl Pool {
             _ => None,
         };
 
-        let mut timeouts = [CONNECT_TIMEOUT; 4];
-        for (slot, (value, default, what)) in timeouts.iter_mut().zip([
-            (&section.connect_timeout, CONNECT_TIMEOUT, "connect_timeout"),
-            (&section.read_timeout, READ_TIMEOUT, "read_timeout"),
-            (&section.write_timeout, WRITE_TIMEOUT, "write_timeout"),
-            (&section.idle_timeout, IDLE_TIMEOUT, "idle_timeout"),
-        ]) {
-            match duration(value, default, what) {
-                Ok(d) => *slot = d,
-                Err(e) => errors.push((what.into(), e)),
-            }
-        }
+        let timeouts = [
+            (section.connect_timeout, CONNECT_TIMEOUT),
+            (section.read_timeout, READ_TIMEOUT),
+            (section.write_timeout, WRITE_TIMEOUT),
+            (section.idle_timeout, IDLE_TIMEOUT),
+        ]
+        .map(|(set, default)| set.map_or(default, Span::get));
         let [connect, read, write, idle] = timeouts;
 
         let health = match &section.health_check {
@@ -425,17 +414,8 @@ fn health_check(
     verify: bool,
 ) -> Result<HealthBuild, Vec<(String, String)>> {
     let mut errors = Vec::new();
-    let mut get = |value: &Option<String>, default: Duration, what: &str| match duration(
-        value, default, what,
-    ) {
-        Ok(d) => d,
-        Err(e) => {
-            errors.push((format!("health_check.{what}"), e));
-            default
-        }
-    };
-    let interval = get(&hc.interval, Duration::from_secs(5), "interval");
-    let timeout = get(&hc.timeout, Duration::from_secs(1), "timeout");
+    let interval = hc.interval.map_or(Duration::from_secs(5), Span::get);
+    let timeout = hc.timeout.map_or(Duration::from_secs(1), Span::get);
     let healthy_after = hc.healthy_after.unwrap_or(2).max(1);
     let unhealthy_after = hc.unhealthy_after.unwrap_or(3).max(1);
     let check: Box<dyn HealthCheck + Send + Sync> = match hc.kind.as_str() {

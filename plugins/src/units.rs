@@ -53,12 +53,108 @@ impl std::str::FromStr for Span {
 
 impl<'de> Deserialize<'de> for Span {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Span;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration such as 250ms, 10s, 5m, 12h or 30d")
+            }
+
+            // A bare number is the commonest slip (`timeout: 10`): say which unit is
+            // missing rather than that a string was expected.
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Span, E> {
+                self.visit_str(&n.to_string())
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Span, E> {
+                self.visit_str(&n.to_string())
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Span, E> {
+                text.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
     }
 }
 
 impl Serialize for Span {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// A byte-size setting: a plain number of bytes (`4096`) or `512KiB`, `10MiB`, `1GB`;
+/// parsed once when the config is read and shown back in the largest binary unit that
+/// states it exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Size(u64);
+
+impl Size {
+    pub const fn bytes(n: u64) -> Self {
+        Size(n)
+    }
+
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if self.0 >= size && self.0.is_multiple_of(size) {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for Size {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        parse_size(text).map(Size)
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Size;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size such as 10MiB")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Size, E> {
+                Ok(Size(n))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Size, E> {
+                u64::try_from(n)
+                    .map(Size)
+                    .map_err(|_| E::custom("must be a positive size"))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Size, E> {
+                Err(E::custom(
+                    "must be a whole number of bytes or a size such as 10MiB",
+                ))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Size, E> {
+                text.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl Serialize for Size {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)
     }
@@ -159,6 +255,27 @@ mod tests {
         );
         for bad in ["10", "s", "10x", "-1s", "1.5s", ""] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_size_reads_numbers_and_units_and_shows_its_largest_exact_unit() {
+        #[derive(Deserialize, Serialize)]
+        struct S {
+            max: Size,
+        }
+        for (written, bytes, shown) in [
+            ("max: 4096", 4096, "4KiB"),
+            ("max: 10MiB", 10 << 20, "10MiB"),
+            ("max: '1000'", 1000, "1000"),
+            ("max: 1GB", 1_000_000_000, "1000000000"),
+        ] {
+            let s: S = serde_yaml_ng::from_str(written).unwrap();
+            assert_eq!(s.max.get(), bytes, "{written}");
+            assert_eq!(s.max.to_string(), shown, "{written}");
+        }
+        for bad in ["max: -1", "max: 1.5", "max: 10 parsecs", "max: [1]"] {
+            assert!(serde_yaml_ng::from_str::<S>(bad).is_err(), "{bad}");
         }
     }
 

@@ -14,7 +14,7 @@ use super::expand::expand_tree;
 use super::file::*;
 use super::lines::LineIndex;
 use super::routes::compile_route;
-use super::units::parse_size;
+use super::units::Size;
 use super::ConfigError;
 use crate::router::{normalize, Router};
 use crate::upstream::Pool;
@@ -311,7 +311,9 @@ pub fn compile_with(
 
     let max_body = match take("max_request_body") {
         Value::Null => DEFAULT_MAX_BODY,
-        v => size(v, "max_request_body", &mut errors).unwrap_or(DEFAULT_MAX_BODY),
+        v => errors
+            .parse::<Size>("max_request_body", v)
+            .map_or(DEFAULT_MAX_BODY, Size::get),
     };
 
     let redis_url = match take("redis") {
@@ -628,17 +630,6 @@ fn socket_addr(text: &str, path: &str, errors: &mut Errors) -> Option<SocketAddr
     }
 }
 
-pub(super) fn size(value: Value, path: &str, errors: &mut Errors) -> Option<u64> {
-    let parsed = match &value {
-        Value::Number(n) => n
-            .as_u64()
-            .ok_or_else(|| "must be a positive size".to_string()),
-        Value::String(s) => parse_size(s),
-        _ => Err("must be a size such as 10MiB".into()),
-    };
-    parsed.map_err(|e| errors.push(path, e)).ok()
-}
-
 fn compile_listeners(value: Value, errors: &mut Errors) -> Vec<Listener> {
     let sections: Vec<ListenerSection> = match value {
         Value::Null => {
@@ -747,6 +738,44 @@ routes:
         ] {
             assert!(paths.contains(&p), "{p} missing from {paths:?}");
         }
+    }
+
+    #[test]
+    fn durations_and_sizes_parse_once_and_errors_name_the_setting() {
+        let errs = errors_of(
+            "upstreams:\n  a:\n    backends: [127.0.0.1:1]\n    read_timeout: 5 minutes\n  b:\n    backends: [127.0.0.1:2]\n    health_check: { kind: tcp, interval: 10 }\nmax_request_body: 10 parsecs\nroutes:\n  - { name: r, upstream: a, access: public, max_request_body: -1 }\n",
+        );
+        let at = |p: &str| {
+            errs.iter()
+                .find(|e| e.path == p)
+                .unwrap_or_else(|| panic!("{p} in {errs:?}"))
+        };
+        assert_eq!(at("upstreams.a.read_timeout").line, Some(4));
+        assert!(at("upstreams.a.read_timeout")
+            .message
+            .contains("unknown unit"));
+        assert!(at("upstreams.b.health_check.interval")
+            .message
+            .contains("no unit"));
+        assert!(at("max_request_body").message.contains("unknown unit"));
+        assert!(at("routes[0].max_request_body")
+            .message
+            .contains("positive"));
+
+        let c = compile(
+            "upstreams:\n  a: { backends: [127.0.0.1:1], read_timeout: 90s }\nmax_request_body: 2MiB\nroutes:\n  - { name: r, upstream: a, access: public, max_request_body: 4096 }\n  - { name: s, upstream: a, access: public, match: { path_prefix: /s } }\n",
+            1,
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let routes = c.snapshot.router.routes();
+        let body = |name: &str| {
+            routes
+                .iter()
+                .find(|r| &*r.name == name)
+                .map(|r| r.max_request_body)
+        };
+        assert_eq!(body("r"), Some(4096));
+        assert_eq!(body("s"), Some(2 << 20));
     }
 
     #[test]

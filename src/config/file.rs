@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::units::{Size, Span};
+
 /// `server:` — process settings handed on to Pingora.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,8 +123,8 @@ pub struct HealthCheckSection {
     /// `http` (GET `path`, healthy on 200) or `tcp` (a connect succeeds).
     pub kind: String,
     pub path: Option<String>,
-    pub interval: Option<String>,
-    pub timeout: Option<String>,
+    pub interval: Option<Span>,
+    pub timeout: Option<Span>,
     pub healthy_after: Option<usize>,
     pub unhealthy_after: Option<usize>,
 }
@@ -136,10 +138,10 @@ pub struct UpstreamSection {
     pub balance: Option<String>,
     pub hash_key: Option<String>,
     pub health_check: Option<HealthCheckSection>,
-    pub connect_timeout: Option<String>,
-    pub read_timeout: Option<String>,
-    pub write_timeout: Option<String>,
-    pub idle_timeout: Option<String>,
+    pub connect_timeout: Option<Span>,
+    pub read_timeout: Option<Span>,
+    pub write_timeout: Option<Span>,
+    pub idle_timeout: Option<Span>,
     pub retries: Option<usize>,
 }
 
@@ -167,7 +169,7 @@ pub struct RouteSection {
     pub upstream: String,
     #[serde(default)]
     pub plugins: Vec<String>,
-    pub max_request_body: Option<String>,
+    pub max_request_body: Option<Size>,
 }
 
 /// The top-level keys, for the unknown-key check and their order in messages.

@@ -5,9 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use gatewarden_plugins::Plugin;
-use serde_yaml_ng::Value;
 
-use super::compile::{size, Errors};
+use super::compile::Errors;
 use super::file::*;
 use crate::chain::{Chain, Link};
 use crate::observe::RouteMetrics;
@@ -120,15 +119,9 @@ pub(super) fn compile_route(
             ),
         }
     }
-    let max_request_body = match section.max_request_body {
-        Some(s) => size(
-            Value::String(s),
-            &format!("{path}.max_request_body"),
-            errors,
-        )
-        .unwrap_or(default_max_body),
-        None => default_max_body,
-    };
+    let max_request_body = section
+        .max_request_body
+        .map_or(default_max_body, |size| size.get());
     let chain = Chain::new(chain);
     if let Some(access) = access {
         if access != Access::Public

@@ -1,3 +1,3 @@
 //! Durations and sizes; shared with the plugins, which parse their own settings.
 
-pub use gatewarden_plugins::units::{parse_duration, parse_size};
+pub use gatewarden_plugins::units::{parse_duration, Size, Span};
