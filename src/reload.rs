@@ -67,7 +67,7 @@ impl State {
                 }
                 // Started before it serves; instances kept from the current config
                 // are running already and start nothing again.
-                if let Err(problems) = compiled.snapshot.start_plugins() {
+                if let Err(problems) = compiled.snapshot.start() {
                     metrics().config_reloads.with_label_values(&["error"]).inc();
                     let text = problems.join("; ");
                     log::error!(
@@ -141,7 +141,7 @@ pub struct AfterDaemonize {
 impl pingora::services::background::BackgroundService for AfterDaemonize {
     async fn start(&self, _shutdown: pingora::server::ShutdownWatch) {
         let snapshot = self.state.current();
-        let started = tokio::task::spawn_blocking(move || snapshot.start_plugins()).await;
+        let started = tokio::task::spawn_blocking(move || snapshot.start()).await;
         let problems = match started {
             Ok(Ok(())) => return,
             Ok(Err(problems)) => problems.join("; "),

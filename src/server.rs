@@ -128,7 +128,7 @@ pub fn run(
     // A daemon starts them after forking (threads do not survive a fork), when it
     // builds its config again.
     if !(flags.daemon && config_path.is_some()) {
-        if let Err(problems) = snapshot.start_plugins() {
+        if let Err(problems) = snapshot.start() {
             anyhow::bail!("{}", problems.join("\n"));
         }
     }

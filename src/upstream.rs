@@ -103,17 +103,83 @@ struct HealthSchedule {
     running: AtomicBool,
 }
 
-/// A compiled upstream pool.
-pub struct Pool {
-    pub name: Arc<str>,
+/// A backend as written: an IP address, or a name that is looked up when the pool
+/// starts (never while a config is only read or checked).
+#[derive(Debug, Clone)]
+struct Target {
+    host: Host,
+    port: u16,
+    weight: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Host {
+    Ip(std::net::IpAddr),
+    Name(String),
+}
+
+impl Target {
+    /// Reads `host:port`, `IP:port` or `[IPv6]:port`; no lookup.
+    fn parse(address: &str, weight: usize) -> Result<Target, String> {
+        if let Ok(addr) = address.parse::<SocketAddr>() {
+            return Ok(Target {
+                host: Host::Ip(addr.ip()),
+                port: addr.port(),
+                weight,
+            });
+        }
+        let bad = || format!("{address:?} is not HOST:PORT (such as 127.0.0.1:3000 or app:3000)");
+        let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_');
+        if host.is_empty() || !host.chars().all(name_char) || port == 0 {
+            return Err(bad());
+        }
+        Ok(Target {
+            host: Host::Name(host.to_string()),
+            port,
+            weight,
+        })
+    }
+
+    fn host_text(&self) -> String {
+        match &self.host {
+            Host::Ip(ip) => ip.to_string(),
+            Host::Name(name) => name.clone(),
+        }
+    }
+
+    /// The address to connect to; a name is looked up (blocking).
+    fn resolve(&self) -> Result<SocketAddr, String> {
+        match &self.host {
+            Host::Ip(ip) => Ok(SocketAddr::new(*ip, self.port)),
+            Host::Name(name) => (name.as_str(), self.port)
+                .to_socket_addrs()
+                .map_err(|e| format!("cannot resolve backend {name}:{}: {e}", self.port))?
+                .next()
+                .ok_or_else(|| format!("backend {name}:{} resolves to no address", self.port)),
+        }
+    }
+}
+
+/// What a pool serves with once its backends have addresses.
+struct Members {
     balancer: Balancer,
-    pub hash_key: Option<HashKey>,
-    template: HttpPeer,
-    pub retries: usize,
     slots: Vec<BackendSlot>,
     health: Option<HealthSchedule>,
     /// The backend of a one-backend pool, picked without asking the balancer.
     only: Option<Backend>,
+}
+
+/// A compiled upstream pool. Building one reads and checks its settings; its backends
+/// get their addresses in [`Pool::start`] (at once when they are all IP addresses).
+pub struct Pool {
+    pub name: Arc<str>,
+    pub hash_key: Option<HashKey>,
+    template: HttpPeer,
+    pub retries: usize,
+    targets: Vec<Target>,
+    members: std::sync::OnceLock<Members>,
     /// The settings it was built from: a reload with the same settings keeps this pool,
     /// and with it the backends' health and their health-check schedule.
     section: UpstreamSection,
@@ -128,26 +194,18 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Upper bound on how far a selection walks the ring looking for a usable backend.
 const MAX_SELECT_STEPS: usize = 256;
 
-fn resolve(address: &str) -> Result<SocketAddr, String> {
-    address
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve backend {address:?}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("backend {address:?} resolves to no address"))
-}
-
 impl Pool {
-    /// Builds a pool from its section; `Err` lists every problem found.
+    /// Builds a pool from its section without any lookup; `Err` lists every problem
+    /// found.
     pub fn build(name: &str, section: &UpstreamSection) -> Result<Pool, Vec<(String, String)>> {
         let mut errors: Vec<(String, String)> = Vec::new();
-        let mut backends = std::collections::BTreeSet::new();
-        let mut first_host: Option<String> = None;
         if section.backends.is_empty() {
             errors.push((
                 "backends".into(),
                 "an upstream needs at least one backend".into(),
             ));
         }
+        let mut targets = Vec::new();
         for (i, b) in section.backends.iter().enumerate() {
             let (address, weight) = match b {
                 BackendSection::Address(a) => (a.as_str(), 1),
@@ -160,28 +218,12 @@ impl Pool {
                 ));
                 continue;
             }
-            match resolve(address) {
-                Ok(addr) => {
-                    if first_host.is_none() {
-                        first_host = address
-                            .rsplit_once(':')
-                            .map(|(h, _)| h.trim_matches(['[', ']']).to_string());
-                    }
-                    let backend = Backend {
-                        addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
-                        weight,
-                        ext: Default::default(),
-                    };
-                    if !backends.insert(backend) {
-                        errors.push((
-                            format!("backends[{i}]"),
-                            format!("{address} is listed twice"),
-                        ));
-                    }
-                }
+            match Target::parse(address, weight) {
+                Ok(target) => targets.push(target),
                 Err(e) => errors.push((format!("backends[{i}]"), e)),
             }
         }
+        let first_host = targets.first().map(Target::host_text);
 
         let (tls, sni, verify) = match &section.tls {
             None | Some(UpstreamTlsSection::Enabled(false)) => (false, String::new(), true),
@@ -220,26 +262,19 @@ impl Pool {
             _ => None,
         };
 
-        let timeouts = [
+        let [connect, read, write, idle] = [
             (section.connect_timeout, CONNECT_TIMEOUT),
             (section.read_timeout, READ_TIMEOUT),
             (section.write_timeout, WRITE_TIMEOUT),
             (section.idle_timeout, IDLE_TIMEOUT),
         ]
         .map(|(set, default)| set.map_or(default, Span::get));
-        let [connect, read, write, idle] = timeouts;
 
-        let health = match &section.health_check {
-            Some(hc) => match health_check(hc, tls, &sni, verify) {
-                Ok(h) => Some(h),
-                Err(errs) => {
-                    errors.extend(errs);
-                    None
-                }
-            },
-            None => None,
-        };
-
+        if let Some(hc) = &section.health_check {
+            if let Err(errs) = health_check(hc, tls, &sni, verify) {
+                errors.extend(errs);
+            }
+        }
         let balance = section.balance.as_deref().unwrap_or("round_robin");
         if !matches!(balance, "round_robin" | "random" | "hash") {
             errors.push((
@@ -251,21 +286,77 @@ impl Pool {
             return Err(errors);
         }
 
-        let slots: Vec<BackendSlot> = backends
-            .iter()
-            .map(|b| {
-                let addr = b
-                    .addr
-                    .as_inet()
-                    .copied()
-                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-                BackendSlot {
-                    addr,
-                    responses: StatusCounters::new(
-                        &metrics().upstream_requests,
-                        &[name, &addr.to_string()],
-                    ),
+        let mut template = HttpPeer::new(SocketAddr::from(([127, 0, 0, 1], 1)), tls, sni);
+        template.options.connection_timeout = Some(connect);
+        template.options.read_timeout = Some(read);
+        template.options.write_timeout = Some(write);
+        template.options.idle_timeout = Some(idle);
+        template.options.verify_cert = verify;
+        template.options.verify_hostname = verify;
+
+        let pool = Pool {
+            name: Arc::from(name),
+            hash_key,
+            template,
+            retries: section.retries.unwrap_or(1),
+            targets,
+            members: std::sync::OnceLock::new(),
+            section: section.clone(),
+        };
+        // Addresses need no lookup: the pool can serve as built.
+        if pool.targets.iter().all(|t| matches!(t.host, Host::Ip(_))) {
+            pool.start()?;
+        }
+        Ok(pool)
+    }
+
+    /// Gives the backends their addresses (looking up names, blocking) and readies the
+    /// balancer and health checks. Done once; a started pool starts nothing again.
+    pub fn start(&self) -> Result<(), Vec<(String, String)>> {
+        if self.members.get().is_some() {
+            return Ok(());
+        }
+        let mut errors = Vec::new();
+        let mut backends = std::collections::BTreeSet::new();
+        for (i, target) in self.targets.iter().enumerate() {
+            match target.resolve() {
+                Ok(addr) => {
+                    let backend = Backend {
+                        addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
+                        weight: target.weight,
+                        ext: Default::default(),
+                    };
+                    if !backends.insert(backend) {
+                        errors.push((format!("backends[{i}]"), format!("{addr} is listed twice")));
+                    }
                 }
+                Err(e) => errors.push((format!("backends[{i}]"), e)),
+            }
+        }
+        let tls = self.uses_tls();
+        let verify = self.template.options.verify_cert;
+        let health = match &self.section.health_check {
+            Some(hc) => match health_check(hc, tls, &self.template.sni, verify) {
+                Ok(built) => Some(built),
+                Err(errs) => {
+                    errors.extend(errs);
+                    None
+                }
+            },
+            None => None,
+        };
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let slots = backends
+            .iter()
+            .filter_map(|b| b.addr.as_inet().copied())
+            .map(|addr| BackendSlot {
+                addr,
+                responses: StatusCounters::new(
+                    &metrics().upstream_requests,
+                    &[&self.name, &addr.to_string()],
+                ),
             })
             .collect();
         let (check, schedule) = match health {
@@ -280,33 +371,21 @@ impl Pool {
             None => (None, None),
         };
         let only = backends.first().filter(|_| backends.len() == 1).cloned();
-        let balancer = match balance {
-            "random" => Balancer::Random(load_balancer(backends, check)),
-            "hash" => Balancer::Hash(load_balancer(backends, check)),
+        let balancer = match self.section.balance.as_deref() {
+            Some("random") => Balancer::Random(load_balancer(backends, check)),
+            Some("hash") => Balancer::Hash(load_balancer(backends, check)),
             _ => Balancer::RoundRobin(load_balancer(backends, check)),
         };
-
-        let mut template = HttpPeer::new(SocketAddr::from(([127, 0, 0, 1], 1)), tls, sni);
-        template.options.connection_timeout = Some(connect);
-        template.options.read_timeout = Some(read);
-        template.options.write_timeout = Some(write);
-        template.options.idle_timeout = Some(idle);
-        template.options.verify_cert = verify;
-        template.options.verify_hostname = verify;
-
-        let pool = Pool {
-            name: Arc::from(name),
+        // Two starts at once are serialised by the reload lock; the loser's members
+        // are dropped unused.
+        let _ = self.members.set(Members {
             balancer,
-            hash_key,
-            template,
-            retries: section.retries.unwrap_or(1),
             slots,
             health: schedule,
             only,
-            section: section.clone(),
-        };
-        pool.publish_health();
-        Ok(pool)
+        });
+        self.publish_health();
+        Ok(())
     }
 
     /// True when this pool was built from exactly `section`.
@@ -318,13 +397,14 @@ impl Pool {
     /// unhealthy, one of them is tried anyway (as Envoy's panic threshold does): a
     /// health check that is wrong about all backends must not take the whole service down.
     pub fn select(&self, key: &[u8], exclude: &[SocketAddr]) -> Option<Backend> {
+        let members = self.members.get()?;
         let excluded = |b: &Backend| b.addr.as_inet().is_some_and(|a| exclude.contains(a));
         // One backend: the balancer would return it healthy or not (see above), so it is
         // the answer unless it was already tried; this skips the ring walk and hashing.
-        if let Some(only) = &self.only {
+        if let Some(only) = &members.only {
             return (!excluded(only)).then(|| only.clone());
         }
-        with_lb!(&self.balancer, lb => lb
+        with_lb!(&members.balancer, lb => lb
             .select_with(key, MAX_SELECT_STEPS, |b, healthy| healthy && !excluded(b))
             .or_else(|| lb.select_with(key, MAX_SELECT_STEPS, |b, _| !excluded(b))))
     }
@@ -343,14 +423,20 @@ impl Pool {
 
     /// Counts a response from `backend`.
     pub fn count_response(&self, backend: &SocketAddr, status: u16) {
-        if let Some(slot) = self.slots.iter().find(|s| s.addr == *backend) {
+        let slots = self.members.get().map_or(&[][..], |m| &m.slots);
+        if let Some(slot) = slots.iter().find(|s| s.addr == *backend) {
             slot.responses.inc(status);
         }
     }
 
     /// Runs a health-check pass if one is due. Passes never overlap for one pool.
     pub async fn health_check_if_due(&self, now_ms: u64) {
-        let Some(schedule) = &self.health else { return };
+        let Some(members) = self.members.get() else {
+            return;
+        };
+        let Some(schedule) = &members.health else {
+            return;
+        };
         if now_ms < schedule.next_due_ms.load(Ordering::Relaxed)
             || schedule.running.swap(true, Ordering::AcqRel)
         {
@@ -360,18 +446,21 @@ impl Pool {
             now_ms + schedule.interval.as_millis() as u64,
             Ordering::Relaxed,
         );
-        with_lb!(&self.balancer, lb => lb.backends().run_health_check(true).await);
+        with_lb!(&members.balancer, lb => lb.backends().run_health_check(true).await);
         self.publish_health();
         schedule.running.store(false, Ordering::Release);
     }
 
     pub fn has_health_check(&self) -> bool {
-        self.health.is_some()
+        self.members.get().is_some_and(|m| m.health.is_some())
     }
 
     fn publish_health(&self) {
         let gauge = &metrics().backend_healthy;
-        with_lb!(&self.balancer, lb => {
+        let Some(members) = self.members.get() else {
+            return;
+        };
+        with_lb!(&members.balancer, lb => {
             for backend in lb.backends().get_backend().iter() {
                 let label = backend.addr.to_string();
                 gauge.with_label_values(&[&self.name, &label]).set(i64::from(lb.backends().ready(backend)));
@@ -381,7 +470,8 @@ impl Pool {
 
     /// Backend addresses, for messages.
     pub fn backend_addrs(&self) -> impl Iterator<Item = &SocketAddr> {
-        self.slots.iter().map(|s| &s.addr)
+        let slots = self.members.get().map_or(&[][..], |m| &m.slots);
+        slots.iter().map(|s| &s.addr)
     }
 }
 
@@ -559,6 +649,41 @@ mod tests {
             ));
             assert_eq!(picked(&p, &[]), Some(addr("127.0.0.1:9")), "{balance}");
             assert_eq!(picked(&p, &[addr("127.0.0.1:9")]), None, "{balance}");
+        }
+    }
+
+    #[test]
+    fn names_are_looked_up_when_the_pool_starts_never_when_it_is_built() {
+        let p = pool("{ backends: ['localhost:9'] }");
+        assert_eq!(picked(&p, &[]), None, "built, not started: no address yet");
+        assert_eq!(p.backend_addrs().count(), 0);
+        p.start().unwrap();
+        let got = picked(&p, &[]).unwrap();
+        assert!(got.ip().is_loopback() && got.port() == 9, "{got}");
+        // IP addresses need no lookup: such a pool serves as built.
+        let p = pool("{ backends: ['127.0.0.1:9', '[::1]:10'] }");
+        assert_eq!(p.backend_addrs().count(), 2);
+    }
+
+    #[test]
+    fn malformed_backends_are_errors_of_the_config() {
+        for bad in [
+            "localhost",
+            "app:0",
+            "app:http",
+            ":80",
+            "a b:80",
+            "http://app:80",
+        ] {
+            let section: UpstreamSection =
+                serde_yaml_ng::from_str(&format!("{{ backends: ['{bad}'] }}")).unwrap();
+            let errors = Pool::build("test", &section).err().unwrap_or_default();
+            assert!(
+                errors
+                    .iter()
+                    .any(|(at, e)| at == "backends[0]" && e.contains("HOST:PORT")),
+                "{bad}: {errors:?}"
+            );
         }
     }
 

@@ -58,11 +58,21 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Starts what the plugins need to serve (first key fetches, file watches,
-    /// discovery): once this snapshot is about to serve, never for `check`. Blocks for
-    /// as long as the slowest first fetch (bounded); call it off the request threads.
-    pub fn start_plugins(&self) -> Result<(), Vec<String>> {
+    /// Starts what this snapshot needs to serve: backend names looked up, first key
+    /// fetches, file watches, discovery. Once this snapshot is about to serve, never for
+    /// `check`. Blocks for as long as the slowest first lookup or fetch (bounded); call
+    /// it off the request threads.
+    pub fn start(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
+        for (name, pool) in &self.pools {
+            if let Err(errors) = pool.start() {
+                problems.extend(
+                    errors
+                        .into_iter()
+                        .map(|(at, e)| format!("upstreams.{name}.{at}: {e}")),
+                );
+            }
+        }
         if let Some((target, writer)) = &self.access_log {
             if let Err(e) = writer.start() {
                 problems.push(format!("access_log {target}: {e}"));

@@ -800,3 +800,44 @@ fn a_gibibyte_streams_down_and_up_with_bounded_memory() {
     );
     assert!(peak < 200 << 20, "gateway peak RSS {} MiB", peak >> 20);
 }
+
+/// A backend written as a host name is looked up when the gateway starts serving, and
+/// again when a reload changes its upstream; reading the config looks nothing up.
+#[test]
+fn backends_named_by_host_name_are_looked_up_when_the_config_starts() {
+    use std::net::ToSocketAddrs;
+    // Whatever `localhost` means on this machine first is what the gateway will use.
+    let first = ("localhost", 0)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .expect("localhost resolves");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let start = |ip: IpAddr| {
+        runtime
+            .block_on(DemoUpstream::start(&SocketAddr::new(ip, 0).to_string()))
+            .expect("upstream")
+    };
+    let (a, b) = (start(first.ip()), start(first.ip()));
+    let named = |port: u16| format!("{{ backends: ['localhost:{port}'] }}");
+    let gw = Gateway::start(&pool_config(&named(a.addr.port())));
+    assert_eq!(served_by(&get(gw.addr, "/", &[])), a.addr.port());
+
+    std::fs::write(
+        &gw.config,
+        pool_config(&named(b.addr.port()))
+            .replace("{listen}", &gw.addr.to_string())
+            .replace("{admin}", &gw.admin.to_string()),
+    )
+    .unwrap();
+    gw.signal("HUP");
+    poll_until(
+        "the reload to reach the renamed backend",
+        Duration::from_secs(10),
+        || served_by(&get(gw.addr, "/", &[])) == b.addr.port(),
+    );
+}
