@@ -47,7 +47,7 @@ pub enum Source {
 }
 
 /// Settings of an `api_key` plugin.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyConfig {
     /// The keys file managed by `gatewarden key`. Re-read when it changes.

@@ -46,7 +46,7 @@ pub mod watch;
 
 pub use ctx::{client_network, Conflict, Ctx, Identity, IpText, RequestId, Role};
 pub use plugin::{Hooks, Plugin, PluginType, RequestFlow, Verdict};
-pub use registry::{build, shown, BuildEnv, BuildError, PLUGIN_TYPES};
+pub use registry::{build, shown, BuildEnv, BuildError, PluginPlan, PLUGIN_TYPES};
 pub use reply::Reply;
 
 /// Re-exported so the core and plugins agree on the header types.

@@ -52,7 +52,7 @@ pub enum Check {
 }
 
 /// Settings of an `origin` plugin.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OriginConfig {
     /// Origins (`https://chat.example.com`, `http://127.0.0.1:8080`) whose requests are

@@ -60,7 +60,7 @@ pub fn hash_pin(pin: &str) -> Result<String, String> {
 }
 
 /// Settings of a `pin_gate` plugin.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PinGateConfig {
     /// argon2id hash of the PIN, as printed by `gatewarden hash-pin`.

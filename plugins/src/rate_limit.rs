@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::gcra::{Decision, Gcra, LocalTable, RedisGcra, RedisMode};
 use crate::redis_store;
+use crate::units::Rate;
 use crate::{
     BuildEnv, Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, ResponseParts, Verdict,
 };
@@ -51,14 +52,14 @@ pub struct RateLimitInfo {
 }
 
 /// Settings of a `rate_limit` plugin.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// What is limited: `client_ip` (default), `identity`, `header:NAME` or `route`.
     #[serde(default = "default_key")]
     pub key: String,
     /// `N/s`, `N/min` or `N/h`.
-    pub rate: Option<String>,
+    pub rate: Option<Rate>,
     /// Requests allowed at once (default: N of the rate).
     pub burst: Option<u64>,
     /// Concurrent requests per key, streams included.
@@ -152,26 +153,6 @@ impl KeySource {
     }
 }
 
-/// Parses `20/s`, `100/min`, `1000/h`.
-pub fn parse_rate(text: &str) -> Result<(u64, Duration), String> {
-    let (n, unit) = text
-        .split_once('/')
-        .ok_or_else(|| format!("{text:?} is not a rate like 20/s, 100/min or 1000/h"))?;
-    let n: u64 = n
-        .trim()
-        .parse()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{text:?}: the count must be a positive integer"))?;
-    let period = match unit.trim() {
-        "s" | "sec" => Duration::from_secs(1),
-        "m" | "min" => Duration::from_secs(60),
-        "h" | "hour" => Duration::from_secs(3600),
-        other => return Err(format!("{text:?}: unknown unit {other:?}; use s, min or h")),
-    };
-    Ok((n, period))
-}
-
 /// Concurrent requests per key.
 #[derive(Default)]
 struct InflightTable {
@@ -222,10 +203,11 @@ impl RateLimit {
     pub fn new(config: RateLimitConfig, env: &BuildEnv) -> Result<Self, String> {
         let key = KeySource::parse(&config.key)?;
         let gcra = match &config.rate {
-            Some(rate) => {
-                let (n, period) = parse_rate(rate).map_err(|e| format!("rate: {e}"))?;
-                Some(Gcra::new(n, period, config.burst.unwrap_or(n)))
-            }
+            Some(rate) => Some(Gcra::new(
+                rate.count,
+                rate.per,
+                config.burst.unwrap_or(rate.count),
+            )),
             None if config.burst.is_some() => return Err("`burst` needs a `rate`".into()),
             None => None,
         };
@@ -437,6 +419,7 @@ mod tests {
 
     #[test]
     fn rates_parse() {
+        use crate::units::parse_rate;
         assert_eq!(parse_rate("20/s").unwrap(), (20, Duration::from_secs(1)));
         assert_eq!(parse_rate("5/min").unwrap(), (5, Duration::from_secs(60)));
         assert_eq!(

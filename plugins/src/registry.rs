@@ -1,5 +1,6 @@
 //! Maps a YAML `type:` to the code that builds that plugin.
 
+use std::any::Any;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -25,13 +26,24 @@ pub enum BuildError {
     Settings(String),
 }
 
-type Constructor = fn(serde_yaml_ng::Value, &BuildEnv) -> Result<Arc<dyn Plugin>, String>;
-type Shower = fn(serde_yaml_ng::Value) -> Result<serde_json::Value, String>;
+/// What the registry knows of one plugin type: how to read, compare, show and build
+/// its settings. Settings travel as `dyn Any` between these so that one table holds
+/// every type; each function downcasts to its own type's config.
+type Settings = Box<dyn Any + Send + Sync>;
+type Built = Result<Arc<dyn Plugin>, String>;
+
+struct Entry {
+    type_name: &'static str,
+    parse: fn(serde_yaml_ng::Value) -> Result<Settings, String>,
+    same: fn(&dyn Any, &dyn Any) -> bool,
+    show: fn(&dyn Any) -> serde_json::Value,
+    build: fn(&dyn Any, &BuildEnv) -> Built,
+}
 
 /// Parses `settings` into `T`'s config. An error names the setting it is about
 /// (`lockout.window: ...`), whether serde or a setting's own type found it.
-fn parse<T: PluginType>(settings: serde_yaml_ng::Value) -> Result<T::Config, String> {
-    serde_path_to_error::deserialize(settings).map_err(|e| {
+fn parse<T: PluginType>(settings: serde_yaml_ng::Value) -> Result<Settings, String> {
+    let config: T::Config = serde_path_to_error::deserialize(settings).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path == "." {
@@ -39,28 +51,42 @@ fn parse<T: PluginType>(settings: serde_yaml_ng::Value) -> Result<T::Config, Str
         } else {
             format!("{path}: {inner}")
         }
-    })
+    })?;
+    Ok(Box::new(config))
 }
 
-/// Parses `settings` into `T`'s config and builds it.
-fn construct<T: PluginType>(
-    settings: serde_yaml_ng::Value,
-    env: &BuildEnv,
-) -> Result<Arc<dyn Plugin>, String> {
-    Ok(Arc::new(T::build(parse::<T>(settings)?, env)?))
+fn same<T: PluginType>(a: &dyn Any, b: &dyn Any) -> bool {
+    match (a.downcast_ref::<T::Config>(), b.downcast_ref::<T::Config>()) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
 }
 
-/// `settings` parsed into `T`'s config and serialized back: defaults filled in, secrets
-/// masked by their type.
-fn show<T: PluginType>(settings: serde_yaml_ng::Value) -> Result<serde_json::Value, String> {
-    serde_json::to_value(parse::<T>(settings)?).map_err(|e| e.to_string())
+/// The config serialized back: defaults filled in, secrets masked by their type.
+fn show<T: PluginType>(config: &dyn Any) -> serde_json::Value {
+    config
+        .downcast_ref::<T::Config>()
+        .and_then(|c| serde_json::to_value(c).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn construct<T: PluginType>(config: &dyn Any, env: &BuildEnv) -> Built {
+    let config = config
+        .downcast_ref::<T::Config>()
+        .ok_or("settings of another plugin type")?;
+    Ok(Arc::new(T::build(config.clone(), env)?))
 }
 
 /// The plugin types this build knows: one line each.
 macro_rules! registry {
     ($($plugin:ty,)*) => {
-        const REGISTRY: &[(&str, Constructor, Shower)] =
-            &[$((<$plugin>::TYPE, construct::<$plugin>, show::<$plugin>)),*];
+        const REGISTRY: &[Entry] = &[$(Entry {
+            type_name: <$plugin>::TYPE,
+            parse: parse::<$plugin>,
+            same: same::<$plugin>,
+            show: show::<$plugin>,
+            build: construct::<$plugin>,
+        }),*];
 
         /// Every plugin type this build knows, in registry order.
         pub const PLUGIN_TYPES: &[&str] = &[$(<$plugin>::TYPE),*];
@@ -84,31 +110,63 @@ registry! {
     crate::basic_auth::BasicAuth,
 }
 
-/// Builds a plugin of type `type_name` from its settings (the YAML block without `type`).
+/// A plugin's settings, read and checked for their form but not built: no file, no
+/// network, no thread. Two plans compare equal when their typed settings are, which is
+/// how a reload knows it may keep the running instance.
+pub struct PluginPlan {
+    entry: &'static Entry,
+    config: Settings,
+}
+
+impl PluginPlan {
+    /// Reads the settings of a plugin of type `type_name` (its YAML block without `type`).
+    pub fn parse(type_name: &str, settings: serde_yaml_ng::Value) -> Result<Self, BuildError> {
+        let entry = REGISTRY
+            .iter()
+            .find(|e| e.type_name == type_name)
+            .ok_or_else(|| BuildError::UnknownType(type_name.to_string()))?;
+        let config = (entry.parse)(settings).map_err(BuildError::Settings)?;
+        Ok(PluginPlan { entry, config })
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        self.entry.type_name
+    }
+
+    /// The settings as `GET /admin/config` shows them: defaults filled in, and every
+    /// secret setting (a [`Secret`](crate::secret::Secret)) as `********`.
+    pub fn shown(&self) -> serde_json::Value {
+        (self.entry.show)(self.config.as_ref())
+    }
+
+    /// True when `other` is a plugin of the same type with equal settings.
+    pub fn same_as(&self, other: &PluginPlan) -> bool {
+        std::ptr::eq(self.entry, other.entry)
+            && (self.entry.same)(self.config.as_ref(), other.config.as_ref())
+    }
+
+    /// Builds the plugin: reads the files its settings name and checks what only they
+    /// can show. Network and threads wait for [`Plugin::start`].
+    pub fn build(&self, env: &BuildEnv) -> Result<Arc<dyn Plugin>, BuildError> {
+        (self.entry.build)(self.config.as_ref(), env).map_err(BuildError::Settings)
+    }
+}
+
+/// Reads and builds a plugin of type `type_name` from its settings.
 pub fn build(
     type_name: &str,
     settings: serde_yaml_ng::Value,
     env: &BuildEnv,
 ) -> Result<Arc<dyn Plugin>, BuildError> {
-    let (_, constructor, _) = REGISTRY
-        .iter()
-        .find(|(name, _, _)| *name == type_name)
-        .ok_or_else(|| BuildError::UnknownType(type_name.to_string()))?;
-    constructor(settings, env).map_err(BuildError::Settings)
+    PluginPlan::parse(type_name, settings)?.build(env)
 }
 
-/// A plugin's settings as `GET /admin/config` shows them: parsed into the type's config
-/// and serialized back, so that every secret setting (a
-/// [`Secret`](crate::secret::Secret)) shows as `********`.
+/// A plugin's settings as `GET /admin/config` shows them.
 pub fn shown(
     type_name: &str,
     settings: serde_yaml_ng::Value,
 ) -> Result<serde_json::Value, BuildError> {
-    let (_, _, show) = REGISTRY
-        .iter()
-        .find(|(name, _, _)| *name == type_name)
-        .ok_or_else(|| BuildError::UnknownType(type_name.to_string()))?;
-    show(settings).map_err(BuildError::Settings)
+    Ok(PluginPlan::parse(type_name, settings)?.shown())
 }
 
 #[cfg(test)]
@@ -142,6 +200,24 @@ mod tests {
             }
             assert!(shown.contains("********"), "{type_name}: {shown}");
         }
+    }
+
+    #[test]
+    fn plans_compare_by_their_typed_settings() {
+        let plan = |type_name: &str, yaml: &str| {
+            PluginPlan::parse(type_name, serde_yaml_ng::from_str(yaml).unwrap()).unwrap()
+        };
+        let base = plan("rate_limit", "{ rate: 10/min, burst: 5 }");
+        // Written differently, read the same: key order, a default spelled out, `m`.
+        let same = plan("rate_limit", "{ burst: 5, key: client_ip, rate: 10/m }");
+        assert!(base.same_as(&same));
+        assert!(!base.same_as(&plan("rate_limit", "{ rate: 11/min, burst: 5 }")));
+        // A changed secret is a change, though both show as `********`.
+        let a = plan("upstream_auth", "{ value: 'Bearer one' }");
+        let b = plan("upstream_auth", "{ value: 'Bearer two' }");
+        assert_eq!(a.shown(), b.shown());
+        assert!(!a.same_as(&b));
+        assert!(!a.same_as(&base), "different types are never the same");
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub const LOGOUT_PATH: &str = "/.gatewarden/logout";
 /// Minimum length of a session secret.
 pub const MIN_SECRET_LEN: usize = 32;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 struct Claims {
     sub: String,
     role: String,

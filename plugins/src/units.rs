@@ -160,6 +160,67 @@ impl Serialize for Size {
     }
 }
 
+/// A rate setting: `20/s`, `100/min` or `1000/h`, parsed once when the config is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rate {
+    /// How many, at least 1.
+    pub count: u64,
+    /// In how long: a second, a minute or an hour.
+    pub per: Duration,
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "min",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        parse_rate(text).map(|(count, per)| Rate { count, per })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Parses `20/s`, `100/min`, `1000/h`.
+pub fn parse_rate(text: &str) -> Result<(u64, Duration), String> {
+    let (n, unit) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a rate like 20/s, 100/min or 1000/h"))?;
+    let n: u64 = n
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?}: the count must be a positive integer"))?;
+    let period = match unit.trim() {
+        "s" | "sec" => Duration::from_secs(1),
+        "m" | "min" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        other => return Err(format!("{text:?}: unknown unit {other:?}; use s, min or h")),
+    };
+    Ok((n, period))
+}
+
 /// Parses `250ms`, `10s`, `5m`, `12h` or `30d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use gatewarden_plugins::{BuildEnv, Plugin};
+use gatewarden_plugins::{BuildEnv, Plugin, PluginPlan};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::{Mapping, Value};
@@ -155,28 +155,20 @@ pub fn compile(text: &str, generation: u64) -> Result<Compiled, Vec<ConfigError>
     compile_with(text, generation, None)
 }
 
-/// A plugin instance with the fingerprint of the settings it was built from.
+/// A plugin instance with the settings it was built from, and the Redis it shares
+/// state through: a reload with equal settings and the same Redis keeps the instance
+/// (its counters, lockouts, in-flight slots).
 #[derive(Clone)]
 pub struct BuiltPlugin {
-    fingerprint: [u8; 32],
+    plan: Arc<PluginPlan>,
+    redis_url: Option<String>,
     pub plugin: Arc<dyn Plugin>,
 }
 
-/// Fingerprint of a plugin's type and expanded settings; equal fingerprints mean the
-/// previous instance (with its counters, lockouts, in-flight slots) can be kept.
-fn fingerprint(type_name: &str, settings: &Value, redis_url: Option<&str>) -> [u8; 32] {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    h.update(type_name.as_bytes());
-    h.update([0]);
-    h.update(
-        serde_yaml_ng::to_string(settings)
-            .unwrap_or_default()
-            .as_bytes(),
-    );
-    h.update([0]);
-    h.update(redis_url.unwrap_or("").as_bytes());
-    h.finalize().into()
+impl BuiltPlugin {
+    fn serves(&self, plan: &PluginPlan, redis_url: Option<&str>) -> bool {
+        self.plan.same_as(plan) && self.redis_url.as_deref() == redis_url
+    }
 }
 
 /// Like [`compile`], reusing from `previous` every plugin whose settings did not
@@ -455,30 +447,34 @@ pub fn compile_with(
                     continue;
                 }
             };
-            let settings = Value::Mapping(block);
-            if let Ok(serde_json::Value::Object(mut shown)) =
-                gatewarden_plugins::shown(&type_name, settings.clone())
-            {
+            let plan = match PluginPlan::parse(&type_name, Value::Mapping(block)) {
+                Ok(plan) => Arc::new(plan),
+                Err(e) => {
+                    errors.push(format!("{path} (type: {type_name})"), e.to_string());
+                    continue;
+                }
+            };
+            if let serde_json::Value::Object(mut shown) = plan.shown() {
                 shown.insert("type".into(), type_name.clone().into());
                 plugins_shown.insert(name.clone(), shown.into());
             }
-            let print = fingerprint(&type_name, &settings, redis_url.as_deref());
             if let Some(old) = previous
                 .and_then(|p| p.plugins.get(&name))
-                .filter(|old| old.fingerprint == print)
+                .filter(|old| old.serves(&plan, redis_url.as_deref()))
             {
                 plugins.insert(name.clone(), old.plugin.clone());
                 built.insert(name, old.clone());
                 continue;
             }
             env.name = name.clone();
-            match gatewarden_plugins::build(&type_name, settings, &env) {
+            match plan.build(&env) {
                 Ok(p) => {
                     plugins.insert(name.clone(), p.clone());
                     built.insert(
                         name,
                         BuiltPlugin {
-                            fingerprint: print,
+                            plan,
+                            redis_url: redis_url.clone(),
                             plugin: p,
                         },
                     );

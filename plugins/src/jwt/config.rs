@@ -11,7 +11,7 @@ use crate::units::Span;
 use super::*;
 
 /// Settings of a `jwt` plugin.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     /// The `iss` every token must carry, exactly (for OIDC providers: the issuer URL

@@ -7,7 +7,7 @@ use crate::session::SecureCookie;
 use crate::units::Span;
 
 /// Settings of an `oidc` plugin.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OidcConfig {
     /// The provider's issuer URL, exactly as its discovery document says (trailing
