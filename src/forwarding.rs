@@ -57,6 +57,27 @@ pub(crate) fn client_behind_proxies(req: &RequestHeader, nets: &[IpNet], peer: I
     client
 }
 
+/// What a trusted proxy in front says about the request it hands on: the client behind
+/// it, the request id it gave, and whether the client spoke HTTPS to it.
+pub(crate) fn take_from_trusted_proxy(
+    req: &RequestHeader,
+    nets: &[IpNet],
+    peer: IpAddr,
+    ctx: &mut gatewarden_plugins::Ctx,
+) {
+    ctx.client_ip = client_behind_proxies(req, nets, peer);
+    if let Some(id) = req
+        .headers
+        .get(&X_REQUEST_ID)
+        .and_then(|v| gatewarden_plugins::RequestId::from_trusted(v.as_bytes()))
+    {
+        ctx.request_id = id;
+    }
+    if let Some(proto) = req.headers.get(&X_FORWARDED_PROTO) {
+        ctx.https = proto.as_bytes().eq_ignore_ascii_case(b"https");
+    }
+}
+
 /// `X-Forwarded-*`, with `_` for `-` anywhere (header names are lowercase here).
 pub(crate) fn is_forwarding_header(name: &str) -> bool {
     spelling::has_variable_prefix(name.as_bytes(), b"x-forwarded-")

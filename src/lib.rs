@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod demo_upstream;
 pub mod downstream;
+pub mod endpoints;
 pub mod forwarding;
 pub mod head_deadline;
 pub mod logging;

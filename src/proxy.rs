@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use gatewarden_plugins::{Ctx, Reply, RequestFlow, Verdict};
+use gatewarden_plugins::{Ctx, Reply};
 use http::header::{self, HeaderValue};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
@@ -37,9 +37,10 @@ use pingora_error::{ErrorSource, ErrorType};
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::config::Snapshot;
+use crate::endpoints;
 use crate::forwarding::{
-    canonical_target, client_behind_proxies, response_without_case_map, trusted, Forwarding,
-    X_FORWARDED_PROTO, X_REQUEST_ID,
+    canonical_target, response_without_case_map, take_from_trusted_proxy, trusted, Forwarding,
+    X_REQUEST_ID,
 };
 use crate::observe::{new_request_id, InflightGuard, RouteMetrics};
 use crate::reload::State;
@@ -48,23 +49,6 @@ use crate::router::{normalize, without_params, Route};
 
 /// Metrics for requests that matched no route (404s, 400s, health checks).
 static UNROUTED: LazyLock<RouteMetrics> = LazyLock::new(|| RouteMetrics::new(&Arc::from("-")));
-
-/// Paths the gateway answers itself (login, logout, callbacks), claimed by plugins.
-const GATEWAY_PATHS: &str = "/.gatewarden/";
-/// Largest body read for a gateway endpoint (a login form).
-const ENDPOINT_BODY_LIMIT: usize = 16 * 1024;
-
-/// Reads a small request body whole; `None` when it is over the limit.
-async fn read_small_body(session: &mut Session) -> Result<Option<Bytes>> {
-    let mut body = Vec::new();
-    while let Some(chunk) = session.read_request_body().await? {
-        if body.len() + chunk.len() > ENDPOINT_BODY_LIMIT {
-            return Ok(None);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(Some(Bytes::from(body)))
-}
 
 /// Per-request state of the core; the plugins' part is `plugin`.
 pub struct RequestCtx {
@@ -159,20 +143,6 @@ impl Gateway {
         }
         Ok(true)
     }
-
-    fn health_reply(snapshot: &Snapshot) -> Reply {
-        let body = serde_json::json!({
-            "status": "ok",
-            "version": env!("CARGO_PKG_VERSION"),
-            "config_generation": snapshot.generation,
-        });
-        Reply {
-            status: 200,
-            content_type: "application/json",
-            headers: Vec::new(),
-            body: Bytes::from(body.to_string()),
-        }
-    }
 }
 
 /// Gzip/brotli/zstd level for responses the gateway compresses itself: most of the size
@@ -248,17 +218,7 @@ impl ProxyHttp for Gateway {
         ctx.peer_trusted = trusted(&snapshot.trusted_proxies, peer_ip);
         let req = session.req_header();
         if ctx.peer_trusted {
-            ctx.plugin.client_ip = client_behind_proxies(req, &snapshot.trusted_proxies, peer_ip);
-            if let Some(id) = req
-                .headers
-                .get(&X_REQUEST_ID)
-                .and_then(|v| gatewarden_plugins::RequestId::from_trusted(v.as_bytes()))
-            {
-                ctx.plugin.request_id = id;
-            }
-            if let Some(proto) = req.headers.get(&X_FORWARDED_PROTO) {
-                ctx.plugin.https = proto.as_bytes().eq_ignore_ascii_case(b"https");
-            }
+            take_from_trusted_proxy(req, &snapshot.trusted_proxies, peer_ip, &mut ctx.plugin);
         } else {
             ctx.plugin.client_ip = peer_ip;
         }
@@ -267,7 +227,7 @@ impl ProxyHttp for Gateway {
         if snapshot.health_path.as_deref() == Some(raw_path)
             && matches!(req.method, http::Method::GET | http::Method::HEAD)
         {
-            let reply = Self::health_reply(&snapshot);
+            let reply = endpoints::health_reply(&snapshot);
             ctx.snapshot = Some(snapshot);
             return self.respond(session, ctx, reply).await;
         }
@@ -309,25 +269,10 @@ impl ProxyHttp for Gateway {
             .filter(|h| h.rewritten() || absolute_form)
             .map(|h| canonical_target(req, &h.authority, absolute_form))
             .transpose()?;
-        if path.starts_with(GATEWAY_PATHS) {
-            if let Some(plugin) = snapshot.router.endpoint(host, &path) {
-                ctx.snapshot = Some(snapshot);
-                let reply = match read_small_body(session).await? {
-                    Some(body) => {
-                        let req = session.req_header();
-                        match plugin.serve(req, body, &mut ctx.plugin) {
-                            RequestFlow::Done(v) => v,
-                            wait => wait.resolve().await,
-                        }
-                    }
-                    None => Verdict::Reply(Reply::error(413, "request body too large")),
-                };
-                let reply = match reply {
-                    Verdict::Reply(r) => r,
-                    Verdict::Continue => Reply::error(404, "not found"),
-                };
-                return self.respond(session, ctx, reply).await;
-            }
+        if let Some(plugin) = endpoints::claimed(&snapshot, host, &path) {
+            ctx.snapshot = Some(snapshot);
+            let reply = endpoints::serve(&plugin, session, &mut ctx.plugin).await?;
+            return self.respond(session, ctx, reply).await;
         }
         let Some(route) = snapshot
             .router
