@@ -80,7 +80,7 @@ fn parent() {
             _ => Variant::Public,
         };
         let upstream_addr = SocketAddr::from(([127, 0, 0, 1], upstream));
-        let yaml = support::config(variant, 1, dir.path(), proxy, upstream_addr, "");
+        let yaml = support::config(variant, 1, dir.path(), proxy, upstream_addr, |u| u);
         std::fs::write(&config, yaml).expect("write config");
         let out = Command::new(&exe)
             .env("ALLOCS_CHILD", target)

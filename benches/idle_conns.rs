@@ -91,7 +91,7 @@ fn start_gateway(
     threads: usize,
     upstream: SocketAddr,
 ) -> (GatewayProcess, Arc<[u8]>) {
-    let mut gw = GatewayProcess::spawn(variant, threads, upstream, "", 0);
+    let mut gw = GatewayProcess::spawn(variant, threads, upstream, |u| u);
     let request: Arc<[u8]> = format!(
         "GET /small HTTP/1.1\r\nHost: bench.local\r\n{}\r\n",
         gw.auth
@@ -534,7 +534,7 @@ fn main() {
          RLIMIT_NOFILE {got}; {}; loadavg {}",
         knobs.conns,
         knobs.concurrency,
-        bin().display(),
+        bin(),
         load.trim()
     );
 

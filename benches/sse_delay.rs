@@ -101,10 +101,10 @@ fn start_gateway(
     variant: Variant,
     threads: usize,
     upstream: SocketAddr,
-    port_skip: u16,
 ) -> GatewayProcess {
-    let mut gw =
-        GatewayProcess::spawn(variant, threads, upstream, ", read_timeout: 60s", port_skip);
+    let mut gw = GatewayProcess::spawn(variant, threads, upstream, |u| {
+        u.with("read_timeout", "60s")
+    });
     gw.wait_ready(|gw| {
         client
             .block_on(stream_events(gw.addr, &gw.auth, 1, Duration::ZERO, 0))
@@ -540,7 +540,7 @@ fn main() {
         knobs.rounds,
         knobs.pad,
         knobs.threads,
-        bin().display(),
+        bin(),
         load_before.trim()
     );
 
@@ -548,13 +548,7 @@ fn main() {
     let mut gateways: Vec<(Variant, GatewayProcess)> = knobs
         .variants
         .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            (
-                v,
-                start_gateway(&client, v, knobs.threads, upstream, i as u16 * 50),
-            )
-        })
+        .map(|&v| (v, start_gateway(&client, v, knobs.threads, upstream)))
         .collect();
     let mut targets = vec![Target {
         name: "direct",

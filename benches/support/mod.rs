@@ -6,18 +6,19 @@
 //! Each bench uses a different subset, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+#[path = "../../tests/support/mod.rs"]
+mod shared;
+
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The gateway binary: the one cargo built for this bench, unless `GATEWARDEN_BIN`
-/// names another build to compare (say, one built with `--no-default-features`).
-pub fn bin() -> PathBuf {
-    std::env::var_os("GATEWARDEN_BIN")
-        .map(Into::into)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_gatewarden").into())
-}
+use serde_json::json;
+// Each bench uses a different part.
+#[allow(unused_imports)]
+pub use shared::config::{Config, Route, Upstream};
+#[allow(unused_imports)]
+pub use shared::{bin, free_port, Process};
 
 /// The value of environment knob `name`, or `default` when unset; a value that does
 /// not parse stops the bench with its name.
@@ -62,36 +63,13 @@ impl Variant {
     }
 }
 
-/// A loopback port that was free a moment ago, below the kernel's ephemeral range
-/// (32768 and up, where many client ends may be taking ports). `skip` separates the
-/// ports of gateways started one after another by the same bench.
-pub fn free_port(skip: u16) -> u16 {
-    let start = 20_000 + (std::process::id() % 1_000) as u16 * 10 + skip;
-    (start..32_000)
-        .find(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok())
-        .expect("a free loopback port below 32000")
-}
-
 /// Runs `gatewarden key new` into `dir/keys.yaml` (bounded in time) and returns the
 /// plaintext key.
 pub fn new_key(dir: &Path) -> String {
-    let mut child = Command::new(bin())
-        .args(["key", "new", "--file", "keys.yaml", "--name", "bench"])
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start gatewarden key new");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait for key new").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("gatewarden key new did not finish in 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("key new output");
+    let out = shared::run_cli(
+        &["key", "new", "--file", "keys.yaml", "--name", "bench"],
+        dir,
+    );
     assert!(
         out.status.success(),
         "gatewarden key new failed: {}",
@@ -104,64 +82,70 @@ pub fn new_key(dir: &Path) -> String {
 }
 
 /// A gateway config: `threads` workers, one listener on `port`, one upstream `app` at
-/// `upstream` (with `upstream_options` such as `read_timeout: 60s` added to it), and
-/// the routes of `variant`. The chain reads its keys from `dir/keys.yaml`.
+/// `upstream` (`tune` adds settings to it, such as a longer `read_timeout`), and the
+/// routes of `variant`. The chain reads its keys from `dir/keys.yaml`.
 pub fn config(
     variant: Variant,
     threads: usize,
     dir: &Path,
     port: u16,
     upstream: SocketAddr,
-    upstream_options: &str,
+    tune: impl FnOnce(Upstream) -> Upstream,
 ) -> String {
-    let dir = dir.display();
-    let head = format!(
-        "server:
-  threads: {threads}
-  pid_file: {dir}/gatewarden.pid
-  upgrade_sock: {dir}/upgrade.sock
-  grace_period_seconds: 0
-  graceful_shutdown_timeout_seconds: 1
-listeners: [{{ address: '127.0.0.1:{port}' }}]
-upstreams:
-  app: {{ backends: ['{upstream}'], idle_timeout: 60s{upstream_options} }}
-"
-    );
-    let routes = match variant {
-        Variant::Public => "routes:
-  - name: app
-    access: public
-    upstream: app
-"
-        .to_string(),
-        Variant::Chain => format!(
-            "plugins:
-  keys: {{ type: api_key, keys_file: {dir}/keys.yaml }}
-  per_key: {{ type: rate_limit, key: identity, rate: 10000000/s, burst: 10000000 }}
-  same_origin: {{ type: origin }}
-  proxy_headers:
-    type: headers
-    request:
-      set: {{ X-Client-IP: '{{client_ip}}', X-Gateway-Request: '{{request_id}}', X-User: '{{identity.subject}}' }}
-      remove: [X-Debug]
-    response:
-      set: {{ X-Frame-Options: DENY }}
-      remove: [Server]
-routes:
-  - name: app
-    access: user
-    upstream: app
-    plugins: [keys, per_key, same_origin, proxy_headers]
-"
-        ),
+    let config = Config::new()
+        .server("threads", threads)
+        .server("pid_file", format!("{}/gatewarden.pid", dir.display()))
+        .server("upgrade_sock", format!("{}/upgrade.sock", dir.display()))
+        .server("grace_period_seconds", 0)
+        .server("graceful_shutdown_timeout_seconds", 1)
+        .listen(SocketAddr::from(([127, 0, 0, 1], port)))
+        .upstream(
+            "app",
+            tune(Upstream::to(upstream).with("idle_timeout", "60s")),
+        );
+    let config = match variant {
+        Variant::Public => config.route(Route::public("app", "app")),
+        Variant::Chain => config
+            .plugin(
+                "keys",
+                "api_key",
+                json!({ "keys_file": format!("{}/keys.yaml", dir.display()) }),
+            )
+            .plugin(
+                "per_key",
+                "rate_limit",
+                json!({ "key": "identity", "rate": "10000000/s", "burst": 10_000_000 }),
+            )
+            .plugin("same_origin", "origin", json!({}))
+            .plugin(
+                "proxy_headers",
+                "headers",
+                json!({
+                    "request": {
+                        "set": {
+                            "X-Client-IP": "{client_ip}",
+                            "X-Gateway-Request": "{request_id}",
+                            "X-User": "{identity.subject}",
+                        },
+                        "remove": ["X-Debug"],
+                    },
+                    "response": { "set": { "X-Frame-Options": "DENY" }, "remove": ["Server"] },
+                }),
+            )
+            .route(Route::new("app", "app", "user").plugins(&[
+                "keys",
+                "per_key",
+                "same_origin",
+                "proxy_headers",
+            ])),
     };
-    head + &routes
+    config.to_yaml()
 }
 
 /// A running `gatewarden run`; killed and reaped on drop, so every exit path
 /// (including a panic unwinding out of the bench) takes it down.
 pub struct GatewayProcess {
-    child: Child,
+    process: Process,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     /// The header line a client sends to pass the chain (`Authorization: Bearer …\r\n`),
@@ -169,54 +153,27 @@ pub struct GatewayProcess {
     pub auth: String,
 }
 
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl GatewayProcess {
     /// Writes the config of `variant` to a fresh temp dir (with a key for the chain) and
-    /// starts the binary on it, output to `gatewarden.log` there. Not yet ready: see
-    /// [`GatewayProcess::wait_ready`].
+    /// starts the binary on it. Not yet ready: see [`GatewayProcess::wait_ready`].
     pub fn spawn(
         variant: Variant,
         threads: usize,
         upstream: SocketAddr,
-        upstream_options: &str,
-        port_skip: u16,
+        tune: impl FnOnce(Upstream) -> Upstream,
     ) -> GatewayProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let auth = match variant {
             Variant::Public => String::new(),
             Variant::Chain => format!("Authorization: Bearer {}\r\n", new_key(dir.path())),
         };
-        let port = free_port(port_skip);
+        let port = free_port();
         let path = dir.path().join("gatewarden.yaml");
-        let yaml = config(
-            variant,
-            threads,
-            dir.path(),
-            port,
-            upstream,
-            upstream_options,
-        );
+        let yaml = config(variant, threads, dir.path(), port, upstream, tune);
         std::fs::write(&path, yaml).expect("write config");
-        let log = std::fs::File::create(dir.path().join("gatewarden.log")).expect("log file");
-        let child = Command::new(bin())
-            .arg("run")
-            .arg("-c")
-            .arg(&path)
-            .current_dir(dir.path())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file handle"))
-            .stderr(log)
-            .spawn()
-            .expect("start gatewarden");
+        let process = Process::spawn(&["run", "-c", "gatewarden.yaml"], dir.path());
         GatewayProcess {
-            child,
+            process,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             dir,
             auth,
@@ -224,17 +181,18 @@ impl GatewayProcess {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
+    /// Everything the gateway printed so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("gatewarden.log")).unwrap_or_default()
+        self.process.output()
     }
 
     /// Panics with the gateway's output if it has exited.
     pub fn assert_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("gatewarden exited with {status}:\n{}", self.log());
+        if self.process.exited() {
+            panic!("gatewarden exited:\n{}", self.log());
         }
     }
 

@@ -29,7 +29,7 @@ fn basic_auth_users_reach_their_routes_and_wrong_passwords_are_locked_out() {
         format!("# the team\nalice:{alice_hash}\nbob:{}\n", pin_hash()),
     )
     .unwrap();
-    let gw = Gateway::start(&format!(
+    let gw = Gateway::start(format!(
         r#"
 listeners: [{{ address: '{{listen}}' }}]
 admin: {{ address: '{{admin}}' }}

@@ -411,7 +411,7 @@ fn a_browser_is_sent_to_the_login_page_types_the_pin_and_lands_on_the_app() {
         return;
     };
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(&format!(
+    let gw = Gateway::start(format!(
         "listeners: [{{ address: '{{listen}}' }}]
 admin: {{ address: '{{admin}}' }}
 upstreams:
@@ -488,7 +488,7 @@ fn the_injected_theme_is_applied_in_the_browser() {
     let theme = theme_dir.path().join("theme.css");
     std::fs::write(&theme, "body { background-color: rgb(1, 2, 3) }\n").unwrap();
     // The same upstream page twice: under /themed/ with the theme, elsewhere without.
-    let gw = Gateway::start(&format!(
+    let gw = Gateway::start(format!(
         "listeners: [{{ address: '{{listen}}' }}]
 admin: {{ address: '{{admin}}' }}
 upstreams:
@@ -566,7 +566,7 @@ fn a_cross_origin_page_cannot_post_with_the_users_cookie() {
         return;
     };
     let up = RecordingUpstream::start();
-    let gw = Gateway::start(&format!(
+    let gw = Gateway::start(format!(
         "listeners: [{{ address: '{{listen}}' }}]
 admin: {{ address: '{{admin}}' }}
 upstreams:

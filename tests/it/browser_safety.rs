@@ -52,7 +52,7 @@ routes:
 #[test]
 fn origin_answers_421_to_a_host_name_outside_the_allowlist() {
     let up = RecordingUpstream::start();
-    let gw = Gateway::start(&origin_config(up.addr));
+    let gw = Gateway::start(origin_config(up.addr));
     let port = gw.addr.port();
     // A DNS-rebinding page reaches 127.0.0.1 under its own name.
     let rebound = send(
@@ -86,7 +86,7 @@ fn origin_answers_421_to_a_host_name_outside_the_allowlist() {
 #[test]
 fn origin_refuses_cross_site_writes_and_lets_same_origin_and_non_browsers_through() {
     let up = RecordingUpstream::start();
-    let gw = Gateway::start(&origin_config(up.addr));
+    let gw = Gateway::start(origin_config(up.addr));
     let host = gw.addr.to_string();
     let own = format!("Origin: http://{host}");
     let wrong_scheme = format!("Origin: https://{host}");
@@ -156,7 +156,7 @@ fn origin_refuses_cross_site_writes_and_lets_same_origin_and_non_browsers_throug
 #[test]
 fn origin_refuses_a_websocket_from_a_foreign_page_and_accepts_its_own() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(&origin_config(ups.addr(0)));
+    let gw = Gateway::start(origin_config(ups.addr(0)));
     let request = |origin: &str| {
         let mut req = format!("ws://{}/ws", gw.addr)
             .into_client_request()
@@ -219,7 +219,7 @@ routes:
 #[test]
 fn cors_preflights_are_answered_by_the_gateway_without_credentials() {
     let up = RecordingUpstream::start();
-    let gw = Gateway::start(&cors_config(up.addr));
+    let gw = Gateway::start(cors_config(up.addr));
     let host = gw.addr.to_string();
     let preflight = |origin: &str| {
         send(
@@ -265,7 +265,7 @@ fn cors_preflights_are_answered_by_the_gateway_without_credentials() {
 #[test]
 fn cors_headers_go_on_answers_to_allowed_origins_only() {
     let up = RecordingUpstream::start();
-    let gw = Gateway::start(&cors_config(up.addr));
+    let gw = Gateway::start(cors_config(up.addr));
     let host = gw.addr.to_string();
     let bearer = format!("Authorization: Bearer {ADMIN_KEY}");
     let vary_has_origin = |resp: &RawResponse| {

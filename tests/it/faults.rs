@@ -424,7 +424,7 @@ fn a_keys_file_rewritten_while_requests_are_checked_never_drops_a_valid_key() {
     key_new(&keys, &["--name", "coming-and-going"]);
     let two = std::fs::read(&keys).unwrap();
     let gw = Gateway::start(
-        &KEYS_CONFIG
+        KEYS_CONFIG
             .replace("@UP@", &ups.addr(0).to_string())
             .replace("@KEYS@", &keys.display().to_string()),
     );

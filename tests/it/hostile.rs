@@ -2251,7 +2251,7 @@ fn secrets_stay_out_of_logs_and_metrics(t: &Target) {
 fn slow_clients_are_cut_off_and_do_not_starve_others() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(&simple_config(
+    let gw = Gateway::start(simple_config(
         ups.addr(0),
         "server: { client_header_timeout_seconds: 3, client_body_timeout_seconds: 3 }\n",
     ));
@@ -2549,7 +2549,7 @@ fn the_rules_hold_over_http2() {
     let keys = keys_dir.path().join("keys.yaml");
     let user_key = key_new(&keys, &["--name", "u", "--subject", "alice"]);
     let (_certs, cert_file, key_file) = crate::upstreams::self_signed_files();
-    let gw = Gateway::start(&format!(
+    let gw = Gateway::start(format!(
         r#"
 listeners: [{{ address: '{{listen}}', tls: {{ cert_file: '{cert_file}', key_file: '{key_file}' }} }}]
 admin: {{ address: '{{admin}}' }}

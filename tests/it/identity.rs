@@ -917,7 +917,7 @@ fn over_tls_the_session_cookie_is_host_prefixed_and_secure() {
     let (cert_file, key_file) = (certs.path().join("c.pem"), certs.path().join("k.pem"));
     std::fs::write(&cert_file, cert.cert.pem()).unwrap();
     std::fs::write(&key_file, cert.key_pair.serialize_pem()).unwrap();
-    let gw = Gateway::start(&format!(
+    let gw = Gateway::start(format!(
         "listeners: [{{ address: '{{listen}}', tls: {{ cert_file: '{}', key_file: '{}' }} }}]
 admin: {{ address: '{{admin}}' }}
 upstreams:

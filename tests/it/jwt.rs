@@ -213,7 +213,7 @@ fn jwt_callers_reach_the_upstream_as_their_subject_and_forged_tokens_never_do() 
     let jwks = JwksServer::start(vec![jwk(&rsa(1), "k1")]);
     let ups = Upstreams::start(1);
     let rec = RecordingUpstream::start();
-    let gw = Gateway::start(&config(&jwks.url(), ups.addr(0), rec.addr));
+    let gw = Gateway::start(config(&jwks.url(), ups.addr(0), rec.addr));
 
     let good = token("k1", &rsa(1), &claims("alice"));
     let resp = get(gw.addr, "/echo/hello", &[&bearer(&good)]);
@@ -327,7 +327,7 @@ fn admin_routes_need_an_admin_value_in_the_role_claim() {
     let jwks = JwksServer::start(vec![jwk(&rsa(1), "k1")]);
     let ups = Upstreams::start(1);
     let rec = RecordingUpstream::start();
-    let gw = Gateway::start(&config(&jwks.url(), ups.addr(0), rec.addr));
+    let gw = Gateway::start(config(&jwks.url(), ups.addr(0), rec.addr));
     let as_groups = |groups: Value| {
         token(
             "k1",
@@ -367,7 +367,7 @@ fn a_rotated_in_key_is_accepted_after_one_rate_limited_refresh() {
     let jwks = JwksServer::start(vec![jwk(&rsa(1), "k1")]);
     let ups = Upstreams::start(1);
     let rec = RecordingUpstream::start();
-    let gw = Gateway::start(&config(&jwks.url(), ups.addr(0), rec.addr));
+    let gw = Gateway::start(config(&jwks.url(), ups.addr(0), rec.addr));
     let old = token("k1", &rsa(1), &claims("alice"));
     let new = token("k2", &rsa(2), &claims("alice"));
     assert_eq!(get(gw.addr, "/echo/x", &[&bearer(&old)]).status, 200);
@@ -416,7 +416,7 @@ fn a_provider_that_is_down_at_start_does_not_stop_the_gateway() {
     let url = format!("http://127.0.0.1:{port}/jwks");
     let ups = Upstreams::start(1);
     let rec = RecordingUpstream::start();
-    let gw = Gateway::start(&config(&url, ups.addr(0), rec.addr));
+    let gw = Gateway::start(config(&url, ups.addr(0), rec.addr));
     let good = token("k1", &rsa(1), &claims("alice"));
 
     let resp = get(gw.addr, "/echo/x", &[&bearer(&good)]);

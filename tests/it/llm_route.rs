@@ -563,7 +563,7 @@ const ADMIN_KEY: &str = "admin-key-for-the-config-api-0123";
 fn auth_gateway(upstream: SocketAddr, keys: &Path) -> Gateway {
     let dead = free_port();
     Gateway::start_with(
-        &format!(
+        format!(
             "listeners: [{{ address: '{{listen}}' }}]
 admin: {{ address: '{{admin}}', api_key: '{ADMIN_KEY}' }}
 upstreams:

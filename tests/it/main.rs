@@ -4,6 +4,9 @@
 // Test and bench code: an unexpected failure should stop it loudly.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../support/mod.rs"]
+mod support;
+
 mod harness;
 
 mod basic_auth;

@@ -318,7 +318,7 @@ fn a_browser_logs_in_at_the_provider_and_reaches_the_upstream_as_itself() {
     }
     let rec = RecordingUpstream::start();
     let idp_port = free_port();
-    let gw = Gateway::start(&oidc_config(idp_port, rec.addr));
+    let gw = Gateway::start(oidc_config(idp_port, rec.addr));
     let keys = tempfile::tempdir().unwrap();
     let idp = Idp::start(idp_port, keys.path(), Some(&gw), false);
 
@@ -439,7 +439,7 @@ fn a_provider_that_takes_the_client_secret_in_the_form_works_too() {
     }
     let rec = RecordingUpstream::start();
     let idp_port = free_port();
-    let gw = Gateway::start(&oidc_config(idp_port, rec.addr));
+    let gw = Gateway::start(oidc_config(idp_port, rec.addr));
     let keys = tempfile::tempdir().unwrap();
     let _idp = Idp::start_with(
         idp_port,
@@ -464,9 +464,9 @@ fn replayed_or_foreign_state_never_logs_in() {
     }
     let rec = RecordingUpstream::start();
     let idp_port = free_port();
-    let gw = Gateway::start(&oidc_config(idp_port, rec.addr));
+    let gw = Gateway::start(oidc_config(idp_port, rec.addr));
     // A second replica with the same settings: it shares no memory with the first.
-    let replica = Gateway::start(&oidc_config(idp_port, rec.addr));
+    let replica = Gateway::start(oidc_config(idp_port, rec.addr));
     let keys = tempfile::tempdir().unwrap();
     let idp = Idp::start(idp_port, keys.path(), Some(&gw), false);
 
@@ -537,7 +537,7 @@ fn a_callback_without_its_pkce_verifier_is_refused_and_so_is_the_exchange() {
     }
     let rec = RecordingUpstream::start();
     let idp_port = free_port();
-    let gw = Gateway::start(&oidc_config(idp_port, rec.addr));
+    let gw = Gateway::start(oidc_config(idp_port, rec.addr));
     let keys = tempfile::tempdir().unwrap();
     let idp = Idp::start(idp_port, keys.path(), Some(&gw), false);
 
@@ -592,7 +592,7 @@ fn provider_refusals_and_open_redirects_end_on_the_gateway() {
     }
     let rec = RecordingUpstream::start();
     let idp_port = free_port();
-    let gw = Gateway::start(&oidc_config(idp_port, rec.addr));
+    let gw = Gateway::start(oidc_config(idp_port, rec.addr));
     let keys = tempfile::tempdir().unwrap();
     let _idp = Idp::start(idp_port, keys.path(), Some(&gw), false);
 
@@ -680,7 +680,7 @@ fn the_providers_tokens_pass_jwt_forgeries_do_not_and_rotation_is_picked_up() {
     let idp_port = free_port();
     let keys = tempfile::tempdir().unwrap();
     let idp = Idp::start(idp_port, keys.path(), None, false);
-    let gw = Gateway::start(&jwt_config(&idp, rec.addr));
+    let gw = Gateway::start(jwt_config(&idp, rec.addr));
     let call = |token: &str| {
         get(
             gw.addr,
@@ -786,7 +786,7 @@ fn discovery_is_retried_while_other_routes_serve() {
     }
     let rec = RecordingUpstream::start();
     let idp_port = free_port();
-    let gw = Gateway::start(&oidc_config(idp_port, rec.addr));
+    let gw = Gateway::start(oidc_config(idp_port, rec.addr));
 
     // No provider yet: public routes serve, protected ones send browsers to log in,
     // and the login answers 503 with Retry-After rather than hang.

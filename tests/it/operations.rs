@@ -122,7 +122,7 @@ fn access_log_lines_name_an_upstream_only_when_it_was_contacted() {
     let keys = dir.path().join("keys.yaml");
     let key = crate::identity::key_new(&keys, &["--name", "ci"]);
     let access = dir.path().join("access.jsonl");
-    let gw = Gateway::start(&format!(
+    let gw = Gateway::start(format!(
         "listeners: [{{ address: '{{listen}}' }}]
 admin: {{ address: '{{admin}}' }}
 access_log: '{}'
@@ -219,7 +219,7 @@ impl Load {
 #[test]
 fn twenty_reloads_under_load_fail_no_request() {
     let up = Upstreams::start(1);
-    let gw = Gateway::start(&simple_config(up.addr(0), ""));
+    let gw = Gateway::start(simple_config(up.addr(0), ""));
     let load = Load::start(gw.addr, 3);
     let base = std::fs::read_to_string(&gw.config).unwrap();
     for generation in 2..=21 {
@@ -246,7 +246,7 @@ fn a_graceful_upgrade_fails_no_request_and_lets_streams_finish() {
     let up = Upstreams::start(1);
     // The old process exits once its stream is done, not after the grace period.
     let extra = "server: { grace_period_seconds: 60, graceful_shutdown_timeout_seconds: 10, upgrade_sock: '{dir}/upgrade.sock', pid_file: '{dir}/gw.pid' }\n";
-    let old = Gateway::start(&format!("{}{extra}", simple_config(up.addr(0), "")));
+    let old = Gateway::start(format!("{}{extra}", simple_config(up.addr(0), "")));
     let addr = old.addr;
     let stream = std::thread::spawn(move || get(addr, "/sse?n=4&interval_ms=500", &[]));
     let load = Load::start(old.addr, 2);
@@ -292,7 +292,7 @@ fn a_graceful_upgrade_fails_no_request_and_lets_streams_finish() {
 /// A gateway whose graceful stop may take a minute: long enough that a stop which sat
 /// out the grace period, rather than waiting for what is in flight, shows.
 fn gateway_with_minute_grace(up: &Upstreams) -> Gateway {
-    Gateway::start(&format!(
+    Gateway::start(format!(
         "server: {{ grace_period_seconds: 60, graceful_shutdown_timeout_seconds: 5 }}\n{}",
         simple_config(up.addr(0), "")
     ))
@@ -456,7 +456,7 @@ fn concurrent_reloads_each_get_a_generation_of_their_own() {
             format!("  - {{ name: r{i}, access: public, upstream: app, match: {{ path_prefix: /r{i} }} }}\n")
         })
         .collect();
-    let gw = Gateway::start(&simple_config(up.addr(0), &routes).replace(
+    let gw = Gateway::start(simple_config(up.addr(0), &routes).replace(
         "admin: { address: '{admin}' }",
         &format!("admin: {{ address: '{{admin}}', api_key: '{KEY}' }}"),
     ));
@@ -499,7 +499,7 @@ fn a_full_log_queue_is_counted() {
         .write(true)
         .open(&pipe)
         .unwrap();
-    let gw = Gateway::start(&simple_config(
+    let gw = Gateway::start(simple_config(
         up.addr(0),
         &format!(
             "    plugins: [audit]\nplugins:\n  audit: {{ type: audit, file: '{}', methods: all, queue: 1 }}\n",

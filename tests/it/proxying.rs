@@ -76,7 +76,7 @@ const SPOOFED: &[&str] = &[
 #[test]
 fn forwarding_headers_from_an_untrusted_peer_are_replaced() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start_with(&simple_config(ups.addr(0), ""), &[]);
+    let gw = Gateway::start_with(simple_config(ups.addr(0), ""), &[]);
     let resp = get_with(&gw, "/echo", "app.test:8080", SPOOFED);
     assert_eq!(resp.status, 200, "{resp:?}");
     let echo = resp.json();
@@ -117,7 +117,7 @@ fn forwarding_headers_from_an_untrusted_peer_are_replaced() {
 #[test]
 fn header_names_reach_the_upstream_in_one_spelling_with_every_value() {
     let up = RecordingUpstream::start();
-    let gw = Gateway::start_with(&simple_config(up.addr, ""), &[]);
+    let gw = Gateway::start_with(simple_config(up.addr, ""), &[]);
     let sent = [
         "X-Custom-Thing: one",
         "x-CUSTOM-thing: two",
@@ -160,7 +160,7 @@ fn header_names_reach_the_upstream_in_one_spelling_with_every_value() {
 fn a_trusted_proxy_is_believed() {
     let ups = Upstreams::start(1);
     let gw = Gateway::start_with(
-        &simple_config(ups.addr(0), "trusted_proxies: [127.0.0.0/8]\n"),
+        simple_config(ups.addr(0), "trusted_proxies: [127.0.0.0/8]\n"),
         &[],
     );
     let resp = get_with(
@@ -376,7 +376,7 @@ fn post_head(path: &str, framing: &str) -> String {
 #[test]
 fn a_declared_body_over_the_limit_is_413_before_any_upstream_connection() {
     let up = RecordingUpstream::start();
-    let gw = Gateway::start_with(&limits_config(up.addr), &[]);
+    let gw = Gateway::start_with(limits_config(up.addr), &[]);
     // Only the head is sent: the gateway must answer without waiting for the body.
     for (path, len) in [
         ("/upload", 1025),
@@ -424,7 +424,7 @@ fn chunk(data: &[u8]) -> Vec<u8> {
 #[test]
 fn a_chunked_body_over_the_limit_is_cut_off() {
     let up = RecordingUpstream::start();
-    let gw = Gateway::start_with(&limits_config(up.addr), &[]);
+    let gw = Gateway::start_with(limits_config(up.addr), &[]);
     let requests_to = |target: &str| -> Vec<Recorded> {
         up.requests()
             .into_iter()
@@ -504,7 +504,7 @@ fn a_chunked_body_over_the_limit_is_cut_off() {
 #[test]
 fn the_demo_echo_sees_a_body_under_the_limit_intact() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start_with(&limits_config(ups.addr(0)), &[]);
+    let gw = Gateway::start_with(limits_config(ups.addr(0)), &[]);
     let body: String = (0..1000)
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect();
@@ -529,7 +529,7 @@ fn health_json(resp: &RawResponse) -> Value {
 #[test]
 fn healthz_answers_on_both_listeners_and_can_be_turned_off() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start_with(&simple_config(ups.addr(0), ""), &[]);
+    let gw = Gateway::start_with(simple_config(ups.addr(0), ""), &[]);
     let expected = serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION"), "config_generation": 1 });
     for addr in [gw.addr, gw.admin] {
         let body = health_json(&get(addr, "/healthz", &[]));
@@ -540,7 +540,7 @@ fn healthz_answers_on_both_listeners_and_can_be_turned_off() {
         .header("x-demo-upstream")
         .is_none());
 
-    let off = Gateway::start_with(&simple_config(ups.addr(0), "health_path: null\n"), &[]);
+    let off = Gateway::start_with(simple_config(ups.addr(0), "health_path: null\n"), &[]);
     let resp = get(off.addr, "/healthz", &[]);
     assert_eq!(
         served_by(&resp),
@@ -587,7 +587,7 @@ fn metrics_text(gw: &Gateway) -> String {
 #[test]
 fn a_client_that_goes_away_mid_response_is_counted_not_logged_as_an_error() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(&simple_config(ups.addr(0), ""));
+    let gw = Gateway::start(simple_config(ups.addr(0), ""));
     for (path, enough) in [
         ("/sse?n=100&interval_ms=50", b"data:".as_slice()),
         ("/bytes/100000000", b"\r\n\r\n".as_slice()),
@@ -628,7 +628,7 @@ fn a_client_that_goes_away_mid_response_is_counted_not_logged_as_an_error() {
 fn metrics_count_requests_upstream_responses_and_backend_health() {
     let ups = Upstreams::start(1);
     let backend = ups.addr(0).to_string();
-    let gw = Gateway::start_with(&simple_config(ups.addr(0), ""), &[]);
+    let gw = Gateway::start_with(simple_config(ups.addr(0), ""), &[]);
     for path in ["/echo", "/echo", "/status/503", "/%2e%2e/"] {
         get(gw.addr, path, &[]);
     }
@@ -765,7 +765,7 @@ fn admin_post(gw: &Gateway, path: &str, key: Option<&str>) -> RawResponse {
 fn reload_by_sighup_and_admin_api_keeps_the_old_config_on_errors() {
     let ups = Upstreams::start(2);
     let (a, b) = (ups.addr(0).to_string(), ups.addr(1).to_string());
-    let gw = Gateway::start_with(&reload_config("{listen}", "{admin}", &a, &b, &[]), &[]);
+    let gw = Gateway::start_with(reload_config("{listen}", "{admin}", &a, &b, &[]), &[]);
     let (listen, admin) = (gw.addr.to_string(), gw.admin.to_string());
     assert_eq!(generation(&gw), 1);
     assert_eq!(get(gw.addr, "/b/echo", &[]).status, 404);
@@ -919,7 +919,7 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
     let up = Upstreams::start(1);
     let config = |server: &str| format!("{server}{}", simple_config(up.addr(0), ""));
 
-    let gw = Gateway::start(&config("server: { client_keepalive_timeout_seconds: 1 }\n"));
+    let gw = Gateway::start(config("server: { client_keepalive_timeout_seconds: 1 }\n"));
     let open_for = idle_close_after(&gw, "", Duration::from_secs(20))
         .expect("an idle connection must be closed after the 1 s keep-alive timeout");
     assert!(
@@ -931,11 +931,11 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
         .expect("a client's Keep-Alive: timeout must not extend the gateway's");
 
     // The default (75 s) keeps the same connection open well past a second.
-    let gw = Gateway::start(&config(""));
+    let gw = Gateway::start(config(""));
     assert_eq!(idle_close_after(&gw, "", Duration::from_secs(3)), None);
 
     // 0 turns keep-alive off: the answer says so and the connection closes.
-    let gw = Gateway::start(&config("server: { client_keepalive_timeout_seconds: 0 }\n"));
+    let gw = Gateway::start(config("server: { client_keepalive_timeout_seconds: 0 }\n"));
     let resp = raw(gw.addr, "GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("answer");
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("connection"), Some("close"));
@@ -944,7 +944,7 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
 /// A gateway whose graceful stop would leave connections 10 s to finish: what the stop
 /// closes sooner, or still answers, shows in well under that.
 fn gateway_with_long_grace(up: &Upstreams) -> Gateway {
-    Gateway::start(&format!(
+    Gateway::start(format!(
         "server: {{ grace_period_seconds: 10, graceful_shutdown_timeout_seconds: 10 }}\n{}",
         simple_config(up.addr(0), "")
     ))
@@ -1015,7 +1015,7 @@ fn any_client_write_buffer_size_delivers_whole_responses() {
     let up = Upstreams::start(1);
     // No buffer at all, one smaller than a response head, and one larger than the body.
     for bytes in [0, 100, 65536] {
-        let gw = Gateway::start(&format!(
+        let gw = Gateway::start(format!(
             "server: {{ client_write_buffer_bytes: {bytes} }}\n{}",
             simple_config(up.addr(0), "")
         ));

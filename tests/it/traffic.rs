@@ -83,7 +83,7 @@ fn metric(gw: &Gateway, name_and_labels: &str) -> Option<f64> {
 #[test]
 fn a_local_limit_answers_429_with_headers_after_the_burst() {
     let up = Upstreams::start(1);
-    let gw = Gateway::start(&limited_config(
+    let gw = Gateway::start(limited_config(
         up.addr(0),
         "{ type: rate_limit, rate: 3/min, burst: 3 }",
         "",
@@ -160,8 +160,8 @@ fn two_gateways_share_one_limit_through_redis() {
     let up = Upstreams::start(1);
     let extra = format!("redis: {{ url: 'redis://127.0.0.1:{}/0' }}", redis.port);
     let plugin = "{ type: rate_limit, rate: 10/min, burst: 10, backend: redis }";
-    let a = Gateway::start(&limited_config(up.addr(0), plugin, &extra));
-    let b = Gateway::start(&limited_config(up.addr(0), plugin, &extra));
+    let a = Gateway::start(limited_config(up.addr(0), plugin, &extra));
+    let b = Gateway::start(limited_config(up.addr(0), plugin, &extra));
     let mut admitted = 0;
     for i in 0..30 {
         let gw = if i % 2 == 0 { &a } else { &b };
@@ -184,12 +184,12 @@ fn redis_outages_follow_on_backend_error_and_limiting_resumes() {
     let port = redis.port;
     let up = Upstreams::start(1);
     let extra = format!("redis: {{ url: 'redis://127.0.0.1:{port}/0' }}");
-    let allow = Gateway::start(&limited_config(
+    let allow = Gateway::start(limited_config(
         up.addr(0),
         "{ type: rate_limit, rate: 2/min, burst: 2, backend: redis, on_backend_error: allow }",
         &extra,
     ));
-    let deny = Gateway::start(&limited_config(
+    let deny = Gateway::start(limited_config(
         up.addr(0),
         "{ type: rate_limit, key: route, rate: 100/min, burst: 100, backend: redis, on_backend_error: deny }",
         &extra,
@@ -220,7 +220,7 @@ fn redis_outages_follow_on_backend_error_and_limiting_resumes() {
 #[test]
 fn max_in_flight_counts_open_streams_and_frees_the_slot_at_the_end() {
     let up = Upstreams::start(1);
-    let gw = Gateway::start(&limited_config(
+    let gw = Gateway::start(limited_config(
         up.addr(0),
         "{ type: rate_limit, max_in_flight: 1 }",
         "",
@@ -257,7 +257,7 @@ fn max_in_flight_counts_open_streams_and_frees_the_slot_at_the_end() {
 fn limiter_state_survives_a_reload_that_keeps_its_settings() {
     let up = Upstreams::start(1);
     let plugin = "{ type: rate_limit, rate: 2/min, burst: 2 }";
-    let gw = Gateway::start(&limited_config(up.addr(0), plugin, ""));
+    let gw = Gateway::start(limited_config(up.addr(0), plugin, ""));
     for _ in 0..2 {
         assert_eq!(get(gw.addr, "/echo", &[]).status, 200);
     }
@@ -332,7 +332,7 @@ fn budget_config(upstream: SocketAddr, backend: &str, extra: &str) -> String {
 
 #[test]
 fn a_token_budget_is_spent_by_plain_and_streamed_completions() {
-    let gw = Gateway::start(&budget_config(llm_upstream(60), "local", ""));
+    let gw = Gateway::start(budget_config(llm_upstream(60), "local", ""));
     for path in ["/json", "/sse"] {
         let user = format!("X-User: {path}");
         // 60 tokens: under budget; 120: spent; then the caller waits for the window.
@@ -355,8 +355,8 @@ fn a_token_budget_in_redis_is_shared_by_replicas() {
     let redis = Redis::start();
     let up = llm_upstream(60);
     let extra = format!("redis: {{ url: 'redis://127.0.0.1:{}/0' }}", redis.port);
-    let a = Gateway::start(&budget_config(up, "redis", &extra));
-    let b = Gateway::start(&budget_config(up, "redis", &extra));
+    let a = Gateway::start(budget_config(up, "redis", &extra));
+    let b = Gateway::start(budget_config(up, "redis", &extra));
     // Charges happen after each response, in the background: read Redis to know when.
     let tat = || -> u64 {
         let out = Command::new("redis-cli")

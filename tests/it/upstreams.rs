@@ -84,7 +84,7 @@ fn assert_json_error(resp: &RawResponse, status: u16) {
 fn round_robin_spreads_requests_over_every_backend() {
     let ups = Upstreams::start(3);
     let addrs: Vec<SocketAddr> = (0..3).map(|i| ups.addr(i)).collect();
-    let gw = Gateway::start(&pool_config(&format!(
+    let gw = Gateway::start(pool_config(&format!(
         "{{ backends: {}, balance: round_robin }}",
         yaml_list(&addrs)
     )));
@@ -99,7 +99,7 @@ fn round_robin_spreads_requests_over_every_backend() {
 fn weights_skew_the_split_three_to_one() {
     let ups = Upstreams::start(2);
     let (heavy, light) = (ups.addr(0), ups.addr(1));
-    let gw = Gateway::start(&pool_config(&format!(
+    let gw = Gateway::start(pool_config(&format!(
         "{{ backends: [{{ address: '{heavy}', weight: 3 }}, {{ address: '{light}', weight: 1 }}] }}"
     )));
     let seen = tally(&gw, 200, "/echo", &[]);
@@ -116,7 +116,7 @@ fn weights_skew_the_split_three_to_one() {
 fn random_balance_uses_every_backend() {
     let ups = Upstreams::start(3);
     let addrs: Vec<SocketAddr> = (0..3).map(|i| ups.addr(i)).collect();
-    let gw = Gateway::start(&pool_config(&format!(
+    let gw = Gateway::start(pool_config(&format!(
         "{{ backends: {}, balance: random }}",
         yaml_list(&addrs)
     )));
@@ -152,7 +152,7 @@ fn assert_sticky(mut answered_by: impl FnMut(usize, usize) -> u16) {
 
 fn hash_gateway(ups: &Upstreams, hash_key: &str) -> Gateway {
     let addrs: Vec<SocketAddr> = (0..3).map(|i| ups.addr(i)).collect();
-    Gateway::start(&pool_config(&format!(
+    Gateway::start(pool_config(&format!(
         "{{ backends: {}, balance: hash, hash_key: '{hash_key}' }}",
         yaml_list(&addrs)
     )))
@@ -253,7 +253,7 @@ fn a_dead_backend_is_skipped_on_connect_failure() {
     let ups = Upstreams::start(1);
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let live = ups.addr(0);
-    let gw = Gateway::start(&pool_config(&format!(
+    let gw = Gateway::start(pool_config(&format!(
         "{{ backends: ['{dead}', '{live}'], retries: 1 }}"
     )));
     // Round robin sends every other request to the dead backend first.
@@ -266,7 +266,7 @@ fn no_live_backend_answers_502_json() {
     let dead: Vec<SocketAddr> = (0..2)
         .map(|_| format!("127.0.0.1:{}", free_port()).parse().expect("addr"))
         .collect();
-    let gw = Gateway::start(&pool_config(&format!(
+    let gw = Gateway::start(pool_config(&format!(
         "{{ backends: {}, retries: 1 }}",
         yaml_list(&dead)
     )));
@@ -278,7 +278,7 @@ fn no_live_backend_answers_502_json() {
 #[test]
 fn a_slow_upstream_answers_504_json_after_read_timeout() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(&pool_config(&format!(
+    let gw = Gateway::start(pool_config(&format!(
         "{{ backends: ['{}'], read_timeout: 300ms }}",
         ups.addr(0)
     )));
@@ -315,7 +315,7 @@ fn connect_timeout_answers_504_long_before_the_default() {
     });
     assert!(full, "could not fill the accept queue of {blackhole}");
 
-    let gw = Gateway::start(&pool_config(&format!(
+    let gw = Gateway::start(pool_config(&format!(
         "{{ backends: ['{blackhole}'], connect_timeout: 200ms }}"
     )));
     let started = Instant::now();
@@ -387,7 +387,7 @@ fn http_health_check_ejects_a_failing_backend_and_takes_it_back() {
         .runtime
         .block_on(async { (flappy().await, flappy().await) });
     // No retries: a request that reached `a` would show up in the tally below.
-    let gw = Gateway::start(&pool_config(&format!(
+    let gw = Gateway::start(pool_config(&format!(
         "{{ backends: ['{}', '{}'], retries: 0, health_check: {{ kind: http, path: /health, {FAST_CHECK} }} }}",
         a.addr, b.addr
     )));
@@ -452,7 +452,7 @@ routes:
             a.addr, b.addr, c.addr
         )
     };
-    let gw = Gateway::start(&config(""));
+    let gw = Gateway::start(config(""));
     a.healthy.store(false, Ordering::SeqCst);
     poll_until("backend a marked unhealthy", Duration::from_secs(5), || {
         backend_healthy(&gw, a.addr) == Some(0)
@@ -498,7 +498,7 @@ routes:
 fn tcp_health_check_ejects_a_stopped_backend_and_takes_it_back() {
     let mut ups = Upstreams::start(2);
     let (a, b) = (ups.addr(0), ups.addr(1));
-    let gw = Gateway::start(&pool_config(&format!(
+    let gw = Gateway::start(pool_config(&format!(
         "{{ backends: ['{a}', '{b}'], retries: 0, health_check: {{ kind: tcp, {FAST_CHECK} }} }}"
     )));
     assert_eq!(backend_healthy(&gw, a), Some(1));
@@ -582,7 +582,7 @@ async fn tls_upstream() -> SocketAddr {
 fn upstream_tls_sends_the_configured_sni_and_verify_refuses_a_self_signed_cert() {
     let ups = Upstreams::start(0);
     let backend = ups.runtime.block_on(tls_upstream());
-    let gw = Gateway::start(&format!(
+    let gw = Gateway::start(format!(
         "listeners: [{{ address: '{{listen}}' }}]
 admin: {{ address: '{{admin}}' }}
 upstreams:
@@ -625,7 +625,7 @@ pub(crate) fn self_signed_files() -> (tempfile::TempDir, String, String) {
 fn tls_listener_serves_http2_and_http1() {
     let ups = Upstreams::start(1);
     let (_certs, cert_file, key_file) = self_signed_files();
-    let gw = Gateway::start(&format!(
+    let gw = Gateway::start(format!(
         "listeners: [{{ address: '{{listen}}', tls: {{ cert_file: '{cert_file}', key_file: '{key_file}' }} }}]
 admin: {{ address: '{{admin}}' }}
 upstreams:
@@ -670,7 +670,7 @@ routes:
 #[test]
 fn sse_events_reach_the_client_as_written_and_uncompressed() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(&simple_config(ups.addr(0), ""));
+    let gw = Gateway::start(simple_config(ups.addr(0), ""));
     ups.runtime.block_on(async {
         let mut resp = client()
             .get(gw.url("/sse?n=3&interval_ms=700"))
@@ -721,7 +721,7 @@ async fn next_frame(ws: &mut Ws) -> Message {
 #[test]
 fn websocket_frames_echo_both_ways() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(&simple_config(ups.addr(0), ""));
+    let gw = Gateway::start(simple_config(ups.addr(0), ""));
     ups.runtime.block_on(async {
         let (mut ws, _) = ws_connect(format!("ws://{}/ws", gw.addr)).await;
         for i in 0..3 {
@@ -744,7 +744,7 @@ fn a_gibibyte_streams_down_and_up_with_bounded_memory() {
     const GIB: u64 = 1 << 30;
     static BLOCK: [u8; 64 * 1024] = [7; 64 * 1024];
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(&simple_config(ups.addr(0), "    max_request_body: 2GiB\n"));
+    let gw = Gateway::start(simple_config(ups.addr(0), "    max_request_body: 2GiB\n"));
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(240))
@@ -824,7 +824,7 @@ fn backends_named_by_host_name_are_looked_up_when_the_config_starts() {
     };
     let (a, b) = (start(first.ip()), start(first.ip()));
     let named = |port: u16| format!("{{ backends: ['localhost:{port}'] }}");
-    let gw = Gateway::start(&pool_config(&named(a.addr.port())));
+    let gw = Gateway::start(pool_config(&named(a.addr.port())));
     assert_eq!(served_by(&get(gw.addr, "/", &[])), a.addr.port());
 
     std::fs::write(

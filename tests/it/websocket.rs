@@ -223,7 +223,7 @@ const UPGRADE_REQUEST: &str = "GET /ws?room=1 HTTP/1.1\r\nHost: app.example\r\nC
 #[test]
 fn an_upgrade_the_upstream_refuses_is_answered_as_the_upstream_answered() {
     let upstream = crate::harness::RecordingUpstream::start();
-    let gw = Gateway::start(&crate::harness::simple_config(upstream.addr, ""));
+    let gw = Gateway::start(crate::harness::simple_config(upstream.addr, ""));
     let resp = crate::harness::raw(gw.addr, UPGRADE_REQUEST).unwrap();
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body, b"/ws?room=1");
@@ -266,9 +266,7 @@ fn an_upgrade_to_backends_that_are_down_is_a_bad_gateway() {
             .unwrap()
     };
     let (a, b) = (down(0), down(1));
-    let gw = Gateway::start(&public_app(&format!(
-        "backends: ['{a}', '{b}'], retries: 1"
-    )));
+    let gw = Gateway::start(public_app(&format!("backends: ['{a}', '{b}'], retries: 1")));
     let resp = crate::harness::raw(gw.addr, UPGRADE_REQUEST).unwrap();
     assert_eq!(resp.status, 502);
     assert!(resp.header("x-request-id").is_some());
@@ -281,7 +279,7 @@ fn an_upgrade_to_backends_that_are_down_is_a_bad_gateway() {
 #[test]
 fn an_upgrade_to_anything_but_websocket_never_reaches_the_upstream() {
     let upstream = crate::harness::RecordingUpstream::start();
-    let gw = Gateway::start(&crate::harness::simple_config(upstream.addr, ""));
+    let gw = Gateway::start(crate::harness::simple_config(upstream.addr, ""));
     for (asked, connection) in [
         ("h2c", "Upgrade, HTTP2-Settings"),
         ("H2C", "upgrade, http2-settings, keep-alive"),
@@ -320,7 +318,7 @@ fn an_upgrade_to_anything_but_websocket_never_reaches_the_upstream() {
 #[test]
 fn a_websocket_handshake_reaches_the_upstream_without_hop_by_hop_fields() {
     let upstream = crate::harness::RecordingUpstream::start();
-    let gw = Gateway::start(&crate::harness::simple_config(upstream.addr, ""));
+    let gw = Gateway::start(crate::harness::simple_config(upstream.addr, ""));
     let request = "GET /ws HTTP/1.1\r\nHost: app.example\r\nConnection: Upgrade, X-Hop-Secret, keep-alive\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Hop-Secret: only-for-the-gateway\r\nProxy-Authorization: Basic cHJveHk6c2VjcmV0\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\r\n";
     let resp = crate::harness::raw(gw.addr, request).unwrap();
     assert_eq!(resp.status, 200);
@@ -360,7 +358,7 @@ fn an_upgrade_the_upstream_never_answers_times_out() {
             keep.lock().unwrap().push(stream);
         }
     });
-    let gw = Gateway::start(&public_app(&format!(
+    let gw = Gateway::start(public_app(&format!(
         "backends: ['{upstream}'], read_timeout: 1s"
     )));
     let resp = crate::harness::raw(gw.addr, UPGRADE_REQUEST).unwrap();
