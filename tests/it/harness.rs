@@ -11,7 +11,7 @@ use std::time::Duration;
 
 pub use gatewarden::demo_upstream::DemoUpstream;
 
-pub use crate::support::config::Config;
+pub use crate::support::config::{Config, Route, Upstream};
 pub use crate::support::*;
 
 /// What [`Gateway::start`] runs: a typed [`Config`], or YAML text in which `{listen}`,
@@ -202,6 +202,15 @@ pub fn served_by(resp: &RawResponse) -> u16 {
     resp.header("x-demo-upstream")
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no x-demo-upstream header in {resp:?}"))
+}
+
+/// A gateway with an admin listener and one public route to `backend`: the upstream
+/// and the route are both named `app`.
+pub fn public(backend: SocketAddr) -> Config {
+    Config::new()
+        .with_admin()
+        .upstream("app", Upstream::to(backend))
+        .route(Route::public("app", "app"))
 }
 
 /// A config with one public route to `backend`, plus `extra` YAML appended.

@@ -29,6 +29,25 @@ impl Config {
         Config::default()
     }
 
+    /// A config file as written (a shipped `conf/` file, say). The builder methods add
+    /// to it: upstreams and plugins by name, routes after its own, and the harness's
+    /// listener and admin addresses replace its own.
+    pub fn from_yaml(text: &str) -> Config {
+        let top = match serde_yaml_ng::from_str(text).expect("the config is YAML") {
+            Value::Object(map) => map,
+            other => panic!("a config is a mapping, not {other}"),
+        };
+        let admin = top.get("admin").map(|a| Admin {
+            address: None,
+            api_key: a["api_key"].as_str().map(str::to_string),
+        });
+        Config {
+            admin,
+            top,
+            ..Config::default()
+        }
+    }
+
     /// The proxy listener; the harness sets it to the port it picked.
     pub fn listen(mut self, addr: SocketAddr) -> Config {
         self.listen = Some(addr);
@@ -111,20 +130,31 @@ impl Config {
             }
             top.insert("admin".into(), Value::Object(section));
         }
+        let section = |top: &mut Map<String, Value>, key: &str| match top
+            .entry(key)
+            .or_insert_with(|| Value::Object(Map::new()))
+        {
+            Value::Object(map) => map.clone(),
+            _ => Map::new(),
+        };
         if !self.upstreams.is_empty() {
-            let upstreams = self
-                .upstreams
-                .iter()
-                .map(|(name, u)| (name.clone(), u.to_value()))
-                .collect();
+            let mut upstreams = section(&mut top, "upstreams");
+            for (name, u) in &self.upstreams {
+                upstreams.insert(name.clone(), u.to_value());
+            }
             top.insert("upstreams".into(), Value::Object(upstreams));
         }
         if !self.plugins.is_empty() {
-            let plugins = self.plugins.clone().into_iter().collect();
+            let mut plugins = section(&mut top, "plugins");
+            plugins.extend(self.plugins.clone());
             top.insert("plugins".into(), Value::Object(plugins));
         }
         if !self.routes.is_empty() {
-            let routes = self.routes.iter().map(Route::to_value).collect();
+            let mut routes = match top.remove("routes") {
+                Some(Value::Array(routes)) => routes,
+                _ => Vec::new(),
+            };
+            routes.extend(self.routes.iter().map(Route::to_value));
             top.insert("routes".into(), Value::Array(routes));
         }
         Value::Object(top)
