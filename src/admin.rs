@@ -8,7 +8,8 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::reload::State;
-use gatewarden_plugins::keys::{self, KeyRecord, KeysError, KeysFile, NewKey};
+use gatewarden_plugins::key_store::KeyStore;
+use gatewarden_plugins::keys::{KeyRecord, KeysError, NewKey};
 use gatewarden_plugins::{credentials, Role};
 
 pub struct AdminApp {
@@ -80,17 +81,22 @@ struct NewKeyRequest {
     expires: Option<String>,
 }
 
+/// The answer to a key store's refusal or failure.
+fn store_error(e: &KeysError) -> Response<Vec<u8>> {
+    let status = match e {
+        KeysError::LastAdmin => StatusCode::CONFLICT,
+        KeysError::NotFound(_) | KeysError::Ambiguous(_) => StatusCode::NOT_FOUND,
+        KeysError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, &e.to_string())
+}
+
 /// `GET /admin/keys`, `POST /admin/keys`, `DELETE /admin/keys/{id or prefix}`.
-fn keys_api(
-    file: &std::path::Path,
-    method: &http::Method,
-    rest: &str,
-    body: &[u8],
-) -> Response<Vec<u8>> {
+fn keys_api(store: &KeyStore, method: &http::Method, rest: &str, body: &[u8]) -> Response<Vec<u8>> {
     match (method, rest) {
-        (&http::Method::GET, "" | "/") => match KeysFile::load(file) {
-            Ok(f) => {
-                let used = keys::load_last_used(file);
+        (&http::Method::GET, "" | "/") => match store.list() {
+            Ok((f, used)) => {
                 let list: Vec<_> = f
                     .keys
                     .iter()
@@ -98,7 +104,7 @@ fn keys_api(
                     .collect();
                 json(StatusCode::OK, serde_json::json!({ "keys": list }))
             }
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            Err(e) => store_error(&e),
         },
         (&http::Method::POST, "" | "/") => {
             let req: NewKeyRequest = match serde_json::from_slice(body) {
@@ -130,24 +136,18 @@ fn keys_api(
                 subject: req.subject,
                 expires_at,
             };
-            match keys::create_key(file, new) {
+            match store.create(new) {
                 Ok((record, plaintext)) => {
                     let mut body = key_json(&record, None);
                     body["key"] = serde_json::Value::String(plaintext);
                     json(StatusCode::CREATED, body)
                 }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                Err(e) => store_error(&e),
             }
         }
-        (&http::Method::DELETE, id) if id.len() > 1 => match keys::revoke_key(file, &id[1..]) {
+        (&http::Method::DELETE, id) if id.len() > 1 => match store.revoke(&id[1..]) {
             Ok(record) => json(StatusCode::OK, key_json(&record, None)),
-            Err(KeysError::LastAdmin) => {
-                error(StatusCode::CONFLICT, &KeysError::LastAdmin.to_string())
-            }
-            Err(e @ (KeysError::NotFound(_) | KeysError::Ambiguous(_))) => {
-                error(StatusCode::NOT_FOUND, &e.to_string())
-            }
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            Err(e) => store_error(&e),
         },
         _ => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -204,10 +204,10 @@ impl ServeHttp for AdminApp {
                         json(StatusCode::OK, snapshot.masked_config.clone())
                     }
                     (method, p) if p == "/admin/keys" || p.starts_with("/admin/keys/") => {
-                        let file = match snapshot.keys_files.as_slice() {
+                        let store = match snapshot.key_stores.as_slice() {
                             [one] => one.clone(),
-                            [] => return error(StatusCode::NOT_FOUND, "no api_key plugin with a keys_file is configured"),
-                            _ => return error(StatusCode::CONFLICT, "several keys files are configured; manage them with `gatewarden key`"),
+                            [] => return error(StatusCode::NOT_FOUND, "no api_key plugin with a keys_file or store: redis is configured"),
+                            _ => return error(StatusCode::CONFLICT, "several key stores are configured; manage them with `gatewarden key`"),
                         };
                         let body = match read_body(session).await {
                             Some(b) => b,
@@ -218,12 +218,16 @@ impl ServeHttp for AdminApp {
                                 )
                             }
                         };
-                        keys_api(
-                            &file,
-                            &method,
-                            p.strip_prefix("/admin/keys").unwrap_or(""),
-                            &body,
-                        )
+                        // File locks and Redis round trips block: off the async workers.
+                        let rest = p.strip_prefix("/admin/keys").unwrap_or("").to_string();
+                        tokio::task::spawn_blocking(move || keys_api(&store, &method, &rest, &body))
+                            .await
+                            .unwrap_or_else(|_| {
+                                error(
+                                    StatusCode::INTERNAL_SERVER_ERROR,
+                                    "the key operation failed",
+                                )
+                            })
                     }
                     (http::Method::POST, "/admin/reload") => {
                         match self.state.reload_off_thread().await {

@@ -57,7 +57,7 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
-    /// Manage API keys in a keys file.
+    /// Manage API keys in a keys file or in Redis.
     Key {
         #[command(subcommand)]
         action: KeyAction,
@@ -68,12 +68,36 @@ pub enum Command {
     Version,
 }
 
+/// Where `gatewarden key` finds the keys: a keys file, or the Redis replicas share.
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct KeyStoreArgs {
+    /// The keys file (created by the first `key new`).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// The Redis that replicas share keys through (`api_key` with `store: redis`), as
+    /// redis://[:password@]host:port[/db].
+    #[arg(long)]
+    redis: Option<String>,
+}
+
+impl KeyStoreArgs {
+    fn open(self) -> Result<gatewarden_plugins::key_store::KeyStore, String> {
+        use gatewarden_plugins::key_store::{KeyStore, RedisKeys};
+        match (self.file, self.redis) {
+            (Some(file), _) => Ok(KeyStore::File(file)),
+            (None, Some(url)) => RedisKeys::open(&url).map(KeyStore::Redis),
+            (None, None) => Err("give --file or --redis".into()),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum KeyAction {
     /// Create a key; its plaintext is printed once and never stored.
     New {
-        #[arg(long)]
-        file: PathBuf,
+        #[command(flatten)]
+        store: KeyStoreArgs,
         #[arg(long)]
         name: String,
         /// user or admin.
@@ -88,15 +112,24 @@ pub enum KeyAction {
     },
     /// List keys (never hashes or plaintext).
     List {
-        #[arg(long)]
-        file: PathBuf,
+        #[command(flatten)]
+        store: KeyStoreArgs,
     },
     /// Disable a key by id or prefix.
     Revoke {
-        #[arg(long)]
-        file: PathBuf,
+        #[command(flatten)]
+        store: KeyStoreArgs,
         /// The key's id (k_...) or prefix (gw_...).
         key: String,
+    },
+    /// Copy the keys of a keys file into Redis (keys already there, by id, are kept).
+    Import {
+        /// The keys file to read.
+        #[arg(long)]
+        file: PathBuf,
+        /// The Redis to copy them into.
+        #[arg(long)]
+        redis: String,
     },
 }
 
@@ -333,11 +366,12 @@ upstreams:
 }
 
 fn key(action: KeyAction) -> ExitCode {
-    use gatewarden_plugins::keys::{self, KeysFile, NewKey};
+    use gatewarden_plugins::key_store::RedisKeys;
+    use gatewarden_plugins::keys::{KeysFile, NewKey};
     use gatewarden_plugins::Role;
     let result: Result<(), String> = match action {
         KeyAction::New {
-            file,
+            store,
             name,
             role,
             subject,
@@ -357,16 +391,15 @@ fn key(action: KeyAction) -> ExitCode {
             if name.trim().is_empty() {
                 return Err("--name must not be empty".into());
             }
-            let (record, plaintext) = keys::create_key(
-                &file,
-                NewKey {
+            let (record, plaintext) = store
+                .open()?
+                .create(NewKey {
                     name,
                     role,
                     subject,
                     expires_at,
-                },
-            )
-            .map_err(|e| e.to_string())?;
+                })
+                .map_err(|e| e.to_string())?;
             eprintln!(
                 "created key {} ({}, role {}, subject {}){}; it is shown once, store it now:",
                 record.id,
@@ -381,36 +414,55 @@ fn key(action: KeyAction) -> ExitCode {
             println!("{plaintext}");
             Ok(())
         })(),
-        KeyAction::List { file } => KeysFile::load(&file).map_err(|e| e.to_string()).map(|f| {
-            let used = keys::load_last_used(&file);
-            let now = chrono::Utc::now();
-            let fmt = |t: Option<chrono::DateTime<chrono::Utc>>| {
-                t.map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string())
-            };
-            println!(
-                "{:<11} {:<16} {:<10} {:<6} {:<16} {:<16} {:<16} {:<16} STATUS",
-                "ID", "NAME", "PREFIX", "ROLE", "SUBJECT", "CREATED", "EXPIRES", "LAST USED"
-            );
-            for k in &f.keys {
+        KeyAction::List { store } => store
+            .open()
+            .and_then(|s| s.list().map_err(|e| e.to_string()))
+            .map(|(f, used)| {
+                let now = chrono::Utc::now();
+                let fmt = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                    t.map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string())
+                };
                 println!(
-                    "{:<11} {:<16} {:<10} {:<6} {:<16} {:<16} {:<16} {:<16} {}",
-                    k.id,
-                    k.name,
-                    k.prefix,
-                    k.role.as_str(),
-                    k.subject,
-                    fmt(Some(k.created_at)),
-                    fmt(k.expires_at),
-                    fmt(used.get(&k.id).copied()),
-                    k.status(now)
+                    "{:<11} {:<16} {:<10} {:<6} {:<16} {:<16} {:<16} {:<16} STATUS",
+                    "ID", "NAME", "PREFIX", "ROLE", "SUBJECT", "CREATED", "EXPIRES", "LAST USED"
                 );
-            }
-        }),
-        KeyAction::Revoke { file, key } => keys::revoke_key(&file, &key)
-            .map_err(|e| e.to_string())
+                for k in &f.keys {
+                    println!(
+                        "{:<11} {:<16} {:<10} {:<6} {:<16} {:<16} {:<16} {:<16} {}",
+                        k.id,
+                        k.name,
+                        k.prefix,
+                        k.role.as_str(),
+                        k.subject,
+                        fmt(Some(k.created_at)),
+                        fmt(k.expires_at),
+                        fmt(used.get(&k.id).copied()),
+                        k.status(now)
+                    );
+                }
+            }),
+        KeyAction::Revoke { store, key } => store
+            .open()
+            .and_then(|s| s.revoke(&key).map_err(|e| e.to_string()))
             .map(|k| {
                 println!("revoked {} ({}, {})", k.id, k.prefix, k.name);
             }),
+        KeyAction::Import { file, redis } => (|| {
+            if !file.exists() {
+                return Err(format!("{} does not exist", file.display()));
+            }
+            let keys = KeysFile::load(&file).map_err(|e| e.to_string())?;
+            let added = RedisKeys::open(&redis)?
+                .import(&keys)
+                .map_err(|e| e.to_string())?;
+            println!(
+                "imported {added} of {} keys from {} ({} were there already)",
+                keys.keys.len(),
+                file.display(),
+                keys.keys.len() - added
+            );
+            Ok(())
+        })(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

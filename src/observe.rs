@@ -21,6 +21,7 @@ pub struct Metrics {
     pub inflight: IntGauge,
     pub redis_errors: IntCounter,
     pub log_lines_dropped: IntCounter,
+    pub key_store_errors: IntCounter,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -91,6 +92,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "Audit and access log lines dropped because the writer's queue was full.",
     )?;
     registry.register(Box::new(log_lines_dropped.clone()))?;
+    let key_store_errors = IntCounter::new(
+        "gatewarden_key_store_errors_total",
+        "Failed reads of the key set shared through Redis; each left the keys loaded last in force.",
+    )?;
+    registry.register(Box::new(key_store_errors.clone()))?;
     let inflight = IntGauge::new("gatewarden_inflight_requests", "Requests being served now.")?;
     registry.register(Box::new(inflight.clone()))?;
     Ok(Metrics {
@@ -106,6 +112,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         inflight,
         redis_errors,
         log_lines_dropped,
+        key_store_errors,
     })
 }
 
@@ -130,6 +137,9 @@ pub fn render() -> Vec<u8> {
     let dropped = gatewarden_plugins::line_writer::dropped_count();
     m.log_lines_dropped
         .inc_by(dropped.saturating_sub(m.log_lines_dropped.get()));
+    let failed = gatewarden_plugins::key_store::failure_count();
+    m.key_store_errors
+        .inc_by(failed.saturating_sub(m.key_store_errors.get()));
     let families = metrics().registry.gather();
     if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
         log::warn!("cannot encode metrics: {e}");

@@ -31,6 +31,7 @@ use chrono::{DateTime, Utc};
 use http::HeaderName;
 use serde::{Deserialize, Serialize};
 
+use crate::key_store::{KeyStore, Loaded, RedisFollow, RedisKeys};
 use crate::keys::{self, KeysFile};
 use crate::{credentials, Ctx, Hooks, Identity, Plugin, Reply, RequestFlow, RequestHeader, Role};
 
@@ -52,6 +53,9 @@ pub enum Source {
 pub struct ApiKeyConfig {
     /// The keys file managed by `gatewarden key`. Re-read when it changes.
     pub keys_file: Option<String>,
+    /// `redis`: the keys live in the top-level `redis:`, shared by every replica and
+    /// managed with `gatewarden key --redis` or the admin API. Instead of `keys_file`.
+    pub store: Option<StoreKind>,
     /// One extra key with the admin role, kept outside the keys file (from the
     /// environment or a secret file). At least 16 characters.
     pub admin_key: Option<crate::secret::Secret>,
@@ -61,6 +65,13 @@ pub struct ApiKeyConfig {
     /// Remove the credential headers before proxying (default true).
     #[serde(default = "yes")]
     pub strip: bool,
+}
+
+/// Where an `api_key` plugin's keys live besides a keys file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Redis,
 }
 
 fn default_sources() -> Vec<Source> {
@@ -115,9 +126,16 @@ impl Table {
     }
 }
 
-/// Shared between the plugin and its file watcher.
+/// Where the keys come from.
+enum KeySource {
+    None,
+    File(PathBuf),
+    Redis(RedisKeys),
+}
+
+/// Shared between the plugin and the thread that follows its keys.
 struct Store {
-    path: Option<PathBuf>,
+    source: KeySource,
     table: ArcSwap<Table>,
     dirty: AtomicBool,
 }
@@ -136,9 +154,12 @@ pub struct ApiKey {
 /// How often last-use times are written out (only when a key was used since).
 const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 impl ApiKey {
-    pub fn new(config: ApiKeyConfig) -> Result<Self, String> {
-        if config.keys_file.is_none() && config.admin_key.is_none() {
-            return Err("set `keys_file`, `admin_key`, or both".into());
+    pub fn new(config: ApiKeyConfig, env: &crate::BuildEnv) -> Result<Self, String> {
+        if config.keys_file.is_none() && config.store.is_none() && config.admin_key.is_none() {
+            return Err("set `keys_file` (or `store: redis`), `admin_key`, or both".into());
+        }
+        if config.keys_file.is_some() && config.store.is_some() {
+            return Err("`keys_file` and `store: redis` exclude each other".into());
         }
         if config.sources.is_empty() {
             return Err("`sources` must name at least one of bearer, x-api-key".into());
@@ -148,9 +169,8 @@ impl ApiKey {
                 return Err("`admin_key` must be at least 16 characters".into());
             }
         }
-        let path = config.keys_file.map(PathBuf::from);
-        let table = match &path {
-            Some(p) => {
+        let (source, table) = match (config.keys_file.map(PathBuf::from), config.store) {
+            (Some(p), _) => {
                 if !p.exists() {
                     return Err(format!(
                         "keys file {} does not exist; create it with `gatewarden key new --file {} --name NAME`",
@@ -158,13 +178,21 @@ impl ApiKey {
                         p.display()
                     ));
                 }
-                let file = KeysFile::load(p).map_err(|e| e.to_string())?;
-                Table::from_file(&file, None)
+                let file = KeysFile::load(&p).map_err(|e| e.to_string())?;
+                (KeySource::File(p), Table::from_file(&file, None))
             }
-            None => Table::default(),
+            (None, Some(StoreKind::Redis)) => {
+                let redis = env.redis.as_ref().ok_or(
+                    "`store: redis` keeps keys in the top-level `redis:`, which is not set",
+                )?;
+                // Loaded when the plugin starts: building reads no network.
+                let keys = RedisKeys::from_client(redis.client().clone());
+                (KeySource::Redis(keys), Table::default())
+            }
+            (None, None) => (KeySource::None, Table::default()),
         };
         let store = Arc::new(Store {
-            path,
+            source,
             table: ArcSwap::from_pointee(table),
             dirty: AtomicBool::new(false),
         });
@@ -275,14 +303,12 @@ fn reload_keys(store: &Store, path: &Path) -> Result<String, String> {
     Ok(loaded)
 }
 
-fn flush_last_used(store: &Store) {
-    let Some(path) = store.path.as_deref() else {
-        return;
-    };
+/// The last-use times recorded since the previous call (none when no key was used).
+fn take_last_used(store: &Store) -> BTreeMap<String, DateTime<Utc>> {
     if !store.dirty.swap(false, Ordering::Relaxed) {
-        return;
+        return BTreeMap::new();
     }
-    let updates: BTreeMap<String, DateTime<Utc>> = store
+    store
         .table
         .load()
         .by_digest
@@ -292,13 +318,29 @@ fn flush_last_used(store: &Store) {
             let at = DateTime::from_timestamp(secs, 0).filter(|_| secs > 0)?;
             Some((e.id.clone(), at))
         })
-        .collect();
+        .collect()
+}
+
+fn flush_last_used(store: &Store) {
+    let KeySource::File(path) = &store.source else {
+        return;
+    };
+    let updates = take_last_used(store);
+    if updates.is_empty() {
+        return;
+    }
     if let Err(e) = keys::record_last_used(path, &updates) {
         log::warn!(
             "cannot record key last-use times next to {}: {e}",
             path.display()
         );
     }
+}
+
+/// Takes in the key set as Redis holds it now.
+fn apply_loaded(store: &Store, loaded: Loaded) {
+    let table = Table::from_file(&loaded.file, Some(&store.table.load()));
+    store.table.store(Arc::new(table));
 }
 
 impl Drop for ApiKey {
@@ -311,8 +353,8 @@ impl crate::PluginType for ApiKey {
     const TYPE: &'static str = "api_key";
     type Config = ApiKeyConfig;
 
-    fn build(config: ApiKeyConfig, _env: &crate::BuildEnv) -> Result<Self, String> {
-        ApiKey::new(config)
+    fn build(config: ApiKeyConfig, env: &crate::BuildEnv) -> Result<Self, String> {
+        ApiKey::new(config, env)
     }
 }
 
@@ -332,22 +374,34 @@ impl Plugin for ApiKey {
         true
     }
 
-    fn keys_file(&self) -> Option<&Path> {
-        self.store.path.as_deref()
+    fn key_store(&self) -> Option<KeyStore> {
+        match &self.store.source {
+            KeySource::None => None,
+            KeySource::File(path) => Some(KeyStore::File(path.clone())),
+            KeySource::Redis(redis) => Some(KeyStore::Redis(redis.clone())),
+        }
     }
 
     fn start(&self) -> Result<(), String> {
-        if let Some(path) = &self.store.path {
-            self.watching.call_once(|| {
-                crate::watch::Follow {
-                    what: "keys file",
-                    path: path.clone(),
-                    apply: reload_keys,
-                    chore: Some((FLUSH_INTERVAL, flush_last_used)),
-                }
-                .spawn(Arc::downgrade(&self.store))
-            });
-        }
+        self.watching.call_once(|| match &self.store.source {
+            KeySource::None => {}
+            KeySource::File(path) => crate::watch::Follow {
+                what: "keys file",
+                path: path.clone(),
+                apply: reload_keys,
+                chore: Some((FLUSH_INTERVAL, flush_last_used)),
+            }
+            .spawn(Arc::downgrade(&self.store)),
+            KeySource::Redis(redis) => {
+                let follow = RedisFollow {
+                    redis: redis.clone(),
+                    apply: apply_loaded,
+                    used: take_last_used,
+                };
+                let version = follow.first_load(&self.store);
+                follow.spawn(Arc::downgrade(&self.store), version);
+            }
+        });
         Ok(())
     }
 
@@ -455,12 +509,16 @@ mod tests {
     }
 
     fn plugin(path: &Path) -> ApiKey {
-        ApiKey::new(ApiKeyConfig {
-            keys_file: Some(path.display().to_string()),
-            admin_key: Some(crate::secret::Secret::new("a-very-long-admin-key")),
-            sources: default_sources(),
-            strip: true,
-        })
+        ApiKey::new(
+            ApiKeyConfig {
+                keys_file: Some(path.display().to_string()),
+                store: None,
+                admin_key: Some(crate::secret::Secret::new("a-very-long-admin-key")),
+                sources: default_sources(),
+                strip: true,
+            },
+            &crate::BuildEnv::default(),
+        )
         .unwrap()
     }
 
@@ -571,11 +629,18 @@ mod tests {
     #[test]
     fn settings_are_checked() {
         let cfg = |yaml: &str| serde_yaml_ng::from_str::<ApiKeyConfig>(yaml);
-        assert!(ApiKey::new(cfg("{}").unwrap()).is_err());
-        assert!(ApiKey::new(cfg("{ admin_key: short }").unwrap()).is_err());
-        let err = ApiKey::new(cfg("{ keys_file: /nonexistent/keys.yaml }").unwrap())
-            .err()
-            .unwrap();
+        assert!(ApiKey::new(cfg("{}").unwrap(), &crate::BuildEnv::default()).is_err());
+        assert!(ApiKey::new(
+            cfg("{ admin_key: short }").unwrap(),
+            &crate::BuildEnv::default()
+        )
+        .is_err());
+        let err = ApiKey::new(
+            cfg("{ keys_file: /nonexistent/keys.yaml }").unwrap(),
+            &crate::BuildEnv::default(),
+        )
+        .err()
+        .unwrap();
         assert!(err.contains("key new"), "{err}");
         assert!(cfg("{ admin_key: x, sources: [query] }").is_err());
     }

@@ -167,6 +167,9 @@ pub enum KeysError {
     Ambiguous(String),
     #[error("refusing to revoke the last active admin key; create another admin key first")]
     LastAdmin,
+    /// The shared key store cannot be reached; nothing was changed.
+    #[error("the key store is unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl KeysFile {
@@ -194,8 +197,14 @@ impl KeysFile {
             return Ok(KeysFile::default());
         }
         let file: KeysFile = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+        file.check()?;
+        Ok(file)
+    }
+
+    /// Every hash well-formed and every id used once.
+    pub fn check(&self) -> Result<(), String> {
         let mut ids = std::collections::HashSet::new();
-        for (i, k) in file.keys.iter().enumerate() {
+        for (i, k) in self.keys.iter().enumerate() {
             if parse_stored_hash(&k.hash).is_none() {
                 return Err(format!(
                     "keys[{i}] ({}): hash must be sha256:<64 hex digits>",
@@ -206,7 +215,22 @@ impl KeysFile {
                 return Err(format!("keys[{i}]: id {:?} is used twice", k.id));
             }
         }
-        Ok(file)
+        Ok(())
+    }
+
+    /// Disables the key named by id or prefix; refuses to disable the last active
+    /// admin key. Returns its index.
+    pub fn disable(&mut self, id_or_prefix: &str, now: DateTime<Utc>) -> Result<usize, KeysError> {
+        let i = self.find(id_or_prefix)?;
+        let key = &self.keys[i];
+        if key.role == Role::Admin
+            && key.is_active(now)
+            && self.other_active_admins(&key.id, now) == 0
+        {
+            return Err(KeysError::LastAdmin);
+        }
+        self.keys[i].disabled = true;
+        Ok(i)
     }
 
     /// Writes the file atomically with owner-only permissions.
@@ -335,10 +359,8 @@ pub struct NewKey {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-/// Creates a key, stores its hash, and returns the record and the plaintext (shown once).
-pub fn create_key(path: &Path, new: NewKey) -> Result<(KeyRecord, String), KeysError> {
-    let _lock = FileLock::acquire(path)?;
-    let mut file = KeysFile::load(path)?;
+/// A new key: its record (the hash, never the key) and the plaintext, shown once.
+pub fn new_record(new: NewKey) -> (KeyRecord, String) {
     let plaintext = generate_key();
     let record = KeyRecord {
         id: format!("k_{}", random_base62(8)),
@@ -351,6 +373,14 @@ pub fn create_key(path: &Path, new: NewKey) -> Result<(KeyRecord, String), KeysE
         expires_at: new.expires_at,
         disabled: false,
     };
+    (record, plaintext)
+}
+
+/// Creates a key, stores its hash, and returns the record and the plaintext (shown once).
+pub fn create_key(path: &Path, new: NewKey) -> Result<(KeyRecord, String), KeysError> {
+    let _lock = FileLock::acquire(path)?;
+    let mut file = KeysFile::load(path)?;
+    let (record, plaintext) = new_record(new);
     file.keys.push(record.clone());
     file.save(path)?;
     Ok((record, plaintext))
@@ -360,14 +390,7 @@ pub fn create_key(path: &Path, new: NewKey) -> Result<(KeyRecord, String), KeysE
 pub fn revoke_key(path: &Path, id_or_prefix: &str) -> Result<KeyRecord, KeysError> {
     let _lock = FileLock::acquire(path)?;
     let mut file = KeysFile::load(path)?;
-    let i = file.find(id_or_prefix)?;
-    let now = Utc::now();
-    let key = &file.keys[i];
-    if key.role == Role::Admin && key.is_active(now) && file.other_active_admins(&key.id, now) == 0
-    {
-        return Err(KeysError::LastAdmin);
-    }
-    file.keys[i].disabled = true;
+    let i = file.disable(id_or_prefix, Utc::now())?;
     file.save(path)?;
     Ok(file.keys[i].clone())
 }

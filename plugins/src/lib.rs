@@ -8,6 +8,7 @@
 
 pub mod credentials;
 mod ctx;
+pub mod key_store;
 pub mod keys;
 mod plugin;
 pub mod registry;

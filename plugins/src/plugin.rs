@@ -133,8 +133,8 @@ pub trait Plugin: Send + Sync + 'static {
         Ok(())
     }
 
-    /// The keys file this plugin reads, which the admin API manages.
-    fn keys_file(&self) -> Option<&std::path::Path> {
+    /// Where this plugin keeps the keys it recognises, which the admin API manages.
+    fn key_store(&self) -> Option<crate::key_store::KeyStore> {
         None
     }
 

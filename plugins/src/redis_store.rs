@@ -12,7 +12,33 @@ use tokio::sync::OnceCell;
 const POOL_SIZE: usize = 4;
 
 static ERRORS: AtomicU64 = AtomicU64::new(0);
-static LAST_LOG: AtomicU64 = AtomicU64::new(0);
+static ERROR_LOG: LogLimit = LogLimit::every(10);
+
+/// Lets a warning through at most once per period, however many threads report.
+pub(crate) struct LogLimit {
+    last: AtomicU64,
+    period_secs: u64,
+}
+
+impl LogLimit {
+    pub(crate) const fn every(period_secs: u64) -> Self {
+        LogLimit {
+            last: AtomicU64::new(0),
+            period_secs,
+        }
+    }
+
+    /// True for the first caller of each period.
+    pub(crate) fn allow(&self) -> bool {
+        let now = crate::session::now_secs();
+        let last = self.last.load(Ordering::Relaxed);
+        now >= last + self.period_secs
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
 
 /// Redis errors since start, for `gatewarden_redis_errors_total`.
 pub fn error_count() -> u64 {
@@ -22,13 +48,7 @@ pub fn error_count() -> u64 {
 /// Counts an error and logs it, at most once every 10 seconds.
 pub fn report_error(what: &str, error: &dyn std::fmt::Display) {
     ERRORS.fetch_add(1, Ordering::Relaxed);
-    let now = crate::session::now_secs();
-    let last = LAST_LOG.load(Ordering::Relaxed);
-    if now >= last + 10
-        && LAST_LOG
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    if ERROR_LOG.allow() {
         log::warn!(
             "redis: {what}: {error} (further errors counted in gatewarden_redis_errors_total)"
         );
@@ -61,6 +81,11 @@ impl RedisHandle {
             next: AtomicUsize::new(0),
             timeout,
         })
+    }
+
+    /// The client, for plugins that need connections of their own (a subscription).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
     }
 
     /// A connection from the pool, opened on first use.

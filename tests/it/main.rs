@@ -21,6 +21,7 @@ mod llm_route;
 mod oidc;
 mod operations;
 mod proxying;
+mod replicas;
 mod routing;
 mod traffic;
 mod upstreams;

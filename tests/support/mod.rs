@@ -317,3 +317,51 @@ pub fn tool(names: &[&str]) -> Option<PathBuf> {
     }
     found
 }
+
+/// A throwaway `redis-server` on a loopback port, saving nothing; killed on drop.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+}
+
+impl Redis {
+    /// Starts one on a free port; `None` (outside CI) when redis-server is missing.
+    pub fn start() -> Option<Redis> {
+        let binary = tool(&["redis-server"])?;
+        Some(Self::start_on(&binary, free_port()))
+    }
+
+    /// Starts one on `port` (to restart a stopped one where its clients look for it).
+    pub fn start_on(binary: &Path, port: u16) -> Redis {
+        let child = Command::new(binary)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        poll_until(
+            "redis to accept connections",
+            Duration::from_secs(10),
+            || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
+        );
+        Redis { child, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Stops it now (as a crash would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

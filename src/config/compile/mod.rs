@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use gatewarden_plugins::key_store::KeyStore;
 use gatewarden_plugins::{BuildEnv, Plugin, PluginPlan};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -45,8 +46,8 @@ pub struct Snapshot {
     pub admin_api_key: Option<String>,
     /// The config as written, secrets masked, for `GET /admin/config`.
     pub masked_config: serde_json::Value,
-    /// Keys files of the identity plugins, for the admin keys API.
-    pub keys_files: Vec<std::path::PathBuf>,
+    /// Where the identity plugins keep their keys, for the admin keys API.
+    pub key_stores: Vec<KeyStore>,
     /// The cookies the gateway's own plugins issue (sessions, login state): removed
     /// from every request sent upstream, on every route.
     pub gateway_cookies: Vec<String>,
@@ -578,12 +579,12 @@ pub fn compile_with(
         return Err(errors.list);
     }
     let plugin_count = plugins.len();
-    let mut keys_files: Vec<std::path::PathBuf> = plugins
-        .values()
-        .filter_map(|p| p.keys_file().map(Into::into))
-        .collect();
-    keys_files.sort();
-    keys_files.dedup();
+    let mut key_stores: Vec<KeyStore> = Vec::new();
+    for store in plugins.values().filter_map(|p| p.key_store()) {
+        if !key_stores.iter().any(|s| s.same_as(&store)) {
+            key_stores.push(store);
+        }
+    }
     let mut gateway_cookies: Vec<String> =
         plugins.values().flat_map(|p| p.gateway_cookies()).collect();
     gateway_cookies.sort();
@@ -599,7 +600,7 @@ pub fn compile_with(
             redis_url,
             admin_api_key: admin.as_ref().and_then(|a| a.api_key.clone()),
             masked_config: super::mask::masked(&as_written, plugins_shown, admin_shown),
-            keys_files,
+            key_stores,
             gateway_cookies,
             plugins: built,
             redis,
