@@ -81,6 +81,38 @@ struct NewKeyRequest {
     expires: Option<String>,
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    subject: String,
+}
+
+/// `POST /admin/sessions/revoke` `{"subject": ...}`: ends every session of a subject
+/// issued up to now, on every replica that shares the revocation list.
+async fn revoke_sessions(snapshot: &crate::config::Snapshot, body: &[u8]) -> Response<Vec<u8>> {
+    let Some(lifetime) = snapshot.session_lifetime else {
+        return error(StatusCode::NOT_FOUND, "no plugin issues sessions");
+    };
+    let req: RevokeRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}")),
+    };
+    if req.subject.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "subject must not be empty");
+    }
+    let revocations = gatewarden_plugins::revocation::Revocations::new(
+        snapshot.redis.clone(),
+        gatewarden_plugins::revocation::OnRevocationError::Deny,
+    );
+    match revocations.revoke_subject(&req.subject, lifetime).await {
+        Ok(()) => json(
+            StatusCode::OK,
+            serde_json::json!({ "status": "ok", "subject": req.subject }),
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.0),
+    }
+}
+
 /// The answer to a key store's refusal or failure.
 fn store_error(e: &KeysError) -> Response<Vec<u8>> {
     let status = match e {
@@ -228,6 +260,12 @@ impl ServeHttp for AdminApp {
                                     "the key operation failed",
                                 )
                             })
+                    }
+                    (http::Method::POST, "/admin/sessions/revoke") => {
+                        let Some(body) = read_body(session).await else {
+                            return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+                        };
+                        revoke_sessions(&snapshot, &body).await
                     }
                     (http::Method::POST, "/admin/reload") => {
                         match self.state.reload_off_thread().await {

@@ -37,6 +37,7 @@ pub mod password;
 pub mod pin_gate;
 pub mod rate_limit;
 pub mod redis_store;
+pub mod revocation;
 pub mod secret;
 pub mod session;
 pub mod spelling;

@@ -45,6 +45,7 @@ use crate::units::Span;
 use crate::{Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, Role, Verdict};
 
 pub use crate::lockout::LockoutConfig;
+use crate::revocation::{OnRevocationError, Revocations};
 pub use crate::session::{LOGIN_PATH, LOGOUT_PATH};
 
 /// Hashes a PIN with argon2id and a random salt, for `pin_hash`.
@@ -79,6 +80,10 @@ pub struct PinGateConfig {
     /// `auto` (Secure over HTTPS), `always` or `never`.
     #[serde(default)]
     pub secure_cookie: SecureCookie,
+    /// With `redis:`, what a session check does while Redis cannot say whether the
+    /// session was revoked: `deny` (default, 503) or `allow` (its signature suffices).
+    #[serde(default)]
+    pub on_revocation_error: OnRevocationError,
     /// Role of a logged-in user (default user).
     #[serde(default = "default_role")]
     pub role: String,
@@ -135,7 +140,11 @@ impl PinGate {
             ttl,
             &config.cookie_name,
             config.secure_cookie,
-        )?;
+        )?
+        .with_revocations(Revocations::new(
+            env.redis.clone(),
+            config.on_revocation_error,
+        ));
         let role = Role::parse(&config.role)
             .ok_or_else(|| format!("role: unknown role {:?}; use user or admin", config.role))?;
         let totp = match &config.totp_secret {
@@ -288,6 +297,10 @@ impl Plugin for PinGate {
         self.sessions.cookie_names().map(String::from).to_vec()
     }
 
+    fn session_lifetime(&self) -> Option<std::time::Duration> {
+        Some(self.sessions.lifetime())
+    }
+
     fn serves(&self, path: &str) -> bool {
         path == LOGIN_PATH || path == LOGOUT_PATH
     }
@@ -310,14 +323,15 @@ impl Plugin for PinGate {
             if session::cross_origin(req) {
                 return RequestFlow::reply(Reply::error(403, "cross-origin logout refused"));
             }
-            return RequestFlow::reply(
-                Reply::error(303, "logged out")
-                    .with_header(http::header::LOCATION, LOGIN_PATH)
-                    .with_header(
-                        http::header::SET_COOKIE,
-                        &self.sessions.clear_cookie(ctx.https),
-                    ),
-            );
+            let https = ctx.https;
+            return RequestFlow::Wait(Box::pin(async move {
+                self.sessions.revoke_presented(req, https).await;
+                Verdict::Reply(
+                    Reply::error(303, "logged out")
+                        .with_header(http::header::LOCATION, LOGIN_PATH)
+                        .with_header(http::header::SET_COOKIE, &self.sessions.clear_cookie(https)),
+                )
+            }));
         }
         let query_next = crate::forms::query_param(req, "next").unwrap_or_default();
         match *method {
@@ -350,10 +364,7 @@ impl Plugin for PinGate {
     }
 
     fn on_request<'a>(&'a self, req: &'a mut RequestHeader, ctx: &'a mut Ctx) -> RequestFlow<'a> {
-        match self.sessions.recognise(req, ctx) {
-            Some(reply) => RequestFlow::reply(reply),
-            None => RequestFlow::CONTINUE,
-        }
+        self.sessions.recognise(req, ctx)
     }
 }
 

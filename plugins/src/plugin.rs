@@ -133,6 +133,12 @@ pub trait Plugin: Send + Sync + 'static {
         Ok(())
     }
 
+    /// How long the sessions this plugin issues last: revoking a subject's sessions
+    /// holds that long.
+    fn session_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Where this plugin keeps the keys it recognises, which the admin API manages.
     fn key_store(&self) -> Option<crate::key_store::KeyStore> {
         None

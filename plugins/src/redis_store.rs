@@ -104,6 +104,19 @@ impl RedisHandle {
         Ok(manager.clone())
     }
 
+    /// Runs one command with a deadline; any failure is an error the caller decides on.
+    pub async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, String> {
+        let work = async {
+            let mut conn = self.connection().await?;
+            command.query_async::<T>(&mut conn).await
+        };
+        match tokio::time::timeout(self.timeout * 2, work).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
     /// Runs `script` with a deadline; any failure is an error the caller decides on.
     pub async fn run<T: redis::FromRedisValue>(
         &self,

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cookies::{cookie, strip_cookie};
 use crate::forms::{encode_query, percent_decode};
+use crate::revocation::Revocations;
 use crate::secret::Secret;
-use crate::{Identity, Role};
+use crate::{Identity, RequestFlow, Role, Verdict};
 
 /// The login page every login plugin answers (`pin_gate`'s form, `oidc`'s redirect to the
 /// provider); the core sends browser navigations without an identity here.
@@ -28,8 +29,21 @@ struct Claims {
     role: String,
     /// Which mechanism logged the user in (`pin`, `oidc`).
     amr: String,
+    /// The session's id, by which its logout revokes it.
+    #[serde(default)]
+    sid: String,
     iat: u64,
     exp: u64,
+}
+
+/// A verified session: who, and which session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub identity: Identity,
+    pub id: String,
+    /// Unix seconds it was issued and expires.
+    pub issued: u64,
+    pub expires: u64,
 }
 
 /// Signs with the current secret; verifies with it and with previous secrets, so a
@@ -42,6 +56,7 @@ pub struct SessionKeys {
     cookie_name: String,
     secure_name: String,
     secure: SecureCookie,
+    revocations: Revocations,
 }
 
 /// When the cookie gets `Secure` and the `__Host-` prefix.
@@ -60,6 +75,8 @@ pub enum SecureCookie {
 pub enum SessionError {
     Expired,
     Invalid,
+    /// Logged out, or its subject signed out everywhere.
+    Revoked,
 }
 
 impl SessionKeys {
@@ -104,7 +121,14 @@ impl SessionKeys {
             cookie_name: cookie_name.to_string(),
             secure_name: format!("__Host-{cookie_name}"),
             secure,
+            revocations: Revocations::default(),
         })
+    }
+
+    /// Checks sessions against (and logs out into) `revocations`.
+    pub fn with_revocations(mut self, revocations: Revocations) -> Self {
+        self.revocations = revocations;
+        self
     }
 
     /// Whether cookies get `Secure` (and the `__Host-` prefix) on this connection.
@@ -137,6 +161,7 @@ impl SessionKeys {
             sub: subject.to_string(),
             role: role.as_str().to_string(),
             amr: method.to_string(),
+            sid: crate::keys::random_base62(22),
             iat: now,
             exp: now + self.ttl.as_secs(),
         };
@@ -146,15 +171,26 @@ impl SessionKeys {
 
     /// Verifies a session token; expiry is checked here, on the server.
     pub fn verify(&self, token: &str) -> Result<Identity, SessionError> {
+        self.verify_session(token).map(|s| s.identity)
+    }
+
+    /// Verifies a session token and says which session it is.
+    pub fn verify_session(&self, token: &str) -> Result<Session, SessionError> {
         let mut expired = false;
         for key in &self.verifying {
             match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
                 Ok(data) => {
-                    let role = Role::parse(&data.claims.role).ok_or(SessionError::Invalid)?;
-                    return Ok(Identity {
-                        subject: Arc::from(data.claims.sub),
-                        role,
-                        method: "session",
+                    let claims = data.claims;
+                    let role = Role::parse(&claims.role).ok_or(SessionError::Invalid)?;
+                    return Ok(Session {
+                        identity: Identity {
+                            subject: Arc::from(claims.sub),
+                            role,
+                            method: "session",
+                        },
+                        id: claims.sid,
+                        issued: claims.iat,
+                        expires: claims.exp,
                     });
                 }
                 Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
@@ -168,6 +204,30 @@ impl SessionKeys {
         } else {
             SessionError::Invalid
         })
+    }
+
+    /// Revokes the session the request carries, if it carries a valid one: a copy of
+    /// its cookie is refused from now on, on every replica that shares the list.
+    pub async fn revoke_presented(&self, req: &crate::RequestHeader, https: bool) {
+        let Some(session) = self
+            .token_from(req, https)
+            .and_then(|token| self.verify_session(token).ok())
+        else {
+            return;
+        };
+        if let Err(e) = self
+            .revocations
+            .revoke_session(&session.id, session.expires)
+            .await
+        {
+            // This replica's own list has it; the others learn of it when Redis is back.
+            log::warn!("logout: the session is revoked here only: {}", e.0);
+        }
+    }
+
+    /// How long a session lasts at most.
+    pub fn lifetime(&self) -> Duration {
+        self.ttl
     }
 
     /// The `Set-Cookie` value that stores `token`.
@@ -213,42 +273,85 @@ impl SessionKeys {
 
 impl SessionKeys {
     /// Recognises the caller by the session cookie: sets the identity and strips the
-    /// cookie so the upstream never sees it. A bad or expired session is never
+    /// cookie so the upstream never sees it. A bad, expired or revoked session is never
     /// anonymous: the answer (a 302 to the login page for browsers, 401 otherwise,
-    /// clearing the cookie) is returned.
-    pub fn recognise(
+    /// clearing the cookie) ends the request. With a shared revocation list the check
+    /// waits for Redis; while Redis cannot answer, `on_revocation_error` decides.
+    pub fn recognise<'a>(
+        &'a self,
+        req: &'a mut crate::RequestHeader,
+        ctx: &'a mut crate::Ctx,
+    ) -> RequestFlow<'a> {
+        let Some(token) = self.token_from(req, ctx.https) else {
+            return RequestFlow::CONTINUE;
+        };
+        let session = match self.verify_session(token) {
+            Ok(session) => session,
+            Err(e) => return RequestFlow::reply(self.refuse(req, ctx, e)),
+        };
+        let subject = &session.identity.subject;
+        if self
+            .revocations
+            .revoked_here(&session.id, subject, session.issued)
+        {
+            return RequestFlow::reply(self.refuse(req, ctx, SessionError::Revoked));
+        }
+        if !self.revocations.shared() {
+            return RequestFlow::Done(self.accept(req, ctx, session.identity));
+        }
+        RequestFlow::Wait(Box::pin(async move {
+            let checked = self
+                .revocations
+                .revoked(&session.id, &session.identity.subject, session.issued)
+                .await;
+            match checked {
+                Ok(false) => self.accept(req, ctx, session.identity),
+                Ok(true) => Verdict::Reply(self.refuse(req, ctx, SessionError::Revoked)),
+                Err(e) => {
+                    ctx.auth_failure = Some("session_store_unavailable");
+                    Verdict::Reply(
+                        crate::Reply::error(503, &e.0).with_header(http::header::RETRY_AFTER, "5"),
+                    )
+                }
+            }
+        }))
+    }
+
+    fn accept(
         &self,
         req: &mut crate::RequestHeader,
         ctx: &mut crate::Ctx,
-    ) -> Option<crate::Reply> {
-        let token = self.token_from(req, ctx.https)?;
-        match self.verify(token) {
-            Ok(identity) => {
-                if ctx.identify(identity).is_err() {
-                    return Some(crate::credentials::conflicting());
-                }
-                self.strip_cookie(req, ctx.https);
-                None
-            }
-            Err(e) => {
-                ctx.auth_failure = Some(if e == SessionError::Expired {
-                    "session_expired"
-                } else {
-                    "invalid_session"
-                });
-                let clear = self.clear_cookie(ctx.https);
-                let reply = if is_browser_navigation(req) {
-                    let next = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                    let location = format!("{LOGIN_PATH}?next={}", encode_query(next));
-                    crate::Reply::error(302, "session expired or invalid")
-                        .with_header(http::header::LOCATION, &location)
-                } else {
-                    crate::Reply::error(401, "session expired or invalid")
-                        .with_header(http::header::WWW_AUTHENTICATE, "Bearer")
-                };
-                Some(reply.with_header(http::header::SET_COOKIE, &clear))
-            }
+        identity: Identity,
+    ) -> Verdict {
+        if ctx.identify(identity).is_err() {
+            return Verdict::Reply(crate::credentials::conflicting());
         }
+        self.strip_cookie(req, ctx.https);
+        Verdict::Continue
+    }
+
+    fn refuse(
+        &self,
+        req: &crate::RequestHeader,
+        ctx: &mut crate::Ctx,
+        error: SessionError,
+    ) -> crate::Reply {
+        ctx.auth_failure = Some(match error {
+            SessionError::Expired => "session_expired",
+            SessionError::Revoked => "session_revoked",
+            SessionError::Invalid => "invalid_session",
+        });
+        let clear = self.clear_cookie(ctx.https);
+        let reply = if is_browser_navigation(req) {
+            let next = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let location = format!("{LOGIN_PATH}?next={}", encode_query(next));
+            crate::Reply::error(302, "session expired or invalid")
+                .with_header(http::header::LOCATION, &location)
+        } else {
+            crate::Reply::error(401, "session expired or invalid")
+                .with_header(http::header::WWW_AUTHENTICATE, "Bearer")
+        };
+        reply.with_header(http::header::SET_COOKIE, &clear)
     }
 }
 

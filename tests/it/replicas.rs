@@ -202,3 +202,155 @@ fn a_keys_file_moves_into_redis_with_key_import() {
     let resp = get(gw.addr, "/", &[&format!("Authorization: Bearer {key}")]);
     assert_eq!(resp.status, 200);
 }
+
+const SESSION_SECRET: &str = "a-session-secret-shared-by-the-replicas";
+
+/// A replica with a PIN login in front of one route for users; `redis` shares the
+/// revocation list (and the lockout), `settings` adds to the `pin_gate` block.
+fn pin_replica(
+    redis: Option<&str>,
+    upstream: std::net::SocketAddr,
+    settings: serde_json::Value,
+) -> Gateway {
+    let mut pin = json!({ "pin_hash": crate::identity::pin_hash(), "secret": SESSION_SECRET });
+    if let (Some(pin), serde_json::Value::Object(more)) = (pin.as_object_mut(), settings) {
+        pin.extend(more);
+    }
+    let config = Config::new()
+        .admin_key(ADMIN_KEY)
+        .upstream("app", Upstream::to(upstream))
+        .plugin("pin", "pin_gate", pin)
+        .route(Route::new("app", "app", "user").plugins(&["pin"]));
+    Gateway::start(match redis {
+        Some(url) => config.set("redis", json!({ "url": url })),
+        None => config,
+    })
+}
+
+fn with_cookie(gw: &Gateway, cookie: &str) -> u16 {
+    get(gw.addr, "/", &[&format!("Cookie: {cookie}")]).status
+}
+
+fn logout(gw: &Gateway, cookie: &str) -> RawResponse {
+    raw(
+        gw.addr,
+        &format!(
+            "POST /.gatewarden/logout HTTP/1.1\r\nHost: localhost\r\nCookie: {cookie}\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .unwrap()
+}
+
+#[test]
+fn sessions_are_revoked_on_every_replica_by_logout_and_by_subject() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let up = Upstreams::start(1);
+    let url = redis.url();
+    let replicas: Vec<Gateway> = (0..3)
+        .map(|_| pin_replica(Some(&url), up.addr(0), json!({})))
+        .collect();
+    let [first, second, third] = [&replicas[0], &replicas[1], &replicas[2]];
+
+    // Logged in on the first, logged out on the second: the cookie's copies are
+    // refused everywhere, at once.
+    let copied = crate::identity::session(first.addr);
+    for gw in &replicas {
+        assert_eq!(with_cookie(gw, &copied), 200);
+    }
+    assert_eq!(logout(second, &copied).status, 303);
+    for gw in &replicas {
+        assert_eq!(
+            with_cookie(gw, &copied),
+            401,
+            "a session reused after its logout"
+        );
+    }
+
+    // Sign out everywhere: every session of `pin` ends; bob's stays.
+    let again = crate::identity::session(third.addr);
+    let bob = format!(
+        "gatewarden={}",
+        crate::identity::mint(SESSION_SECRET, "bob", "user", 3600)
+    );
+    assert_eq!(with_cookie(first, &again), 200);
+    assert_eq!(with_cookie(first, &bob), 200);
+    let revoked = admin(
+        third,
+        "POST",
+        "/admin/sessions/revoke",
+        r#"{"subject":"pin"}"#,
+    );
+    assert_eq!(revoked.status, 200, "{revoked:?}");
+    for gw in &replicas {
+        assert_eq!(with_cookie(gw, &again), 401, "pin signed out everywhere");
+        assert_eq!(with_cookie(gw, &bob), 200, "bob stays signed in");
+    }
+    // A session forged with another id (or any other change) fails its signature.
+    let token = again.split_once('=').unwrap().1;
+    let forged = format!("gatewarden={}x", token);
+    assert_eq!(with_cookie(second, &forged), 401);
+    // Signing in again, in a later second than the revocation, works.
+    std::thread::sleep(Duration::from_millis(1100));
+    let fresh = crate::identity::session(second.addr);
+    assert_eq!(with_cookie(first, &fresh), 200);
+    let bad = admin(first, "POST", "/admin/sessions/revoke", r#"{"who":"pin"}"#);
+    assert_eq!(bad.status, 400, "{bad:?}");
+}
+
+#[test]
+fn a_session_check_fails_closed_when_redis_answers_garbage_unless_told_otherwise() {
+    let up = Upstreams::start(1);
+    // An HTTP server where Redis should be: every reply is garbage to a Redis client.
+    let not_redis = format!("redis://{}/0", up.addr(0));
+    let closed = pin_replica(Some(&not_redis), up.addr(0), json!({}));
+    let open = pin_replica(
+        Some(&not_redis),
+        up.addr(0),
+        json!({ "on_revocation_error": "allow" }),
+    );
+    let bob = format!(
+        "gatewarden={}",
+        crate::identity::mint(SESSION_SECRET, "bob", "user", 3600)
+    );
+    let refused = get(closed.addr, "/", &[&format!("Cookie: {bob}")]);
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(with_cookie(&open, &bob), 200);
+}
+
+#[test]
+fn without_redis_a_logout_revokes_the_session_in_this_gateway_across_reloads() {
+    let up = Upstreams::start(1);
+    let gw = pin_replica(None, up.addr(0), json!({}));
+    let copied = crate::identity::session(gw.addr);
+    let other = crate::identity::session(gw.addr);
+    assert_eq!(logout(&gw, &copied).status, 303);
+    assert_eq!(with_cookie(&gw, &copied), 401);
+    assert_eq!(
+        with_cookie(&gw, &other),
+        200,
+        "only the session logged out ends"
+    );
+    // A reload that changes the plugin builds a new instance: the list stays.
+    gw.rewrite(
+        Config::new()
+            .admin_key(ADMIN_KEY)
+            .upstream("app", Upstream::to(up.addr(0)))
+            .plugin(
+                "pin",
+                "pin_gate",
+                json!({ "pin_hash": crate::identity::pin_hash(), "secret": SESSION_SECRET, "session_ttl": "2d" }),
+            )
+            .route(Route::new("app", "app", "user").plugins(&["pin"])),
+    );
+    let reloaded = admin(&gw, "POST", "/admin/reload", "");
+    assert_eq!(reloaded.status, 200, "{reloaded:?}");
+    assert_eq!(
+        with_cookie(&gw, &copied),
+        401,
+        "still revoked after the reload"
+    );
+    assert_eq!(with_cookie(&gw, &other), 200);
+}

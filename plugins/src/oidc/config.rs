@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::revocation::OnRevocationError;
+
 use crate::jwt::{Algorithms, Secret};
 use crate::session::SecureCookie;
 use crate::units::Span;
@@ -45,6 +47,10 @@ pub struct OidcConfig {
     /// `auto` (Secure over HTTPS), `always` or `never`.
     #[serde(default)]
     pub secure_cookie: SecureCookie,
+    /// With `redis:`, what a session check does while Redis cannot say whether the
+    /// session was revoked: `deny` (default, 503) or `allow` (its signature suffices).
+    #[serde(default)]
+    pub on_revocation_error: OnRevocationError,
     /// The redirect URI registered at the provider, when the gateway cannot derive it
     /// from the request (`{scheme}://{host}/.gatewarden/oidc/callback`), e.g. behind a
     /// proxy that rewrites Host. Its path must be `/.gatewarden/oidc/callback`.

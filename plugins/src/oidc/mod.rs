@@ -64,6 +64,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 
+use crate::revocation::Revocations;
 use crate::session::{self, SessionKeys, LOGIN_PATH, LOGOUT_PATH, MIN_SECRET_LEN};
 use crate::{BuildEnv, Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader, Verdict};
 
@@ -110,7 +111,7 @@ pub struct Oidc {
 }
 
 impl Oidc {
-    pub fn new(config: OidcConfig, _env: &BuildEnv) -> Result<Self, String> {
+    pub fn new(config: OidcConfig, env: &BuildEnv) -> Result<Self, String> {
         let to = crate::outbound::check_url("issuer", &config.issuer)?;
         if config.client_id.trim().is_empty() {
             return Err("`client_id` must not be empty".into());
@@ -162,7 +163,11 @@ impl Oidc {
             config.session_ttl.get(),
             &config.cookie_name,
             config.secure_cookie,
-        )?;
+        )?
+        .with_revocations(Revocations::new(
+            env.redis.clone(),
+            config.on_revocation_error,
+        ));
         let discovery_url = format!(
             "{}/.well-known/openid-configuration",
             config.issuer.trim_end_matches('/')
@@ -350,7 +355,11 @@ impl Plugin for Oidc {
             if session::cross_origin(req) {
                 return RequestFlow::reply(Reply::error(403, "cross-origin logout refused"));
             }
-            return RequestFlow::reply(self.logout(req, ctx.https));
+            let https = ctx.https;
+            return RequestFlow::Wait(Box::pin(async move {
+                self.sessions.revoke_presented(req, https).await;
+                Verdict::Reply(self.logout(req, https))
+            }));
         }
         if !matches!(*method, http::Method::GET | http::Method::HEAD) {
             return RequestFlow::reply(
@@ -378,10 +387,7 @@ impl Plugin for Oidc {
         self.ensure_started();
         // A login left unfinished must not hand its verifier and nonce to the upstream.
         crate::cookies::strip_cookie(req, self.state_cookie_name(ctx.https));
-        match self.sessions.recognise(req, ctx) {
-            Some(reply) => RequestFlow::reply(reply),
-            None => RequestFlow::CONTINUE,
-        }
+        self.sessions.recognise(req, ctx)
     }
 }
 

@@ -48,6 +48,9 @@ pub struct Snapshot {
     pub masked_config: serde_json::Value,
     /// Where the identity plugins keep their keys, for the admin keys API.
     pub key_stores: Vec<KeyStore>,
+    /// The longest session a plugin issues, for how long revoking a subject holds;
+    /// `None` when no plugin issues sessions.
+    pub session_lifetime: Option<std::time::Duration>,
     /// The cookies the gateway's own plugins issue (sessions, login state): removed
     /// from every request sent upstream, on every route.
     pub gateway_cookies: Vec<String>,
@@ -585,6 +588,7 @@ pub fn compile_with(
             key_stores.push(store);
         }
     }
+    let session_lifetime = plugins.values().filter_map(|p| p.session_lifetime()).max();
     let mut gateway_cookies: Vec<String> =
         plugins.values().flat_map(|p| p.gateway_cookies()).collect();
     gateway_cookies.sort();
@@ -601,6 +605,7 @@ pub fn compile_with(
             admin_api_key: admin.as_ref().and_then(|a| a.api_key.clone()),
             masked_config: super::mask::masked(&as_written, plugins_shown, admin_shown),
             key_stores,
+            session_lifetime,
             gateway_cookies,
             plugins: built,
             redis,
