@@ -405,26 +405,34 @@ impl Drop for PageServer {
     }
 }
 
+/// A gateway with an admin listener, the upstream `app` at `backend` and a `pin`
+/// plugin (PIN login); the caller adds the rest of the plugins and the route.
+fn behind_the_pin(backend: SocketAddr) -> Config {
+    Config::new()
+        .with_admin()
+        .upstream("app", Upstream::to(backend))
+        .plugin(
+            "pin",
+            "pin_gate",
+            json!({ "pin_hash": pin_hash(), "secret": SECRET }),
+        )
+}
+
 #[test]
 fn a_browser_is_sent_to_the_login_page_types_the_pin_and_lands_on_the_app() {
     let Some(browser) = Chromium::start_or_skip() else {
         return;
     };
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{}'] }}
-plugins:
-  pin: {{ type: pin_gate, pin_hash: '{}', secret: '{SECRET}' }}
-  who: {{ type: headers, request: {{ set: {{ X-Webauth-User: '{{identity.subject}}' }} }} }}
-routes:
-  - {{ name: app, access: user, upstream: app, plugins: [pin, who] }}
-",
-        ups.addr(0),
-        pin_hash(),
-    ));
+    let gw = Gateway::start(
+        behind_the_pin(ups.addr(0))
+            .plugin(
+                "who",
+                "headers",
+                json!({ "request": { "set": { "X-Webauth-User": "{identity.subject}" } } }),
+            )
+            .route(Route::new("app", "app", "user").plugins(&["pin", "who"])),
+    );
     let app = gw.url("/?from=browser");
 
     browser.drive(|mut page| async move {
@@ -488,25 +496,19 @@ fn the_injected_theme_is_applied_in_the_browser() {
     let theme = theme_dir.path().join("theme.css");
     std::fs::write(&theme, "body { background-color: rgb(1, 2, 3) }\n").unwrap();
     // The same upstream page twice: under /themed/ with the theme, elsewhere without.
-    let gw = Gateway::start(format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{}'] }}
-plugins:
-  theme: {{ type: css_inject, file: '{}' }}
-routes:
-  - {{ name: plain, access: public, upstream: app }}
-  - name: themed
-    access: public
-    upstream: app
-    match: {{ path_prefix: /themed/ }}
-    strip_prefix: /themed
-    plugins: [theme]
-",
-        ups.addr(0),
-        theme.display(),
-    ));
+    let gw = Gateway::start(
+        Config::new()
+            .with_admin()
+            .upstream("app", Upstream::to(ups.addr(0)))
+            .plugin("theme", "css_inject", json!({ "file": theme }))
+            .route(Route::public("plain", "app"))
+            .route(
+                Route::public("themed", "app")
+                    .path_prefix("/themed/")
+                    .with("strip_prefix", "/themed")
+                    .plugins(&["theme"]),
+            ),
+    );
     let (themed, plain) = (gw.url("/themed/"), gw.url("/"));
 
     browser.drive(|mut page| async move {
@@ -566,20 +568,11 @@ fn a_cross_origin_page_cannot_post_with_the_users_cookie() {
         return;
     };
     let up = RecordingUpstream::start();
-    let gw = Gateway::start(format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{}'] }}
-plugins:
-  pin: {{ type: pin_gate, pin_hash: '{}', secret: '{SECRET}' }}
-  same_origin: {{ type: origin }}
-routes:
-  - {{ name: app, access: user, upstream: app, plugins: [pin, same_origin] }}
-",
-        up.addr,
-        pin_hash(),
-    ));
+    let gw = Gateway::start(
+        behind_the_pin(up.addr)
+            .plugin("same_origin", "origin", json!({}))
+            .route(Route::new("app", "app", "user").plugins(&["pin", "same_origin"])),
+    );
     let gateway = format!("http://{}", gw.addr);
     let hostile = PageServer::start(hostile_page(&gateway));
     let posts_upstream = || {

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -33,20 +34,22 @@ fn assert_json_error(resp: &RawResponse, status: u16) {
     assert_eq!(resp.json()["status"], status, "{resp:?}");
 }
 
-fn origin_config(backend: SocketAddr) -> String {
-    format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{backend}'] }}
-plugins:
-  same_origin: {{ type: origin }}
-  pinned: {{ type: origin, allowed_hosts: [localhost, 127.0.0.1] }}
-routes:
-  - {{ name: app, access: public, upstream: app, plugins: [same_origin] }}
-  - {{ name: pinned, access: public, upstream: app, plugins: [pinned], match: {{ path_prefix: /pinned }} }}
-"
-    )
+fn origin_config(backend: SocketAddr) -> Config {
+    Config::new()
+        .with_admin()
+        .upstream("app", Upstream::to(backend))
+        .plugin("same_origin", "origin", json!({}))
+        .plugin(
+            "pinned",
+            "origin",
+            json!({ "allowed_hosts": ["localhost", "127.0.0.1"] }),
+        )
+        .route(Route::public("app", "app").plugins(&["same_origin"]))
+        .route(
+            Route::public("pinned", "app")
+                .path_prefix("/pinned")
+                .plugins(&["pinned"]),
+        )
 }
 
 #[test]
@@ -194,26 +197,24 @@ const APP: &str = "http://app.example";
 
 /// An API that needs a key, with `cors` after the identity plugin: preflights must
 /// still be answered without one.
-fn cors_config(backend: SocketAddr) -> String {
-    format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  api: {{ backends: ['{backend}'] }}
-plugins:
-  keys: {{ type: api_key, admin_key: '{ADMIN_KEY}' }}
-  app_cors:
-    type: cors
-    allowed_origins: ['{APP}']
-    allowed_methods: [GET, POST]
-    allowed_headers: [Authorization, Content-Type]
-    expose_headers: [X-Request-Id]
-    allow_credentials: true
-    max_age: 10m
-routes:
-  - {{ name: api, access: user, upstream: api, plugins: [keys, app_cors] }}
-"
-    )
+fn cors_config(backend: SocketAddr) -> Config {
+    Config::new()
+        .with_admin()
+        .upstream("api", Upstream::to(backend))
+        .plugin("keys", "api_key", json!({ "admin_key": ADMIN_KEY }))
+        .plugin(
+            "app_cors",
+            "cors",
+            json!({
+                "allowed_origins": [APP],
+                "allowed_methods": ["GET", "POST"],
+                "allowed_headers": ["Authorization", "Content-Type"],
+                "expose_headers": ["X-Request-Id"],
+                "allow_credentials": true,
+                "max_age": "10m",
+            }),
+        )
+        .route(Route::new("api", "api", "user").plugins(&["keys", "app_cors"]))
 }
 
 #[test]

@@ -22,7 +22,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -39,60 +39,144 @@ const HS_SECRET: &str = "hostile-hs256-secret-0123456789abcdef";
 /// What `upstream_auth` sends on the `/llm` route.
 const UPSTREAM_KEY: &str = "sk-gateway-held-upstream-key-42";
 
-const CONFIG: &str = r#"
-listeners: [{ address: '{listen}' }]
-admin: { address: '{admin}', api_key: '@ADMIN_API_KEY@' }
-access_log: '{dir}/access.jsonl'
-max_request_body: 64KiB
-upstreams:
-  app: { backends: ['@UP@'], read_timeout: 10s }
-plugins:
-  per_ip: { type: rate_limit, key: client_ip, rate: 1000/s, burst: 2000 }
-  audit: { type: audit, file: '{dir}/audit.jsonl', methods: all }
-  keys: { type: api_key, keys_file: '@KEYS@' }
-  pin: { type: pin_gate, pin_hash: '@PIN_HASH@', secret: '@SECRET@' }
-  same_origin: { type: origin }
-  sso:
-    type: jwt
-    issuer: '@ISS@'
-    audiences: ['@AUD@']
-    jwks_url: '@JWKS@'
-    algorithms: [RS256]
-    role_claim: groups
-    admin_values: [gw-admins]
-    jwks_cooldown: 60s
-  service_jwt:
-    type: jwt
-    issuer: '@ISS@'
-    audiences: ['@AUD@']
-    hs_secret: '@HS_SECRET@'
-    algorithms: [HS256]
-    role_claim: groups
-    admin_values: [gw-admins]
-  llm_key: { type: upstream_auth, header: X-Upstream-Key, value: '@UPSTREAM_KEY@' }
-  who:
-    type: headers
-    request:
-      set:
-        X-Webauth-User: '{identity.subject}'
-        X-Trusted-User-Email: '{identity.subject}'
-        Remote-User: '{identity.subject}'
-        X-Gatewarden-Role: '{identity.role}'
-global_plugins: [per_ip, audit]
-routes:
-  - { name: internal, match: { hosts: [admin.internal], path_prefix: / }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
-  - { name: items_write, match: { path_prefix: /items, methods: [DELETE, PUT] }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
-  - { name: exports, match: { path_prefix: /exports, methods: [GET] }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
-  - { name: services, match: { path_prefix: /services }, access: user, upstream: app, plugins: [keys, service_jwt, who] }
-  - { name: keys_only, match: { path_prefix: /keys-only }, access: user, upstream: app, plugins: [keys, who] }
-  - { name: llm, match: { path_prefix: /llm }, access: user, upstream: app, plugins: [pin, keys, same_origin, llm_key] }
-  - { name: admin, match: { path_prefix: /admin }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
-  - { name: reports_read, match: { path_prefix: /reports, methods: [GET, HEAD] }, access: user, upstream: app, plugins: [pin, keys, same_origin, who] }
-  - { name: reports_write, match: { path_prefix: /reports }, access: admin, upstream: app, plugins: [pin, keys, same_origin, who] }
-  - { name: sso, match: { path_prefix: /sso }, access: user, upstream: app, plugins: [sso, who] }
-  - { name: public, match: { path_prefix: /public }, access: public, upstream: app, plugins: [who] }
-  - { name: app, match: { path_prefix: / }, access: user, upstream: app, plugins: [pin, keys, same_origin, who] }
-"#;
+/// The pipeline each guarded route runs: a PIN session or an API key, the origin check,
+/// and the identity headers.
+const GUARDED: &[&str] = &["pin", "keys", "same_origin", "who"];
+
+/// The gateway under attack: `keys` is its keys file, `jwks_url` where the `sso`
+/// plugin fetches its keys. The access log and the audit log go to the gateway's temp
+/// dir (its working directory).
+fn config(upstream: SocketAddr, keys: &Path, jwks_url: &str) -> Config {
+    let route = |name: &str, access: &str| Route::new(name, "app", access);
+    Config::new()
+        .admin_key(ADMIN_API_KEY)
+        .set("access_log", "access.jsonl")
+        .set("max_request_body", "64KiB")
+        .upstream("app", Upstream::to(upstream).with("read_timeout", "10s"))
+        .plugin(
+            "per_ip",
+            "rate_limit",
+            json!({ "key": "client_ip", "rate": "1000/s", "burst": 2000 }),
+        )
+        .plugin(
+            "audit",
+            "audit",
+            json!({ "file": "audit.jsonl", "methods": "all" }),
+        )
+        .plugin("keys", "api_key", json!({ "keys_file": keys }))
+        .plugin(
+            "pin",
+            "pin_gate",
+            json!({ "pin_hash": pin_hash(), "secret": SECRET }),
+        )
+        .plugin("same_origin", "origin", json!({}))
+        .plugin(
+            "sso",
+            "jwt",
+            json!({
+                "issuer": ISS,
+                "audiences": [AUD],
+                "jwks_url": jwks_url,
+                "algorithms": ["RS256"],
+                "role_claim": "groups",
+                "admin_values": ["gw-admins"],
+                "jwks_cooldown": "60s",
+            }),
+        )
+        .plugin(
+            "service_jwt",
+            "jwt",
+            json!({
+                "issuer": ISS,
+                "audiences": [AUD],
+                "hs_secret": HS_SECRET,
+                "algorithms": ["HS256"],
+                "role_claim": "groups",
+                "admin_values": ["gw-admins"],
+            }),
+        )
+        .plugin(
+            "llm_key",
+            "upstream_auth",
+            json!({ "header": "X-Upstream-Key", "value": UPSTREAM_KEY }),
+        )
+        .plugin(
+            "who",
+            "headers",
+            json!({
+                "request": {
+                    "set": {
+                        "X-Webauth-User": "{identity.subject}",
+                        "X-Trusted-User-Email": "{identity.subject}",
+                        "Remote-User": "{identity.subject}",
+                        "X-Gatewarden-Role": "{identity.role}",
+                    }
+                }
+            }),
+        )
+        .set("global_plugins", json!(["per_ip", "audit"]))
+        .route(
+            route("internal", "admin")
+                .hosts(&["admin.internal"])
+                .path_prefix("/")
+                .plugins(GUARDED),
+        )
+        .route(
+            route("items_write", "admin")
+                .path_prefix("/items")
+                .methods(&["DELETE", "PUT"])
+                .plugins(GUARDED),
+        )
+        .route(
+            route("exports", "admin")
+                .path_prefix("/exports")
+                .methods(&["GET"])
+                .plugins(GUARDED),
+        )
+        .route(
+            route("services", "user")
+                .path_prefix("/services")
+                .plugins(&["keys", "service_jwt", "who"]),
+        )
+        .route(
+            route("keys_only", "user")
+                .path_prefix("/keys-only")
+                .plugins(&["keys", "who"]),
+        )
+        .route(route("llm", "user").path_prefix("/llm").plugins(&[
+            "pin",
+            "keys",
+            "same_origin",
+            "llm_key",
+        ]))
+        .route(
+            route("admin", "admin")
+                .path_prefix("/admin")
+                .plugins(GUARDED),
+        )
+        .route(
+            route("reports_read", "user")
+                .path_prefix("/reports")
+                .methods(&["GET", "HEAD"])
+                .plugins(GUARDED),
+        )
+        .route(
+            route("reports_write", "admin")
+                .path_prefix("/reports")
+                .plugins(GUARDED),
+        )
+        .route(
+            route("sso", "user")
+                .path_prefix("/sso")
+                .plugins(&["sso", "who"]),
+        )
+        .route(
+            route("public", "public")
+                .path_prefix("/public")
+                .plugins(&["who"]),
+        )
+        .route(route("app", "user").path_prefix("/").plugins(GUARDED))
+}
 
 /// Whether a case may reach the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -388,18 +472,7 @@ impl Target {
             &keys,
             &["--name", "ops", "--role", "admin", "--subject", "ops"],
         );
-        let yaml = CONFIG
-            .replace("@ADMIN_API_KEY@", ADMIN_API_KEY)
-            .replace("@UP@", &upstream.addr.to_string())
-            .replace("@KEYS@", &keys.display().to_string())
-            .replace("@PIN_HASH@", pin_hash())
-            .replace("@SECRET@", SECRET)
-            .replace("@ISS@", ISS)
-            .replace("@AUD@", AUD)
-            .replace("@JWKS@", &jwks.url())
-            .replace("@HS_SECRET@", HS_SECRET)
-            .replace("@UPSTREAM_KEY@", UPSTREAM_KEY);
-        let gw = Gateway::start(&yaml);
+        let gw = Gateway::start(config(upstream.addr, &keys, &jwks.url()));
         let login = exchange(
             gw.addr,
             &req(
@@ -2251,10 +2324,11 @@ fn secrets_stay_out_of_logs_and_metrics(t: &Target) {
 fn slow_clients_are_cut_off_and_do_not_starve_others() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(simple_config(
-        ups.addr(0),
-        "server: { client_header_timeout_seconds: 3, client_body_timeout_seconds: 3 }\n",
-    ));
+    let gw = Gateway::start(
+        public(ups.addr(0))
+            .server("client_header_timeout_seconds", 3)
+            .server("client_body_timeout_seconds", 3),
+    );
     let connect = || {
         let s = TcpStream::connect_timeout(&gw.addr, Duration::from_secs(5)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -2353,6 +2427,25 @@ fn slow_clients_are_cut_off_and_do_not_starve_others() {
     assert_eq!(get(gw.addr, "/echo", &[]).status, 200);
 }
 
+/// A gateway behind a trusted proxy on loopback (so `X-Forwarded-For` names the
+/// client) with a `pin` plugin that locks an address out after `max_failures` wrong
+/// PINs; the caller adds the routes.
+fn behind_a_proxy(upstream: SocketAddr, max_failures: usize) -> Config {
+    Config::new()
+        .with_admin()
+        .set("trusted_proxies", json!(["127.0.0.1/32"]))
+        .upstream("app", Upstream::to(upstream))
+        .plugin(
+            "pin",
+            "pin_gate",
+            json!({
+                "pin_hash": pin_hash(),
+                "secret": SECRET,
+                "lockout": { "max_failures": max_failures, "window": "10m", "ban": "15m" },
+            }),
+        )
+}
+
 /// A login form is open to anyone, and each PIN check costs an argon2id hash (about
 /// 19 MiB and tens of milliseconds). Two attacks on that, both answered here:
 /// - forty guesses at once from one address, the right PIN among them: every attempt
@@ -2367,22 +2460,13 @@ fn a_login_burst_neither_beats_the_lockout_nor_takes_the_memory() {
     use std::sync::{Arc, Barrier};
     const MAX_FAILURES: usize = 5;
     let upstream = RecordingUpstream::start();
-    let config = format!(
-        r#"
-listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-trusted_proxies: [127.0.0.1/32]
-upstreams:
-  app: {{ backends: ['{up}'] }}
-plugins:
-  pin: {{ type: pin_gate, pin_hash: '{hash}', secret: '{SECRET}', lockout: {{ max_failures: {MAX_FAILURES}, window: 10m, ban: 15m }} }}
-routes:
-  - {{ name: app, match: {{ path_prefix: / }}, access: user, upstream: app, plugins: [pin] }}
-"#,
-        up = upstream.addr,
-        hash = pin_hash(),
+    let gw = Gateway::start(
+        behind_a_proxy(upstream.addr, MAX_FAILURES).route(
+            Route::new("app", "app", "user")
+                .path_prefix("/")
+                .plugins(&["pin"]),
+        ),
     );
-    let gw = Gateway::start(&config);
     let login = |pin: &str, client: &str| {
         req(
             "POST",
@@ -2466,26 +2550,34 @@ routes:
 #[test]
 fn mapped_and_rotating_ipv6_clients_meet_the_same_limits() {
     let upstream = RecordingUpstream::start();
-    let config = format!(
-        r#"
-listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-trusted_proxies: [127.0.0.1/32]
-upstreams:
-  app: {{ backends: ['{up}'] }}
-plugins:
-  pin: {{ type: pin_gate, pin_hash: '{hash}', secret: '{SECRET}', lockout: {{ max_failures: 2, window: 10m, ban: 15m }} }}
-  no_docs_net: {{ type: ip_filter, deny: [203.0.113.0/24] }}
-  per_ip: {{ type: rate_limit, key: client_ip, rate: 1/h, burst: 2 }}
-routes:
-  - {{ name: filtered, match: {{ path_prefix: /filtered }}, access: public, upstream: app, plugins: [no_docs_net] }}
-  - {{ name: limited, match: {{ path_prefix: /limited }}, access: public, upstream: app, plugins: [per_ip] }}
-  - {{ name: app, match: {{ path_prefix: / }}, access: user, upstream: app, plugins: [pin] }}
-"#,
-        up = upstream.addr,
-        hash = pin_hash(),
+    let gw = Gateway::start(
+        behind_a_proxy(upstream.addr, 2)
+            .plugin(
+                "no_docs_net",
+                "ip_filter",
+                json!({ "deny": ["203.0.113.0/24"] }),
+            )
+            .plugin(
+                "per_ip",
+                "rate_limit",
+                json!({ "key": "client_ip", "rate": "1/h", "burst": 2 }),
+            )
+            .route(
+                Route::public("filtered", "app")
+                    .path_prefix("/filtered")
+                    .plugins(&["no_docs_net"]),
+            )
+            .route(
+                Route::public("limited", "app")
+                    .path_prefix("/limited")
+                    .plugins(&["per_ip"]),
+            )
+            .route(
+                Route::new("app", "app", "user")
+                    .path_prefix("/")
+                    .plugins(&["pin"]),
+            ),
     );
-    let gw = Gateway::start(&config);
     let from = |client: &str, method: &str, target: &str, body: &[u8]| {
         let mut headers = vec![format!("X-Forwarded-For: {client}")];
         if method == "POST" {
@@ -2540,6 +2632,28 @@ routes:
     assert_eq!(from("2001:db8:5:7::1", "GET", "/limited/x", b""), 200);
 }
 
+/// A config whose proxy listener speaks TLS: a [`Config`] writes the plain listener
+/// the harness picked, and this adds the certificate to it.
+struct OverTls {
+    config: Config,
+    cert_file: String,
+    key_file: String,
+}
+
+impl GatewayConfig for OverTls {
+    fn render(&self, listen: SocketAddr, admin: SocketAddr, _dir: &Path) -> (String, bool) {
+        let mut config = self.config.clone().listen(listen);
+        if config.has_admin() {
+            config = config.admin_at(admin);
+        }
+        let mut value = config.to_value();
+        value["listeners"][0]["tls"] =
+            json!({ "cert_file": self.cert_file, "key_file": self.key_file });
+        let yaml = serde_yaml_ng::to_string(&value).expect("a config serializes");
+        (yaml, config.has_admin())
+    }
+}
+
 /// The same rules over TLS and HTTP/2, where the method and host come as `:method` and
 /// `:authority` and cookies may come split over several headers.
 #[test]
@@ -2549,25 +2663,37 @@ fn the_rules_hold_over_http2() {
     let keys = keys_dir.path().join("keys.yaml");
     let user_key = key_new(&keys, &["--name", "u", "--subject", "alice"]);
     let (_certs, cert_file, key_file) = crate::upstreams::self_signed_files();
-    let gw = Gateway::start(format!(
-        r#"
-listeners: [{{ address: '{{listen}}', tls: {{ cert_file: '{cert_file}', key_file: '{key_file}' }} }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{up}'] }}
-plugins:
-  keys: {{ type: api_key, keys_file: '{keys}' }}
-  pin: {{ type: pin_gate, pin_hash: '{hash}', secret: '{SECRET}' }}
-routes:
-  - {{ name: internal, match: {{ hosts: [admin.internal], path_prefix: / }}, access: admin, upstream: app, plugins: [pin, keys] }}
-  - {{ name: items_write, match: {{ path_prefix: /items, methods: [DELETE] }}, access: admin, upstream: app, plugins: [pin, keys] }}
-  - {{ name: public, match: {{ path_prefix: /public }}, access: public, upstream: app }}
-  - {{ name: app, match: {{ path_prefix: / }}, access: user, upstream: app, plugins: [pin, keys] }}
-"#,
-        up = upstream.addr,
-        keys = keys.display(),
-        hash = pin_hash(),
-    ));
+    let gw = Gateway::start(OverTls {
+        config: Config::new()
+            .with_admin()
+            .upstream("app", Upstream::to(upstream.addr))
+            .plugin("keys", "api_key", json!({ "keys_file": keys }))
+            .plugin(
+                "pin",
+                "pin_gate",
+                json!({ "pin_hash": pin_hash(), "secret": SECRET }),
+            )
+            .route(
+                Route::new("internal", "app", "admin")
+                    .hosts(&["admin.internal"])
+                    .path_prefix("/")
+                    .plugins(&["pin", "keys"]),
+            )
+            .route(
+                Route::new("items_write", "app", "admin")
+                    .path_prefix("/items")
+                    .methods(&["DELETE"])
+                    .plugins(&["pin", "keys"]),
+            )
+            .route(Route::public("public", "app").path_prefix("/public"))
+            .route(
+                Route::new("app", "app", "user")
+                    .path_prefix("/")
+                    .plugins(&["pin", "keys"]),
+            ),
+        cert_file,
+        key_file,
+    });
     let client = reqwest::Client::builder()
         .no_proxy()
         .danger_accept_invalid_certs(true)
