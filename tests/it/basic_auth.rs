@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use serde_json::json;
 
 use crate::harness::*;
 use crate::identity::{pin_hash, PIN};
@@ -29,28 +30,37 @@ fn basic_auth_users_reach_their_routes_and_wrong_passwords_are_locked_out() {
         format!("# the team\nalice:{alice_hash}\nbob:{}\n", pin_hash()),
     )
     .unwrap();
-    let gw = Gateway::start(format!(
-        r#"
-listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-trusted_proxies: [127.0.0.1/32]
-upstreams:
-  app: {{ backends: ['{up}'] }}
-plugins:
-  team:
-    type: basic_auth
-    users_file: '{users}'
-    realm: Team
-    admin_users: [alice]
-    lockout: {{ max_failures: 3, window: 10m, ban: 15m }}
-  who: {{ type: headers, request: {{ set: {{ X-Webauth-User: '{{identity.subject}}' }} }} }}
-routes:
-  - {{ name: admin, match: {{ path_prefix: /admin }}, access: admin, upstream: app, plugins: [team, who] }}
-  - {{ name: app, match: {{ path_prefix: / }}, access: user, upstream: app, plugins: [team, who] }}
-"#,
-        up = upstream.addr,
-        users = users.display(),
-    ));
+    let gw = Gateway::start(
+        Config::new()
+            .with_admin()
+            .set("trusted_proxies", json!(["127.0.0.1/32"]))
+            .upstream("app", Upstream::to(upstream.addr))
+            .plugin(
+                "team",
+                "basic_auth",
+                json!({
+                    "users_file": users,
+                    "realm": "Team",
+                    "admin_users": ["alice"],
+                    "lockout": { "max_failures": 3, "window": "10m", "ban": "15m" },
+                }),
+            )
+            .plugin(
+                "who",
+                "headers",
+                json!({ "request": { "set": { "X-Webauth-User": "{identity.subject}" } } }),
+            )
+            .route(
+                Route::new("admin", "app", "admin")
+                    .path_prefix("/admin")
+                    .plugins(&["team", "who"]),
+            )
+            .route(
+                Route::new("app", "app", "user")
+                    .path_prefix("/")
+                    .plugins(&["team", "who"]),
+            ),
+    );
 
     // No credentials: the Basic challenge, which makes browsers prompt.
     let resp = get(gw.addr, "/app/x", &["Accept: text/html"]);

@@ -145,33 +145,51 @@ impl Drop for JwksServer {
 
 /// Routes: `/echo/admin` needs admin, `/echo` and `/rec` a user. `/echo*` goes to the demo
 /// upstream, `/rec` to a recording one. Every route stamps the identity into headers.
-fn config(jwks_url: &str, demo: SocketAddr, recording: SocketAddr) -> String {
-    format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  demo: {{ backends: ['{demo}'] }}
-  rec: {{ backends: ['{recording}'] }}
-plugins:
-  sso:
-    type: jwt
-    issuer: '{ISS}'
-    audiences: [{AUD}]
-    jwks_url: '{jwks_url}'
-    algorithms: [RS256]
-    role_claim: groups
-    admin_values: [gw-admins]
-    jwks_cooldown: 2s
-  who:
-    type: headers
-    request:
-      set: {{ X-Webauth-User: '{{identity.subject}}', X-Webauth-Role: '{{identity.role}}' }}
-routes:
-  - {{ name: admin, match: {{ path_prefix: /echo/admin }}, access: admin, upstream: demo, plugins: [sso, who] }}
-  - {{ name: app, match: {{ path_prefix: /echo }}, access: user, upstream: demo, plugins: [sso, who] }}
-  - {{ name: rec, match: {{ path_prefix: /rec }}, access: user, upstream: rec, plugins: [sso, who] }}
-"
-    )
+fn config(jwks_url: &str, demo: SocketAddr, recording: SocketAddr) -> Config {
+    Config::new()
+        .with_admin()
+        .upstream("demo", Upstream::to(demo))
+        .upstream("rec", Upstream::to(recording))
+        .plugin(
+            "sso",
+            "jwt",
+            json!({
+                "issuer": ISS,
+                "audiences": [AUD],
+                "jwks_url": jwks_url,
+                "algorithms": ["RS256"],
+                "role_claim": "groups",
+                "admin_values": ["gw-admins"],
+                "jwks_cooldown": "2s",
+            }),
+        )
+        .plugin(
+            "who",
+            "headers",
+            json!({
+                "request": {
+                    "set": {
+                        "X-Webauth-User": "{identity.subject}",
+                        "X-Webauth-Role": "{identity.role}",
+                    }
+                }
+            }),
+        )
+        .route(
+            Route::new("admin", "demo", "admin")
+                .path_prefix("/echo/admin")
+                .plugins(&["sso", "who"]),
+        )
+        .route(
+            Route::new("app", "demo", "user")
+                .path_prefix("/echo")
+                .plugins(&["sso", "who"]),
+        )
+        .route(
+            Route::new("rec", "rec", "user")
+                .path_prefix("/rec")
+                .plugins(&["sso", "who"]),
+        )
 }
 
 fn bearer(token: &str) -> String {
@@ -442,8 +460,9 @@ fn check_does_not_hang_on_a_jwks_url_that_never_answers() {
     let ups = Upstreams::start(1);
     let dir = tempfile::tempdir().unwrap();
     let yaml = config(&url, ups.addr(0), ups.addr(0))
-        .replace("{listen}", "127.0.0.1:1")
-        .replace("{admin}", "127.0.0.1:2");
+        .listen("127.0.0.1:1".parse().unwrap())
+        .admin_at("127.0.0.1:2".parse().unwrap())
+        .to_yaml();
     let path = dir.path().join("jwt.yaml");
     std::fs::write(&path, yaml).unwrap();
     let start = Instant::now();

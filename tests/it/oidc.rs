@@ -264,32 +264,46 @@ impl Browser {
     }
 }
 
-fn oidc_config(idp_port: u16, upstream: SocketAddr) -> String {
-    format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{upstream}'] }}
-plugins:
-  sso:
-    type: oidc
-    issuer: http://127.0.0.1:{idp_port}
-    client_id: {CLIENT_ID}
-    client_secret: {CLIENT_SECRET}
-    scopes: [openid, email, groups]
-    role_claim: groups
-    admin_values: [gateway-admins]
-    secret: {SECRET}
-  who:
-    type: headers
-    request:
-      set: {{ X-Auth-Subject: '{{identity.subject}}', X-Auth-Role: '{{identity.role}}' }}
-routes:
-  - {{ name: public, match: {{ path_prefix: /public }}, access: public, upstream: app }}
-  - {{ name: admin, match: {{ path_prefix: /admin }}, access: admin, upstream: app, plugins: [sso, who] }}
-  - {{ name: app, match: {{ path_prefix: / }}, access: user, upstream: app, plugins: [sso, who] }}
-"
-    )
+fn oidc_config(idp_port: u16, upstream: SocketAddr) -> Config {
+    Config::new()
+        .with_admin()
+        .upstream("app", Upstream::to(upstream))
+        .plugin(
+            "sso",
+            "oidc",
+            json!({
+                "issuer": format!("http://127.0.0.1:{idp_port}"),
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+                "scopes": ["openid", "email", "groups"],
+                "role_claim": "groups",
+                "admin_values": ["gateway-admins"],
+                "secret": SECRET,
+            }),
+        )
+        .plugin(
+            "who",
+            "headers",
+            json!({
+                "request": {
+                    "set": {
+                        "X-Auth-Subject": "{identity.subject}",
+                        "X-Auth-Role": "{identity.role}",
+                    }
+                }
+            }),
+        )
+        .route(Route::public("public", "app").path_prefix("/public"))
+        .route(
+            Route::new("admin", "app", "admin")
+                .path_prefix("/admin")
+                .plugins(&["sso", "who"]),
+        )
+        .route(
+            Route::new("app", "app", "user")
+                .path_prefix("/")
+                .plugins(&["sso", "who"]),
+        )
 }
 
 fn header<'r>(rec: &'r Recorded, name: &str) -> Option<&'r str> {
@@ -633,29 +647,32 @@ fn provider_refusals_and_open_redirects_end_on_the_gateway() {
     assert!(rec.requests().is_empty());
 }
 
-fn jwt_config(idp: &Idp, upstream: SocketAddr) -> String {
-    format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{upstream}'] }}
-plugins:
-  api:
-    type: jwt
-    issuer: {iss}
-    audiences: ['{API}']
-    jwks_url: {iss}/jwks
-    algorithms: [RS256]
-    jwks_cooldown: 1s
-  who:
-    type: headers
-    request:
-      set: {{ X-Auth-Subject: '{{identity.subject}}' }}
-routes:
-  - {{ name: api, match: {{ path_prefix: / }}, access: user, upstream: app, plugins: [api, who] }}
-",
-        iss = idp.issuer()
-    )
+fn jwt_config(idp: &Idp, upstream: SocketAddr) -> Config {
+    let iss = idp.issuer();
+    Config::new()
+        .with_admin()
+        .upstream("app", Upstream::to(upstream))
+        .plugin(
+            "api",
+            "jwt",
+            json!({
+                "issuer": iss,
+                "audiences": [API],
+                "jwks_url": format!("{iss}/jwks"),
+                "algorithms": ["RS256"],
+                "jwks_cooldown": "1s",
+            }),
+        )
+        .plugin(
+            "who",
+            "headers",
+            json!({ "request": { "set": { "X-Auth-Subject": "{identity.subject}" } } }),
+        )
+        .route(
+            Route::new("api", "app", "user")
+                .path_prefix("/")
+                .plugins(&["api", "who"]),
+        )
 }
 
 fn b64(bytes: &[u8]) -> String {

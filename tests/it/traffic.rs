@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use serde_json::{json, Value};
+
 use crate::harness::*;
 
 /// A throwaway redis-server on a loopback port; killed on drop.
@@ -54,22 +56,18 @@ impl Drop for Redis {
     }
 }
 
-fn limited_config(backend: SocketAddr, plugin: &str, extra: &str) -> String {
-    format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-{extra}
-upstreams:
-  app: {{ backends: ['{backend}'] }}
-plugins:
-  limit: {plugin}
-routes:
-  - name: app
-    access: public
-    upstream: app
-    plugins: [limit]
-"
-    )
+/// One public route `app` whose chain is the plugin `limit` of type `type_name`.
+fn limited_config(backend: SocketAddr, type_name: &str, settings: Value) -> Config {
+    Config::new()
+        .with_admin()
+        .upstream("app", Upstream::to(backend))
+        .plugin("limit", type_name, settings)
+        .route(Route::public("app", "app").plugins(&["limit"]))
+}
+
+/// The `redis:` section for a Redis on `port`.
+fn redis_at(port: u16) -> Value {
+    json!({ "url": format!("redis://127.0.0.1:{port}/0") })
 }
 
 fn metric(gw: &Gateway, name_and_labels: &str) -> Option<f64> {
@@ -85,8 +83,8 @@ fn a_local_limit_answers_429_with_headers_after_the_burst() {
     let up = Upstreams::start(1);
     let gw = Gateway::start(limited_config(
         up.addr(0),
-        "{ type: rate_limit, rate: 3/min, burst: 3 }",
-        "",
+        "rate_limit",
+        json!({ "rate": "3/min", "burst": 3 }),
     ));
     for remaining in [2, 1, 0] {
         let r = get(gw.addr, "/echo", &[]);
@@ -131,22 +129,19 @@ fn a_global_per_ip_limit_acts_before_authentication() {
         dir.path(),
     );
     assert!(out.status.success());
-    let yaml = format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{}'] }}
-plugins:
-  per_ip: {{ type: rate_limit, rate: 2/min, burst: 2 }}
-  keys: {{ type: api_key, keys_file: '{}' }}
-global_plugins: [per_ip]
-routes:
-  - {{ name: app, upstream: app, plugins: [keys] }}
-",
-        up.addr(0),
-        keys.display()
+    let gw = Gateway::start(
+        Config::new()
+            .with_admin()
+            .upstream("app", Upstream::to(up.addr(0)))
+            .plugin(
+                "per_ip",
+                "rate_limit",
+                json!({ "rate": "2/min", "burst": 2 }),
+            )
+            .plugin("keys", "api_key", json!({ "keys_file": keys }))
+            .set("global_plugins", json!(["per_ip"]))
+            .route(Route::new("app", "app", "user").plugins(&["keys"])),
     );
-    let gw = Gateway::start(&yaml);
     let guess = "Authorization: Bearer gw_0000000000000000000000000000000000000000000";
     assert_eq!(get(gw.addr, "/echo", &[guess]).status, 401);
     assert_eq!(get(gw.addr, "/echo", &[guess]).status, 401);
@@ -158,10 +153,14 @@ routes:
 fn two_gateways_share_one_limit_through_redis() {
     let redis = Redis::start();
     let up = Upstreams::start(1);
-    let extra = format!("redis: {{ url: 'redis://127.0.0.1:{}/0' }}", redis.port);
-    let plugin = "{ type: rate_limit, rate: 10/min, burst: 10, backend: redis }";
-    let a = Gateway::start(limited_config(up.addr(0), plugin, &extra));
-    let b = Gateway::start(limited_config(up.addr(0), plugin, &extra));
+    let config = limited_config(
+        up.addr(0),
+        "rate_limit",
+        json!({ "rate": "10/min", "burst": 10, "backend": "redis" }),
+    )
+    .set("redis", redis_at(redis.port));
+    let a = Gateway::start(&config);
+    let b = Gateway::start(&config);
     let mut admitted = 0;
     for i in 0..30 {
         let gw = if i % 2 == 0 { &a } else { &b };
@@ -183,17 +182,33 @@ fn redis_outages_follow_on_backend_error_and_limiting_resumes() {
     let mut redis = Redis::start();
     let port = redis.port;
     let up = Upstreams::start(1);
-    let extra = format!("redis: {{ url: 'redis://127.0.0.1:{port}/0' }}");
-    let allow = Gateway::start(limited_config(
-        up.addr(0),
-        "{ type: rate_limit, rate: 2/min, burst: 2, backend: redis, on_backend_error: allow }",
-        &extra,
-    ));
-    let deny = Gateway::start(limited_config(
-        up.addr(0),
-        "{ type: rate_limit, key: route, rate: 100/min, burst: 100, backend: redis, on_backend_error: deny }",
-        &extra,
-    ));
+    let allow = Gateway::start(
+        limited_config(
+            up.addr(0),
+            "rate_limit",
+            json!({
+                "rate": "2/min",
+                "burst": 2,
+                "backend": "redis",
+                "on_backend_error": "allow",
+            }),
+        )
+        .set("redis", redis_at(port)),
+    );
+    let deny = Gateway::start(
+        limited_config(
+            up.addr(0),
+            "rate_limit",
+            json!({
+                "key": "route",
+                "rate": "100/min",
+                "burst": 100,
+                "backend": "redis",
+                "on_backend_error": "deny",
+            }),
+        )
+        .set("redis", redis_at(port)),
+    );
     assert_eq!(get(deny.addr, "/echo", &[]).status, 200);
     redis.stop();
     for _ in 0..4 {
@@ -222,8 +237,8 @@ fn max_in_flight_counts_open_streams_and_frees_the_slot_at_the_end() {
     let up = Upstreams::start(1);
     let gw = Gateway::start(limited_config(
         up.addr(0),
-        "{ type: rate_limit, max_in_flight: 1 }",
-        "",
+        "rate_limit",
+        json!({ "max_in_flight": 1 }),
     ));
     let addr = gw.addr;
     use std::io::{BufRead, BufReader, Read, Write};
@@ -256,26 +271,28 @@ fn max_in_flight_counts_open_streams_and_frees_the_slot_at_the_end() {
 #[test]
 fn limiter_state_survives_a_reload_that_keeps_its_settings() {
     let up = Upstreams::start(1);
-    let plugin = "{ type: rate_limit, rate: 2/min, burst: 2 }";
-    let gw = Gateway::start(limited_config(up.addr(0), plugin, ""));
+    let limited = |burst: u32| {
+        limited_config(
+            up.addr(0),
+            "rate_limit",
+            json!({ "rate": "2/min", "burst": burst }),
+        )
+    };
+    let gw = Gateway::start(limited(2));
     for _ in 0..2 {
         assert_eq!(get(gw.addr, "/echo", &[]).status, 200);
     }
     assert_eq!(get(gw.addr, "/echo", &[]).status, 429);
     // Same plugin settings, another route: the counters carry over.
-    let text = std::fs::read_to_string(&gw.config).unwrap();
-    let changed = format!("{text}  - {{ name: other, access: public, upstream: app, match: {{ path_prefix: /other }} }}\n");
-    std::fs::write(&gw.config, changed).unwrap();
+    let other = Route::public("other", "app").path_prefix("/other");
+    gw.rewrite(limited(2).route(other.clone()));
     gw.signal("HUP");
     poll_until("generation 2", Duration::from_secs(5), || {
         get(gw.addr, "/healthz", &[]).json()["config_generation"] == 2
     });
     assert_eq!(get(gw.addr, "/echo", &[]).status, 429);
     // New settings: a new limiter.
-    let text = std::fs::read_to_string(&gw.config)
-        .unwrap()
-        .replace("burst: 2", "burst: 5");
-    std::fs::write(&gw.config, text).unwrap();
+    gw.rewrite(limited(5).route(other));
     gw.signal("HUP");
     poll_until("generation 3", Duration::from_secs(5), || {
         get(gw.addr, "/healthz", &[]).json()["config_generation"] == 3
@@ -322,17 +339,17 @@ fn llm_upstream(tokens: u64) -> SocketAddr {
     addr
 }
 
-fn budget_config(upstream: SocketAddr, backend: &str, extra: &str) -> String {
+fn budget_config(upstream: SocketAddr, backend: &str) -> Config {
     limited_config(
         upstream,
-        &format!("{{ type: llm_budget, key: 'header:X-User', tokens_per_minute: 100, backend: {backend} }}"),
-        extra,
+        "llm_budget",
+        json!({ "key": "header:X-User", "tokens_per_minute": 100, "backend": backend }),
     )
 }
 
 #[test]
 fn a_token_budget_is_spent_by_plain_and_streamed_completions() {
-    let gw = Gateway::start(budget_config(llm_upstream(60), "local", ""));
+    let gw = Gateway::start(budget_config(llm_upstream(60), "local"));
     for path in ["/json", "/sse"] {
         let user = format!("X-User: {path}");
         // 60 tokens: under budget; 120: spent; then the caller waits for the window.
@@ -354,9 +371,9 @@ fn a_token_budget_is_spent_by_plain_and_streamed_completions() {
 fn a_token_budget_in_redis_is_shared_by_replicas() {
     let redis = Redis::start();
     let up = llm_upstream(60);
-    let extra = format!("redis: {{ url: 'redis://127.0.0.1:{}/0' }}", redis.port);
-    let a = Gateway::start(budget_config(up, "redis", &extra));
-    let b = Gateway::start(budget_config(up, "redis", &extra));
+    let config = budget_config(up, "redis").set("redis", redis_at(redis.port));
+    let a = Gateway::start(&config);
+    let b = Gateway::start(&config);
     // Charges happen after each response, in the background: read Redis to know when.
     let tat = || -> u64 {
         let out = Command::new("redis-cli")
@@ -408,22 +425,22 @@ fn two_gateways_share_pin_lockouts_through_redis() {
         .unwrap()
         .trim()
         .to_string();
-    let yaml = format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-redis: {{ url: 'redis://127.0.0.1:{}/0' }}
-upstreams:
-  app: {{ backends: ['{}'] }}
-plugins:
-  pin: {{ type: pin_gate, pin_hash: '{hash}', secret: 'a-session-secret-of-at-least-32-bytes', lockout: {{ max_failures: 2, window: 1m, ban: 1m }} }}
-routes:
-  - {{ name: app, upstream: app, plugins: [pin] }}
-",
-        redis.port,
-        up.addr(0)
-    );
-    let a = Gateway::start(&yaml);
-    let b = Gateway::start(&yaml);
+    let config = Config::new()
+        .with_admin()
+        .set("redis", redis_at(redis.port))
+        .upstream("app", Upstream::to(up.addr(0)))
+        .plugin(
+            "pin",
+            "pin_gate",
+            json!({
+                "pin_hash": hash,
+                "secret": "a-session-secret-of-at-least-32-bytes",
+                "lockout": { "max_failures": 2, "window": "1m", "ban": "1m" },
+            }),
+        )
+        .route(Route::new("app", "app", "user").plugins(&["pin"]));
+    let a = Gateway::start(&config);
+    let b = Gateway::start(&config);
     let login = |gw: &Gateway, pin: &str| {
         let body = format!("pin={pin}&next=/");
         raw(

@@ -15,8 +15,8 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::harness::Gateway;
-use crate::identity::{key_new, pin_hash, SECRET};
+use crate::harness::{Config, Gateway, Route, Upstream};
+use crate::identity::{key_new, pin_hash, shipped_open_webui, SECRET};
 
 /// The Engine.IO "open" packet a Socket.IO server sends as its first frame.
 const OPEN_PACKET: &str = r#"0{"sid":"gatewarden-test","upgrades":[],"pingInterval":25000}"#;
@@ -137,27 +137,15 @@ pub async fn sequential_sessions(gateway: SocketAddr, key: &str, n: usize) -> Ve
 }
 
 /// The shipped Open WebUI config, pointed at `upstream`, with a keys file in `dir`.
-fn open_webui_config(upstream: SocketAddr, dir: &Path) -> (String, String) {
+fn open_webui_config(upstream: SocketAddr, dir: &Path) -> (Config, String) {
     let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/open-webui.yaml");
-    let mut yaml = std::fs::read_to_string(conf).unwrap();
+    let shipped = std::fs::read_to_string(conf).unwrap();
     let keys = dir.join("keys.yaml");
     let key = key_new(
         &keys,
         &["--name", "socket", "--subject", "owner@example.com"],
     );
-    for (from, to) in [
-        ("127.0.0.1:8080", "{listen}".to_string()),
-        ("127.0.0.1:9091", "{admin}".to_string()),
-        ("127.0.0.1:3000", upstream.to_string()),
-        ("/var/lib/gatewarden/keys.yaml", keys.display().to_string()),
-    ] {
-        assert!(
-            yaml.contains(from),
-            "conf/open-webui.yaml no longer has {from}"
-        );
-        yaml = yaml.replace(from, &to);
-    }
-    (yaml, key)
+    (shipped_open_webui(&shipped, upstream, &keys), key)
 }
 
 /// Sessions opened one after another under the shipped Open WebUI config (two worker
@@ -167,10 +155,10 @@ fn open_webui_config(upstream: SocketAddr, dir: &Path) -> (String, String) {
 async fn no_upgrade_is_cut_after_its_101_under_the_open_webui_config() {
     let (upstream, _server) = speak_first_upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let (yaml, key) = open_webui_config(upstream, dir.path());
+    let (config, key) = open_webui_config(upstream, dir.path());
     let gw = tokio::task::spawn_blocking(move || {
         Gateway::start_with(
-            &yaml,
+            config,
             &[
                 ("GATEWARDEN_PIN_HASH", pin_hash()),
                 ("GATEWARDEN_SESSION_SECRET", SECRET),
@@ -223,7 +211,7 @@ const UPGRADE_REQUEST: &str = "GET /ws?room=1 HTTP/1.1\r\nHost: app.example\r\nC
 #[test]
 fn an_upgrade_the_upstream_refuses_is_answered_as_the_upstream_answered() {
     let upstream = crate::harness::RecordingUpstream::start();
-    let gw = Gateway::start(crate::harness::simple_config(upstream.addr, ""));
+    let gw = Gateway::start(crate::harness::public(upstream.addr));
     let resp = crate::harness::raw(gw.addr, UPGRADE_REQUEST).unwrap();
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body, b"/ws?room=1");
@@ -243,18 +231,11 @@ fn an_upgrade_the_upstream_refuses_is_answered_as_the_upstream_answered() {
 }
 
 /// One public route to an upstream `app` with these settings.
-fn public_app(upstream: &str) -> String {
-    format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ {upstream} }}
-routes:
-  - name: app
-    access: public
-    upstream: app
-"
-    )
+fn public_app(upstream: Upstream) -> Config {
+    Config::new()
+        .with_admin()
+        .upstream("app", upstream)
+        .route(Route::public("app", "app"))
 }
 
 /// An upgrade whose backends are all down is answered 502, as any other request is.
@@ -266,7 +247,7 @@ fn an_upgrade_to_backends_that_are_down_is_a_bad_gateway() {
             .unwrap()
     };
     let (a, b) = (down(0), down(1));
-    let gw = Gateway::start(public_app(&format!("backends: ['{a}', '{b}'], retries: 1")));
+    let gw = Gateway::start(public_app(Upstream::of(&[a, b]).with("retries", 1)));
     let resp = crate::harness::raw(gw.addr, UPGRADE_REQUEST).unwrap();
     assert_eq!(resp.status, 502);
     assert!(resp.header("x-request-id").is_some());
@@ -279,7 +260,7 @@ fn an_upgrade_to_backends_that_are_down_is_a_bad_gateway() {
 #[test]
 fn an_upgrade_to_anything_but_websocket_never_reaches_the_upstream() {
     let upstream = crate::harness::RecordingUpstream::start();
-    let gw = Gateway::start(crate::harness::simple_config(upstream.addr, ""));
+    let gw = Gateway::start(crate::harness::public(upstream.addr));
     for (asked, connection) in [
         ("h2c", "Upgrade, HTTP2-Settings"),
         ("H2C", "upgrade, http2-settings, keep-alive"),
@@ -318,7 +299,7 @@ fn an_upgrade_to_anything_but_websocket_never_reaches_the_upstream() {
 #[test]
 fn a_websocket_handshake_reaches_the_upstream_without_hop_by_hop_fields() {
     let upstream = crate::harness::RecordingUpstream::start();
-    let gw = Gateway::start(crate::harness::simple_config(upstream.addr, ""));
+    let gw = Gateway::start(crate::harness::public(upstream.addr));
     let request = "GET /ws HTTP/1.1\r\nHost: app.example\r\nConnection: Upgrade, X-Hop-Secret, keep-alive\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Hop-Secret: only-for-the-gateway\r\nProxy-Authorization: Basic cHJveHk6c2VjcmV0\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\r\n";
     let resp = crate::harness::raw(gw.addr, request).unwrap();
     assert_eq!(resp.status, 200);
@@ -358,9 +339,9 @@ fn an_upgrade_the_upstream_never_answers_times_out() {
             keep.lock().unwrap().push(stream);
         }
     });
-    let gw = Gateway::start(public_app(&format!(
-        "backends: ['{upstream}'], read_timeout: 1s"
-    )));
+    let gw = Gateway::start(public_app(
+        Upstream::to(upstream).with("read_timeout", "1s"),
+    ));
     let resp = crate::harness::raw(gw.addr, UPGRADE_REQUEST).unwrap();
     assert_eq!(resp.status, 504);
     assert!(
