@@ -2632,28 +2632,6 @@ fn mapped_and_rotating_ipv6_clients_meet_the_same_limits() {
     assert_eq!(from("2001:db8:5:7::1", "GET", "/limited/x", b""), 200);
 }
 
-/// A config whose proxy listener speaks TLS: a [`Config`] writes the plain listener
-/// the harness picked, and this adds the certificate to it.
-struct OverTls {
-    config: Config,
-    cert_file: String,
-    key_file: String,
-}
-
-impl GatewayConfig for OverTls {
-    fn render(&self, listen: SocketAddr, admin: SocketAddr, _dir: &Path) -> (String, bool) {
-        let mut config = self.config.clone().listen(listen);
-        if config.has_admin() {
-            config = config.admin_at(admin);
-        }
-        let mut value = config.to_value();
-        value["listeners"][0]["tls"] =
-            json!({ "cert_file": self.cert_file, "key_file": self.key_file });
-        let yaml = serde_yaml_ng::to_string(&value).expect("a config serializes");
-        (yaml, config.has_admin())
-    }
-}
-
 /// The same rules over TLS and HTTP/2, where the method and host come as `:method` and
 /// `:authority` and cookies may come split over several headers.
 #[test]
@@ -2663,8 +2641,8 @@ fn the_rules_hold_over_http2() {
     let keys = keys_dir.path().join("keys.yaml");
     let user_key = key_new(&keys, &["--name", "u", "--subject", "alice"]);
     let (_certs, cert_file, key_file) = crate::upstreams::self_signed_files();
-    let gw = Gateway::start(OverTls {
-        config: Config::new()
+    let gw = Gateway::start(
+        Config::new()
             .with_admin()
             .upstream("app", Upstream::to(upstream.addr))
             .plugin("keys", "api_key", json!({ "keys_file": keys }))
@@ -2690,10 +2668,9 @@ fn the_rules_hold_over_http2() {
                 Route::new("app", "app", "user")
                     .path_prefix("/")
                     .plugins(&["pin", "keys"]),
-            ),
-        cert_file,
-        key_file,
-    });
+            )
+            .listen_tls(&cert_file, &key_file),
+    );
     let client = reqwest::Client::builder()
         .no_proxy()
         .danger_accept_invalid_certs(true)

@@ -394,28 +394,6 @@ pub(crate) fn shipped_open_webui(shipped: &str, upstream: SocketAddr, keys: &Pat
         .set("plugins", file["plugins"].clone())
 }
 
-/// A config whose proxy listener serves TLS with this certificate and key (the
-/// builder's listener is an address alone).
-struct OverTls {
-    config: Config,
-    cert_file: PathBuf,
-    key_file: PathBuf,
-}
-
-impl GatewayConfig for OverTls {
-    fn render(&self, listen: SocketAddr, admin: SocketAddr, _dir: &Path) -> (String, bool) {
-        let mut config = self.config.clone().listen(listen);
-        if config.has_admin() {
-            config = config.admin_at(admin);
-        }
-        let mut value = config.to_value();
-        value["listeners"][0]["tls"] =
-            json!({ "cert_file": self.cert_file, "key_file": self.key_file });
-        let yaml = serde_yaml_ng::to_string(&value).expect("a config serializes");
-        (yaml, config.has_admin())
-    }
-}
-
 // ---------------------------------------------------------------- the keys file and CLI
 
 #[test]
@@ -981,8 +959,8 @@ fn over_tls_the_session_cookie_is_host_prefixed_and_secure() {
     let (cert_file, key_file) = (certs.path().join("c.pem"), certs.path().join("k.pem"));
     std::fs::write(&cert_file, cert.cert.pem()).unwrap();
     std::fs::write(&key_file, cert.key_pair.serialize_pem()).unwrap();
-    let gw = Gateway::start(OverTls {
-        config: Config::new()
+    let gw = Gateway::start(
+        Config::new()
             .with_admin()
             .upstream("app", Upstream::to(ups.addr(0)))
             .plugin(
@@ -990,10 +968,9 @@ fn over_tls_the_session_cookie_is_host_prefixed_and_secure() {
                 "pin_gate",
                 json!({ "pin_hash": pin_hash(), "secret": SECRET }),
             )
-            .route(Route::new("app", "app", "user").plugins(&["pin"])),
-        cert_file,
-        key_file,
-    });
+            .route(Route::new("app", "app", "user").plugins(&["pin"]))
+            .listen_tls(&cert_file, &key_file),
+    );
     let client = reqwest::Client::builder()
         .no_proxy()
         .danger_accept_invalid_certs(true)

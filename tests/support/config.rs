@@ -11,6 +11,8 @@ use serde_json::{json, Map, Value};
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     listen: Option<SocketAddr>,
+    /// Certificate and key files of the proxy listener, when it speaks TLS.
+    tls: Option<(String, String)>,
     admin: Option<Admin>,
     top: Map<String, Value>,
     upstreams: BTreeMap<String, Upstream>,
@@ -51,6 +53,17 @@ impl Config {
     /// The proxy listener; the harness sets it to the port it picked.
     pub fn listen(mut self, addr: SocketAddr) -> Config {
         self.listen = Some(addr);
+        self
+    }
+
+    /// The proxy listener speaks TLS (and HTTP/2 through ALPN) with these files.
+    pub fn listen_tls(
+        mut self,
+        cert_file: impl AsRef<std::path::Path>,
+        key_file: impl AsRef<std::path::Path>,
+    ) -> Config {
+        let text = |p: &std::path::Path| p.display().to_string();
+        self.tls = Some((text(cert_file.as_ref()), text(key_file.as_ref())));
         self
     }
 
@@ -118,7 +131,11 @@ impl Config {
     pub fn to_value(&self) -> Value {
         let mut top = self.top.clone();
         if let Some(addr) = self.listen {
-            top.insert("listeners".into(), json!([{ "address": addr.to_string() }]));
+            let mut listener = json!({ "address": addr.to_string() });
+            if let Some((cert, key)) = &self.tls {
+                listener["tls"] = json!({ "cert_file": cert, "key_file": key });
+            }
+            top.insert("listeners".into(), json!([listener]));
         }
         if let Some(admin) = &self.admin {
             let mut section = Map::new();
