@@ -81,6 +81,43 @@ struct NewKeyRequest {
     expires: Option<String>,
 }
 
+/// `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD&subject=S`: usage per day, route,
+/// subject and key, from Redis when it is shared, else as this gateway counted it.
+async fn usage(
+    snapshot: &crate::config::Snapshot,
+    req: &http::request::Parts,
+) -> Response<Vec<u8>> {
+    use crate::usage;
+    let params: Vec<(String, String)> = req
+        .uri
+        .query()
+        .map(|q| gatewarden_plugins::forms::parse_form(q.as_bytes()))
+        .unwrap_or_default();
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let query = match usage::Query::parse(param("from"), param("to"), param("subject")) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    let rows = match &snapshot.redis {
+        Some(redis) => match usage::shared(redis, &query).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("the shared usage is unavailable: {e}"),
+                )
+            }
+        },
+        None => usage::local(&query),
+    };
+    json(StatusCode::OK, usage::to_json(&query, &rows))
+}
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RevokeRequest {
@@ -260,6 +297,9 @@ impl ServeHttp for AdminApp {
                                     "the key operation failed",
                                 )
                             })
+                    }
+                    (http::Method::GET, "/admin/usage") => {
+                        usage(&snapshot, session.req_header()).await
                     }
                     (http::Method::POST, "/admin/sessions/revoke") => {
                         let Some(body) = read_body(session).await else {

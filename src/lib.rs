@@ -23,3 +23,4 @@ pub mod server;
 pub mod stop;
 pub mod tunnel;
 pub mod upstream;
+pub mod usage;

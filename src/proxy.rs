@@ -615,6 +615,26 @@ impl ProxyHttp for Gateway {
                 route
                     .chain
                     .on_logging(session.req_header(), &ctx.plugin, status);
+                let shared = ctx.snapshot.as_ref().is_some_and(|s| s.redis.is_some());
+                crate::usage::record(
+                    crate::usage::Row {
+                        day: crate::usage::today(),
+                        route: route.name.clone(),
+                        subject: ctx
+                            .plugin
+                            .identity
+                            .as_ref()
+                            .map_or_else(|| Arc::from("-"), |i| i.subject.clone()),
+                        key: ctx.plugin.key_id.clone().unwrap_or_else(|| Arc::from("-")),
+                    },
+                    crate::usage::Counts::of_request(
+                        status,
+                        ctx.body_bytes,
+                        session.body_bytes_sent() as u64,
+                        ctx.plugin.llm_tokens,
+                    ),
+                    shared,
+                );
             }
             None => {
                 UNROUTED.requests.inc(status);

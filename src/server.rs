@@ -202,6 +202,12 @@ pub fn run(
             state: state.clone(),
         },
     ));
+    server.add_service(background_service(
+        "usage to redis",
+        crate::usage::UsageFlusher {
+            state: state.clone(),
+        },
+    ));
     if flags.daemon && state.config_path.is_some() {
         server.add_service(background_service(
             "start plugins after daemonizing",

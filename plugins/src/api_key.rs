@@ -85,7 +85,7 @@ fn yes() -> bool {
 /// A key as held in memory.
 #[derive(Debug)]
 struct Entry {
-    id: String,
+    id: Arc<str>,
     subject: Arc<str>,
     role: Role,
     expires_at: Option<DateTime<Utc>>,
@@ -113,7 +113,7 @@ impl Table {
             by_digest.insert(
                 digest,
                 Arc::new(Entry {
-                    id: k.id.clone(),
+                    id: Arc::from(k.id.as_str()),
                     subject: Arc::from(k.subject.as_str()),
                     role: k.role,
                     expires_at: k.expires_at,
@@ -229,15 +229,19 @@ impl ApiKey {
         Ok(keys)
     }
 
-    fn check(&self, token: &[u8]) -> Result<Identity, &'static str> {
+    /// The caller a key stands for, and the key's id (none for `admin_key`).
+    fn check(&self, token: &[u8]) -> Result<(Identity, Option<Arc<str>>), &'static str> {
         let digest = keys::digest(token);
         if let Some(admin) = &self.admin_digest {
             if credentials::constant_time_eq(&digest, admin) {
-                return Ok(Identity {
-                    subject: self.admin_subject.clone(),
-                    role: Role::Admin,
-                    method: "api_key",
-                });
+                return Ok((
+                    Identity {
+                        subject: self.admin_subject.clone(),
+                        role: Role::Admin,
+                        method: "api_key",
+                    },
+                    None,
+                ));
             }
         }
         let table = self.store.table.load();
@@ -254,11 +258,14 @@ impl ApiKey {
         if entry.last_used.swap(secs, Ordering::Relaxed) != secs {
             self.store.dirty.store(true, Ordering::Relaxed);
         }
-        Ok(Identity {
-            subject: entry.subject.clone(),
-            role: entry.role,
-            method: "api_key",
-        })
+        Ok((
+            Identity {
+                subject: entry.subject.clone(),
+                role: entry.role,
+                method: "api_key",
+            },
+            Some(entry.id.clone()),
+        ))
     }
 }
 
@@ -316,7 +323,7 @@ fn take_last_used(store: &Store) -> BTreeMap<String, DateTime<Utc>> {
         .filter_map(|e| {
             let secs = e.last_used.load(Ordering::Relaxed);
             let at = DateTime::from_timestamp(secs, 0).filter(|_| secs > 0)?;
-            Some((e.id.clone(), at))
+            Some((e.id.to_string(), at))
         })
         .collect()
 }
@@ -425,7 +432,10 @@ impl Plugin for ApiKey {
             .flatten()
         {
             let identity = match self.check(token) {
-                Ok(identity) => identity,
+                Ok((identity, key_id)) => {
+                    ctx.key_id = key_id;
+                    identity
+                }
                 Err(reason) => {
                     ctx.auth_failure = Some("invalid_api_key");
                     return RequestFlow::reply(credentials::refused(reason));

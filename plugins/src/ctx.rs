@@ -253,6 +253,19 @@ pub struct Ctx {
     /// Set by a plugin that asked the upstream for an uncompressed body: the core then
     /// compresses the response itself when the client's `Accept-Encoding` allows it.
     pub compress_response: bool,
+    /// The id of the API key the caller presented, for usage accounting.
+    pub key_id: Option<Arc<str>>,
+    /// The LLM tokens the response reported (`usage` of an OpenAI-style answer), set
+    /// by a plugin that reads them, for usage accounting.
+    pub llm_tokens: Option<TokenUsage>,
+}
+
+/// The tokens an LLM response reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub prompt: u64,
+    pub completion: u64,
+    pub total: u64,
 }
 
 impl Ctx {
@@ -270,6 +283,8 @@ impl Ctx {
             upstream: None,
             ext: Extensions::default(),
             compress_response: false,
+            key_id: None,
+            llm_tokens: None,
         }
     }
 

@@ -46,7 +46,7 @@ pub mod upstream_auth;
 pub mod value;
 pub mod watch;
 
-pub use ctx::{client_network, Conflict, Ctx, Identity, IpText, RequestId, Role};
+pub use ctx::{client_network, Conflict, Ctx, Identity, IpText, RequestId, Role, TokenUsage};
 pub use plugin::{Hooks, Plugin, PluginType, RequestFlow, Verdict};
 pub use registry::{build, shown, BuildEnv, BuildError, PluginPlan, PLUGIN_TYPES};
 pub use reply::Reply;

@@ -35,8 +35,9 @@ pub struct LlmBudgetConfig {
     /// Whose budget: `identity` (default), `client_ip` or `header:NAME`.
     #[serde(default = "default_key")]
     pub key: String,
-    /// Tokens per caller per minute.
-    pub tokens_per_minute: u64,
+    /// Tokens per caller per minute. Left out, the plugin only counts the tokens of
+    /// each response (for usage accounting) and limits nothing.
+    pub tokens_per_minute: Option<u64>,
     /// `local` (default) or `redis`.
     #[serde(default)]
     pub backend: Backend,
@@ -49,12 +50,12 @@ fn default_key() -> String {
     "identity".into()
 }
 
-const PATTERN: &[u8] = b"\"total_tokens\"";
-
-/// Finds the last `"total_tokens": N` in a stream, byte by byte, across chunk borders,
-/// without buffering anything.
-#[derive(Debug, Default, Clone)]
+/// Finds the last `"<key>": N` in a stream (by default `"total_tokens"`), byte by
+/// byte, across chunk borders, without buffering anything.
+#[derive(Debug, Clone)]
 pub struct UsageScanner {
+    /// The quoted key looked for.
+    pattern: &'static [u8],
     matched: usize,
     /// After the key: 0 looking for ':', 1 reading digits.
     after_key: Option<u8>,
@@ -63,8 +64,26 @@ pub struct UsageScanner {
     pub total: Option<u64>,
 }
 
+impl Default for UsageScanner {
+    fn default() -> Self {
+        UsageScanner::for_key(b"\"total_tokens\"")
+    }
+}
+
 impl UsageScanner {
+    /// A scanner for another quoted key, such as `"prompt_tokens"`.
+    pub fn for_key(pattern: &'static [u8]) -> Self {
+        UsageScanner {
+            pattern,
+            matched: 0,
+            after_key: None,
+            value: 0,
+            total: None,
+        }
+    }
+
     pub fn feed(&mut self, bytes: &[u8]) {
+        let pattern = self.pattern;
         for &b in bytes {
             match self.after_key {
                 Some(0) => match b {
@@ -94,14 +113,14 @@ impl UsageScanner {
                     }
                 }
                 None => {
-                    if b == PATTERN[self.matched] {
+                    if b == pattern[self.matched] {
                         self.matched += 1;
-                        if self.matched == PATTERN.len() {
+                        if self.matched == pattern.len() {
                             self.after_key = Some(0);
                             self.matched = 0;
                         }
                     } else {
-                        self.matched = usize::from(b == PATTERN[0]);
+                        self.matched = usize::from(b == pattern[0]);
                     }
                 }
             }
@@ -118,18 +137,61 @@ impl UsageScanner {
     }
 }
 
+/// The three counts of an OpenAI-style `usage` object, scanned as the body streams.
+#[derive(Debug, Clone)]
+pub struct TokenScanner {
+    prompt: UsageScanner,
+    completion: UsageScanner,
+    total: UsageScanner,
+}
+
+impl Default for TokenScanner {
+    fn default() -> Self {
+        TokenScanner {
+            prompt: UsageScanner::for_key(b"\"prompt_tokens\""),
+            completion: UsageScanner::for_key(b"\"completion_tokens\""),
+            total: UsageScanner::default(),
+        }
+    }
+}
+
+impl TokenScanner {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.prompt.feed(bytes);
+        self.completion.feed(bytes);
+        self.total.feed(bytes);
+    }
+
+    /// What the response reported, once it is over; `None` when it reported nothing.
+    pub fn finish(&mut self) -> Option<crate::TokenUsage> {
+        let total = self.total.finish();
+        let prompt = self.prompt.finish();
+        let completion = self.completion.finish();
+        if total.is_none() && prompt.is_none() && completion.is_none() {
+            return None;
+        }
+        let (prompt, completion) = (prompt.unwrap_or(0), completion.unwrap_or(0));
+        Some(crate::TokenUsage {
+            prompt,
+            completion,
+            total: total.unwrap_or(prompt.saturating_add(completion)),
+        })
+    }
+}
+
 /// Per-request state of an `llm_budget` plugin.
 #[derive(Debug, Default)]
 struct BudgetState {
     key: u64,
     redis_key: Option<String>,
-    pub scanner: Option<UsageScanner>,
+    pub scanner: Option<TokenScanner>,
 }
 
 /// The runtime form of an `llm_budget` plugin.
 pub struct LlmBudget {
     key: crate::rate_limit::KeySource,
-    gcra: Gcra,
+    /// `None`: count only.
+    gcra: Option<Gcra>,
     local: LocalTable,
     redis: Option<RedisGcra>,
     on_error: OnError,
@@ -137,7 +199,7 @@ pub struct LlmBudget {
 
 impl LlmBudget {
     pub fn new(config: LlmBudgetConfig, env: &BuildEnv) -> Result<Self, String> {
-        if config.tokens_per_minute == 0 {
+        if config.tokens_per_minute == Some(0) {
             return Err("tokens_per_minute must be at least 1".into());
         }
         let key = crate::rate_limit::KeySource::parse(&config.key)?;
@@ -147,11 +209,9 @@ impl LlmBudget {
         };
         Ok(LlmBudget {
             key,
-            gcra: Gcra::new(
-                config.tokens_per_minute,
-                Duration::from_secs(60),
-                config.tokens_per_minute,
-            ),
+            gcra: config
+                .tokens_per_minute
+                .map(|n| Gcra::new(n, Duration::from_secs(60), n)),
             local: LocalTable::default(),
             redis,
             on_error: config.on_backend_error,
@@ -199,8 +259,11 @@ impl Plugin for LlmBudget {
             redis_key: redis_key.clone(),
             scanner: None,
         });
+        let Some(gcra) = self.gcra else {
+            return RequestFlow::CONTINUE;
+        };
         let Some(redis) = &self.redis else {
-            let d = self.local.peek(&self.gcra, key);
+            let d = self.local.peek(&gcra, key);
             return if d.allowed {
                 RequestFlow::CONTINUE
             } else {
@@ -210,7 +273,7 @@ impl Plugin for LlmBudget {
         };
         let redis_key = redis_key.unwrap_or_default();
         RequestFlow::Wait(Box::pin(async move {
-            match redis.call(&redis_key, &self.gcra, 0, RedisMode::Peek).await {
+            match redis.call(&redis_key, &gcra, 0, RedisMode::Peek).await {
                 Ok(d) if d.allowed => Verdict::Continue,
                 Ok(d) => {
                     ctx.rate_limited = true;
@@ -231,48 +294,55 @@ impl Plugin for LlmBudget {
                     ct.starts_with(b"application/json") || ct.starts_with(b"text/event-stream")
                 });
         if let (true, Some(state)) = (countable, ctx.ext.get_mut::<BudgetState>()) {
-            state.scanner = Some(UsageScanner::default());
+            state.scanner = Some(TokenScanner::default());
         }
     }
 
     fn on_response_body(
         &self,
         body: &mut Option<bytes::Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Ctx,
     ) {
-        if let (Some(chunk), Some(scanner)) = (
-            body.as_ref(),
-            ctx.ext
-                .get_mut::<BudgetState>()
-                .and_then(|s| s.scanner.as_mut()),
-        ) {
+        let Some(scanner) = ctx
+            .ext
+            .get_mut::<BudgetState>()
+            .and_then(|s| s.scanner.as_mut())
+        else {
+            return;
+        };
+        if let Some(chunk) = body.as_ref() {
             scanner.feed(chunk);
+        }
+        if end_of_stream {
+            // What the response reported, for the usage accounting.
+            ctx.llm_tokens = scanner.finish();
         }
     }
 
     fn on_logging(&self, _req: &RequestHeader, ctx: &Ctx, _status: u16) {
-        let Some(state) = ctx.ext.get::<BudgetState>() else {
+        let (Some(gcra), Some(state)) = (self.gcra, ctx.ext.get::<BudgetState>()) else {
             return;
         };
-        let Some(tokens) = state
-            .scanner
-            .clone()
-            .and_then(|mut s| s.finish())
+        // A stream cut short still charges what it reported so far.
+        let Some(tokens) = ctx
+            .llm_tokens
+            .or_else(|| state.scanner.clone().and_then(|mut s| s.finish()))
+            .map(|usage| usage.total)
             .filter(|t| *t > 0)
         else {
             return;
         };
         match (&self.redis, &state.redis_key) {
             (Some(redis), Some(key)) => {
-                let (redis, key, gcra) = (redis.detached(), key.clone(), self.gcra);
+                let (redis, key) = (redis.detached(), key.clone());
                 tokio::spawn(async move {
                     if let Err(e) = redis.call(&key, &gcra, tokens, RedisMode::Charge).await {
                         redis_store::report_error("llm budget charge", &e);
                     }
                 });
             }
-            _ => self.local.charge(&self.gcra, state.key, tokens),
+            _ => self.local.charge(&gcra, state.key, tokens),
         }
     }
 }

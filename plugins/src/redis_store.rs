@@ -117,6 +117,22 @@ impl RedisHandle {
         }
     }
 
+    /// Runs a pipeline with a deadline; any failure is an error the caller decides on.
+    pub async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, String> {
+        let work = async {
+            let mut conn = self.connection().await?;
+            pipe.query_async::<T>(&mut conn).await
+        };
+        match tokio::time::timeout(self.timeout * 2, work).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
     /// Runs `script` with a deadline; any failure is an error the caller decides on.
     pub async fn run<T: redis::FromRedisValue>(
         &self,

@@ -354,3 +354,203 @@ fn without_redis_a_logout_revokes_the_session_in_this_gateway_across_reloads() {
     );
     assert_eq!(with_cookie(&gw, &other), 200);
 }
+
+/// An OpenAI-style upstream: `/v1/chat/completions` answers JSON reporting 5 prompt and
+/// 7 completion tokens, or, when the body asks for `"stream":true`, an SSE stream whose
+/// last chunk reports 3 and 4.
+fn fake_llm() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut length = 0;
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    line.clear();
+                }
+                let mut body = vec![0; length];
+                let _ = reader.read_exact(&mut body);
+                let mut out = stream;
+                let answer = if String::from_utf8_lossy(&body).contains("\"stream\":true") {
+                    let events = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n\
+                                  data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n\
+                                  data: [DONE]\n\n";
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{events}", events.len())
+                } else {
+                    let json = r#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{json}", json.len())
+                };
+                let _ = out.write_all(answer.as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+/// A replica whose `/v1/` route counts LLM tokens for API-key callers.
+fn llm_replica(
+    redis: Option<&Redis>,
+    upstream: std::net::SocketAddr,
+    keys: &std::path::Path,
+) -> Gateway {
+    let keys = match redis {
+        Some(_) => json!({ "store": "redis" }),
+        None => json!({ "keys_file": keys }),
+    };
+    let config = Config::new()
+        .admin_key(ADMIN_KEY)
+        .upstream("llm", Upstream::to(upstream))
+        .plugin("keys", "api_key", keys)
+        .plugin("tokens", "llm_budget", json!({}))
+        .route(
+            Route::new("llm", "llm", "user")
+                .path_prefix("/v1/")
+                .plugins(&["keys", "tokens"]),
+        );
+    Gateway::start(match redis {
+        Some(r) => config.set("redis", json!({ "url": r.url() })),
+        None => config,
+    })
+}
+
+fn complete(gw: &Gateway, key: &str, stream: bool) {
+    let body = format!(r#"{{"model":"m","stream":{stream}}}"#);
+    let resp = raw(
+        gw.addr,
+        &format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .unwrap();
+    assert_eq!(resp.status, 200, "{resp:?}");
+}
+
+/// The totals `GET /admin/usage?subject=` answers today.
+fn usage_of(gw: &Gateway, subject: &str) -> serde_json::Value {
+    let resp = admin(gw, "GET", &format!("/admin/usage?subject={subject}"), "");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    resp.json()
+}
+
+#[test]
+fn usage_through_two_replicas_adds_up_to_what_the_upstream_reported() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let llm = fake_llm();
+    let dir = tempfile::tempdir().unwrap();
+    let new_key = |name: &str| {
+        let out = run_cli(
+            &[
+                "key",
+                "new",
+                "--redis",
+                &redis.url(),
+                "--name",
+                name,
+                "--subject",
+                name,
+            ],
+            dir.path(),
+        );
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let (alice, bob) = (new_key("alice"), new_key("bob"));
+    let one = llm_replica(Some(&redis), llm, dir.path());
+    let two = llm_replica(Some(&redis), llm, dir.path());
+    // alice: two plain answers (5 + 7 each) and one stream (3 + 4), over both replicas.
+    complete(&one, &alice, false);
+    complete(&two, &alice, false);
+    complete(&two, &alice, true);
+    // bob: one plain answer, and one refused request (no key counts as nobody's).
+    complete(&one, &bob, false);
+    assert_eq!(get(one.addr, "/v1/models", &[]).status, 401);
+
+    poll_until(
+        "both replicas' counts to reach Redis",
+        Duration::from_secs(5),
+        || usage_of(&one, "alice")["totals"]["requests"] == 3,
+    );
+    let alice_usage = usage_of(&two, "alice");
+    let totals = &alice_usage["totals"];
+    assert_eq!(totals["responses"]["2xx"], 3, "{alice_usage}");
+    assert_eq!(
+        totals["tokens"],
+        json!({ "prompt": 13, "completion": 18, "total": 31 })
+    );
+    let rows = alice_usage["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "one day, one route, one key: {alice_usage}");
+    assert_eq!(rows[0]["route"], "llm");
+    assert!(rows[0]["key_id"].as_str().unwrap().starts_with("k_"));
+    assert!(
+        rows[0]["bytes_in"].as_u64().unwrap() > 0 && rows[0]["bytes_out"].as_u64().unwrap() > 0
+    );
+    let bob_usage = usage_of(&one, "bob");
+    assert_eq!(bob_usage["totals"]["tokens"]["total"], 12, "{bob_usage}");
+    let nobody = usage_of(&one, "-");
+    assert_eq!(nobody["totals"]["responses"]["4xx"], 1, "{nobody}");
+
+    // The same numbers from the command line, from Redis and from an admin listener.
+    let table = run_cli(
+        &["usage", "--redis", &redis.url(), "--subject", "alice"],
+        dir.path(),
+    );
+    let text = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        table.status.success() && text.contains("alice") && text.contains(" 31"),
+        "{text}"
+    );
+    let mut cmd = std::process::Command::new(bin());
+    let out = cmd
+        .args([
+            "usage",
+            "--admin",
+            &format!("http://{}", two.admin),
+            "--subject",
+            "bob",
+        ])
+        .env("GATEWARDEN_ADMIN_KEY", ADMIN_KEY)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success() && text.contains("bob") && text.contains(" 12"),
+        "{text}"
+    );
+    let bad = admin(
+        &one,
+        "GET",
+        "/admin/usage?from=2026-02-02&to=2026-01-01",
+        "",
+    );
+    assert_eq!(bad.status, 400);
+    // Prometheus never gets a subject or a key as a label.
+    let metrics = String::from_utf8(get(one.admin, "/metrics", &[]).body).unwrap();
+    assert!(
+        !metrics.contains("alice") && !metrics.contains(&alice[..8]),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn without_redis_a_gateway_keeps_its_own_usage() {
+    let llm = fake_llm();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    let key = crate::identity::key_new(&keys, &["--name", "carol", "--subject", "carol"]);
+    let gw = llm_replica(None, llm, &keys);
+    complete(&gw, &key, true);
+    complete(&gw, &key, false);
+    let usage = usage_of(&gw, "carol");
+    assert_eq!(usage["totals"]["requests"], 2, "{usage}");
+    assert_eq!(usage["totals"]["tokens"]["total"], 19, "{usage}");
+}
