@@ -7,6 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -71,9 +72,10 @@ fn check_accepts_a_good_config_and_counts_it() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("g.yaml"),
-        simple_config("127.0.0.1:9".parse().unwrap(), "")
-            .replace("{listen}", "127.0.0.1:8080")
-            .replace("{admin}", "127.0.0.1:9091"),
+        public(loopback(9))
+            .listen(loopback(8080))
+            .admin_at(loopback(9091))
+            .to_yaml(),
     )
     .unwrap();
     let out = run_cli(&["check", "-c", "g.yaml"], dir.path());
@@ -218,19 +220,19 @@ fn check_never_prints_secrets_it_expanded() {
     let secret = "sk-Qx7-s3cr";
     // An admin key that is too short, and a header value that is not a valid template
     // (the stray `}`): both are errors about values that came from the environment.
-    let yaml = "\
-listeners: [{ address: '127.0.0.1:2' }]
-admin: { address: '127.0.0.1:1', api_key: '${env:GW_CLI_TEST_SECRET}' }
-upstreams:
-  app: { backends: ['127.0.0.1:9'] }
-plugins:
-  inject:
-    type: headers
-    request: { set: { Authorization: 'Bearer ${env:GW_CLI_TEST_SECRET}}' } }
-routes:
-  - { name: app, access: public, upstream: app, plugins: [inject] }
-";
-    let (out, stdout, stderr) = with_config("check", yaml, &[("GW_CLI_TEST_SECRET", secret)]);
+    let yaml = Config::new()
+        .listen(loopback(2))
+        .admin_at(loopback(1))
+        .admin_key("${env:GW_CLI_TEST_SECRET}")
+        .upstream("app", Upstream::to(loopback(9)))
+        .plugin(
+            "inject",
+            "headers",
+            json!({ "request": { "set": { "Authorization": "Bearer ${env:GW_CLI_TEST_SECRET}}" } } }),
+        )
+        .route(Route::public("app", "app").plugins(&["inject"]))
+        .to_yaml();
+    let (out, stdout, stderr) = with_config("check", &yaml, &[("GW_CLI_TEST_SECRET", secret)]);
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stderr.contains("admin.api_key"), "{stderr}");
     assert!(stderr.contains("plugins.inject"), "{stderr}");

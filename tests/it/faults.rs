@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
@@ -254,20 +255,20 @@ enum Outcome {
 #[test]
 fn upstream_faults_have_defined_outcomes_and_the_gateway_keeps_serving() {
     let faulty = FaultyUpstream::start();
-    let nobody = format!("127.0.0.1:{}", free_port());
-    let yaml = format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  faulty: {{ backends: ['{}'], read_timeout: 1s, retries: 0 }}
-  refusing: {{ backends: ['{nobody}'], retries: 0 }}
-routes:
-  - {{ name: faulty, access: public, upstream: faulty }}
-  - {{ name: refusing, access: public, upstream: refusing, match: {{ path_prefix: /refused }} }}
-",
-        faulty.addr
+    let nobody: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gw = Gateway::start(
+        Config::new()
+            .with_admin()
+            .upstream(
+                "faulty",
+                Upstream::to(faulty.addr)
+                    .with("read_timeout", "1s")
+                    .with("retries", 0),
+            )
+            .upstream("refusing", Upstream::to(nobody).with("retries", 0))
+            .route(Route::public("faulty", "faulty"))
+            .route(Route::public("refusing", "refusing").path_prefix("/refused")),
     );
-    let gw = Gateway::start(&yaml);
     assert_eq!(fetch(gw.addr, "/ok").status, 200);
 
     let cases: &[(&str, Outcome)] = &[
@@ -351,15 +352,18 @@ routes:
 
 // ---------------------------------------------------------------- the keys file
 
-const KEYS_CONFIG: &str = "listeners: [{ address: '{listen}' }]
-admin: { address: '{admin}' }
-upstreams:
-  app: { backends: ['@UP@'] }
-plugins:
-  keys: { type: api_key, keys_file: '@KEYS@' }
-routes:
-  - { name: app, access: user, upstream: app, plugins: [keys] }
-";
+/// An admin listener and one `user` route to `upstream` behind the keys in `keys_file`.
+fn keys_config(upstream: SocketAddr, keys_file: &Path) -> Config {
+    Config::new()
+        .with_admin()
+        .upstream("app", Upstream::to(upstream))
+        .plugin(
+            "keys",
+            "api_key",
+            json!({ "keys_file": keys_file.display().to_string() }),
+        )
+        .route(Route::new("app", "app", "user").plugins(&["keys"]))
+}
 
 /// Sends requests with `key` on a few threads until `stop`; counts answers by status.
 fn hammer(
@@ -423,11 +427,7 @@ fn a_keys_file_rewritten_while_requests_are_checked_never_drops_a_valid_key() {
     let one = std::fs::read(&keys).unwrap();
     key_new(&keys, &["--name", "coming-and-going"]);
     let two = std::fs::read(&keys).unwrap();
-    let gw = Gateway::start(
-        KEYS_CONFIG
-            .replace("@UP@", &ups.addr(0).to_string())
-            .replace("@KEYS@", &keys.display().to_string()),
-    );
+    let gw = Gateway::start(keys_config(ups.addr(0), &keys));
     assert_eq!(
         get(gw.addr, "/echo", &[&format!("X-API-Key: {key}")]).status,
         200
@@ -494,11 +494,10 @@ fn killing_key_new_mid_write_never_leaves_a_broken_keys_file() {
     let config = dir.path().join("gatewarden.yaml");
     std::fs::write(
         &config,
-        KEYS_CONFIG
-            .replace("{listen}", "127.0.0.1:1")
-            .replace("{admin}", "127.0.0.1:2")
-            .replace("@UP@", &ups.addr(0).to_string())
-            .replace("@KEYS@", &file),
+        keys_config(ups.addr(0), &keys)
+            .listen("127.0.0.1:1".parse().unwrap())
+            .admin_at("127.0.0.1:2".parse().unwrap())
+            .to_yaml(),
     )
     .unwrap();
     // Kill points spread over a run's life (startup, hashing, the locked write and

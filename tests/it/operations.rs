@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use serde_json::json;
+
 use crate::harness::*;
 
 fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
@@ -33,24 +35,24 @@ fn audit_lines_record_unsafe_requests_without_secrets_and_follow_rotation() {
     let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let audit = dir.path().join("audit.jsonl");
     let access = dir.path().join("access.jsonl");
-    let yaml = format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-access_log: '{}'
-upstreams:
-  app: {{ backends: ['{}'] }}
-plugins:
-  keys: {{ type: api_key, keys_file: '{}' }}
-  audit: {{ type: audit, file: '{}' }}
-routes:
-  - {{ name: app, upstream: app, plugins: [audit, keys] }}
-",
-        access.display(),
-        up.addr(0),
-        keys.display(),
-        audit.display()
+    // `access: user` is the default the route used to rely on, written out.
+    let gw = Gateway::start(
+        Config::new()
+            .with_admin()
+            .set("access_log", access.display().to_string())
+            .upstream("app", Upstream::to(up.addr(0)))
+            .plugin(
+                "keys",
+                "api_key",
+                json!({ "keys_file": keys.display().to_string() }),
+            )
+            .plugin(
+                "audit",
+                "audit",
+                json!({ "file": audit.display().to_string() }),
+            )
+            .route(Route::new("app", "app", "user").plugins(&["audit", "keys"])),
     );
-    let gw = Gateway::start(&yaml);
     let auth = format!("Authorization: Bearer {key}");
     let post = format!(
         "POST /echo/x?token=query-secret HTTP/1.1\r\nHost: t\r\n{auth}\r\nCookie: session=cookie-secret\r\nContent-Length: 11\r\nConnection: close\r\n\r\nbody-secret"
@@ -122,22 +124,24 @@ fn access_log_lines_name_an_upstream_only_when_it_was_contacted() {
     let keys = dir.path().join("keys.yaml");
     let key = crate::identity::key_new(&keys, &["--name", "ci"]);
     let access = dir.path().join("access.jsonl");
-    let gw = Gateway::start(format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-access_log: '{}'
-upstreams:
-  app: {{ backends: ['{}'] }}
-plugins:
-  keys: {{ type: api_key, keys_file: '{}' }}
-  once: {{ type: rate_limit, key: identity, rate: 1/h, burst: 1 }}
-routes:
-  - {{ name: app, upstream: app, plugins: [keys, once] }}
-",
-        access.display(),
-        up.addr(0),
-        keys.display()
-    ));
+    // `access: user` is the default the route used to rely on, written out.
+    let gw = Gateway::start(
+        Config::new()
+            .with_admin()
+            .set("access_log", access.display().to_string())
+            .upstream("app", Upstream::to(up.addr(0)))
+            .plugin(
+                "keys",
+                "api_key",
+                json!({ "keys_file": keys.display().to_string() }),
+            )
+            .plugin(
+                "once",
+                "rate_limit",
+                json!({ "key": "identity", "rate": "1/h", "burst": 1 }),
+            )
+            .route(Route::new("app", "app", "user").plugins(&["keys", "once"])),
+    );
     let auth = format!("Authorization: Bearer {key}");
     assert_eq!(get(gw.addr, "/echo", &[&auth]).status, 200);
     assert_eq!(get(gw.addr, "/echo", &[]).status, 401);
@@ -164,7 +168,15 @@ fn an_unwritable_audit_file_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("g.yaml"),
-        "upstreams:\n  a: { backends: ['127.0.0.1:9'] }\nplugins:\n  audit: { type: audit, file: /nonexistent/dir/audit.jsonl }\nroutes:\n  - { name: r, upstream: a, access: public, plugins: [audit] }\n",
+        Config::new()
+            .upstream("a", Upstream::named("127.0.0.1:9"))
+            .plugin(
+                "audit",
+                "audit",
+                json!({ "file": "/nonexistent/dir/audit.jsonl" }),
+            )
+            .route(Route::public("r", "a").plugins(&["audit"]))
+            .to_yaml(),
     )
     .unwrap();
     let out = run_cli(&["check", "-c", "g.yaml"], dir.path());
@@ -219,13 +231,13 @@ impl Load {
 #[test]
 fn twenty_reloads_under_load_fail_no_request() {
     let up = Upstreams::start(1);
-    let gw = Gateway::start(simple_config(up.addr(0), ""));
+    let gw = Gateway::start(public(up.addr(0)));
     let load = Load::start(gw.addr, 3);
-    let base = std::fs::read_to_string(&gw.config).unwrap();
     for generation in 2..=21 {
         // Each reload really changes the config: a new route every time.
-        let yaml = format!("{base}  - {{ name: r{generation}, access: public, upstream: app, match: {{ path_prefix: /r{generation} }} }}\n");
-        std::fs::write(&gw.config, yaml).unwrap();
+        gw.rewrite(public(up.addr(0)).route(
+            Route::public(&format!("r{generation}"), "app").path_prefix(&format!("/r{generation}")),
+        ));
         gw.signal("HUP");
         poll_until("the reload", Duration::from_secs(5), || {
             get(gw.admin, "/healthz", &[]).json()["config_generation"] == generation
@@ -245,8 +257,14 @@ fn twenty_reloads_under_load_fail_no_request() {
 fn a_graceful_upgrade_fails_no_request_and_lets_streams_finish() {
     let up = Upstreams::start(1);
     // The old process exits once its stream is done, not after the grace period.
-    let extra = "server: { grace_period_seconds: 60, graceful_shutdown_timeout_seconds: 10, upgrade_sock: '{dir}/upgrade.sock', pid_file: '{dir}/gw.pid' }\n";
-    let old = Gateway::start(format!("{}{extra}", simple_config(up.addr(0), "")));
+    // The socket and pid file are relative to the temp dir both processes run in.
+    let old = Gateway::start(
+        public(up.addr(0))
+            .server("grace_period_seconds", 60)
+            .server("graceful_shutdown_timeout_seconds", 10)
+            .server("upgrade_sock", "upgrade.sock")
+            .server("pid_file", "gw.pid"),
+    );
     let addr = old.addr;
     let stream = std::thread::spawn(move || get(addr, "/sse?n=4&interval_ms=500", &[]));
     let load = Load::start(old.addr, 2);
@@ -292,10 +310,11 @@ fn a_graceful_upgrade_fails_no_request_and_lets_streams_finish() {
 /// A gateway whose graceful stop may take a minute: long enough that a stop which sat
 /// out the grace period, rather than waiting for what is in flight, shows.
 fn gateway_with_minute_grace(up: &Upstreams) -> Gateway {
-    Gateway::start(format!(
-        "server: {{ grace_period_seconds: 60, graceful_shutdown_timeout_seconds: 5 }}\n{}",
-        simple_config(up.addr(0), "")
-    ))
+    Gateway::start(
+        public(up.addr(0))
+            .server("grace_period_seconds", 60)
+            .server("graceful_shutdown_timeout_seconds", 5),
+    )
 }
 
 /// Opens a stream of `n` server-sent events 500 ms apart and reads its first event.
@@ -384,20 +403,22 @@ fn a_daemon_keeps_relative_paths_and_working_plugins() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     // Relative paths: resolved against the directory `run` started in, also after the fork.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     std::fs::write(
         dir.path().join("g.yaml"),
-        format!(
-            "listeners: [{{ address: '127.0.0.1:{port}' }}]
-server: {{ pid_file: gw.pid, error_log: err.log, upgrade_sock: up.sock }}
-upstreams:
-  app: {{ backends: ['{}'] }}
-plugins:
-  audit: {{ type: audit, file: audit.jsonl, methods: all }}
-routes:
-  - {{ name: app, upstream: app, access: public, plugins: [audit] }}
-",
-            up.addr(0)
-        ),
+        Config::new()
+            .listen(addr)
+            .server("pid_file", "gw.pid")
+            .server("error_log", "err.log")
+            .server("upgrade_sock", "up.sock")
+            .upstream("app", Upstream::to(up.addr(0)))
+            .plugin(
+                "audit",
+                "audit",
+                json!({ "file": "audit.jsonl", "methods": "all" }),
+            )
+            .route(Route::public("app", "app").plugins(&["audit"]))
+            .to_yaml(),
     )
     .unwrap();
     let out = run_cli(&["run", "-c", "g.yaml", "--daemon"], dir.path());
@@ -423,7 +444,6 @@ routes:
         }
     }
     let _kill = Kill(pid);
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     poll_until("the daemon to serve", Duration::from_secs(10), || {
         raw(
             addr,
@@ -451,15 +471,12 @@ fn concurrent_reloads_each_get_a_generation_of_their_own() {
     let up = Upstreams::start(1);
     // Enough routes that a build takes a moment, as a real config does: builds that
     // overlapped would meet.
-    let routes: String = (0..500)
-        .map(|i| {
-            format!("  - {{ name: r{i}, access: public, upstream: app, match: {{ path_prefix: /r{i} }} }}\n")
-        })
-        .collect();
-    let gw = Gateway::start(simple_config(up.addr(0), &routes).replace(
-        "admin: { address: '{admin}' }",
-        &format!("admin: {{ address: '{{admin}}', api_key: '{KEY}' }}"),
-    ));
+    let mut config = public(up.addr(0)).admin_key(KEY);
+    for i in 0..500 {
+        config =
+            config.route(Route::public(&format!("r{i}"), "app").path_prefix(&format!("/r{i}")));
+    }
+    let gw = Gateway::start(config);
     let start = std::sync::Arc::new(std::sync::Barrier::new(20));
     let admin = gw.admin;
     let reloads: Vec<_> = (0..20)
@@ -499,13 +516,17 @@ fn a_full_log_queue_is_counted() {
         .write(true)
         .open(&pipe)
         .unwrap();
-    let gw = Gateway::start(simple_config(
-        up.addr(0),
-        &format!(
-            "    plugins: [audit]\nplugins:\n  audit: {{ type: audit, file: '{}', methods: all, queue: 1 }}\n",
-            pipe.display()
-        ),
-    ));
+    let gw = Gateway::start(
+        Config::new()
+            .with_admin()
+            .upstream("app", Upstream::to(up.addr(0)))
+            .plugin(
+                "audit",
+                "audit",
+                json!({ "file": pipe.display().to_string(), "methods": "all", "queue": 1 }),
+            )
+            .route(Route::public("app", "app").plugins(&["audit"])),
+    );
     let dropped = |gw: &Gateway| {
         let text = String::from_utf8_lossy(&get(gw.admin, "/metrics", &[]).body).into_owned();
         text.lines()
@@ -562,38 +583,39 @@ fn check_touches_no_network() {
     let provider = Silent::start();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("gatewarden.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-listeners: [{{ address: '127.0.0.1:1' }}]
-access_log: '{dir}/access.jsonl'
-upstreams:
-  app: {{ backends: ['127.0.0.1:2'] }}
-plugins:
-  audit: {{ type: audit, file: '{dir}/audit.jsonl' }}
-  sso:
-    type: jwt
-    issuer: https://idp.example/
-    audiences: [app]
-    jwks_url: 'http://{jwks}/jwks'
-    algorithms: [RS256]
-  login:
-    type: oidc
-    issuer: 'http://{provider}/'
-    client_id: gateway
-    client_secret: a-client-secret-for-the-test
-    secret: a-session-secret-of-more-than-32-bytes
-routes:
-  - {{ name: api, match: {{ path_prefix: /api }}, access: user, upstream: app, plugins: [sso] }}
-  - {{ name: app, access: user, upstream: app, plugins: [login, audit] }}
-"#,
-            jwks = jwks.addr,
-            provider = provider.addr,
-            dir = dir.path().display(),
-        ),
-    )
-    .unwrap();
+    let in_dir = |name: &str| dir.path().join(name).display().to_string();
+    let file = Config::new()
+        .listen("127.0.0.1:1".parse().unwrap())
+        .set("access_log", in_dir("access.jsonl"))
+        .upstream("app", Upstream::named("127.0.0.1:2"))
+        .plugin("audit", "audit", json!({ "file": in_dir("audit.jsonl") }))
+        .plugin(
+            "sso",
+            "jwt",
+            json!({
+                "issuer": "https://idp.example/",
+                "audiences": ["app"],
+                "jwks_url": format!("http://{}/jwks", jwks.addr),
+                "algorithms": ["RS256"],
+            }),
+        )
+        .plugin(
+            "login",
+            "oidc",
+            json!({
+                "issuer": format!("http://{}/", provider.addr),
+                "client_id": "gateway",
+                "client_secret": "a-client-secret-for-the-test",
+                "secret": "a-session-secret-of-more-than-32-bytes",
+            }),
+        )
+        .route(
+            Route::new("api", "app", "user")
+                .path_prefix("/api")
+                .plugins(&["sso"]),
+        )
+        .route(Route::new("app", "app", "user").plugins(&["login", "audit"]));
+    std::fs::write(&config, file.to_yaml()).unwrap();
     let out = run_cli(&["check", "-c", config.to_str().unwrap()], dir.path());
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok: 2 routes"));
@@ -601,12 +623,7 @@ routes:
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!((jwks.accepted(), provider.accepted()), (0, 0));
     // Nor does it create the log files it names, valid config or not.
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("access_log:", "acess_log: x\naccess_log:"),
-    )
-    .unwrap();
+    std::fs::write(&config, file.set("acess_log", "x").to_yaml()).unwrap();
     let out = run_cli(&["check", "-c", config.to_str().unwrap()], dir.path());
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     for log in ["access.jsonl", "audit.jsonl"] {
@@ -622,22 +639,25 @@ fn a_reload_waiting_on_a_jwks_fetch_holds_up_no_request() {
     const KEY: &str = "slow-reload-admin-key-0123456789";
     let jwks = Silent::start();
     let up = Upstreams::start(1);
-    let base = simple_config(up.addr(0), "").replace(
-        "admin: { address: '{admin}' }",
-        &format!("admin: {{ address: '{{admin}}', api_key: '{KEY}' }}"),
-    );
+    let base = public(up.addr(0)).admin_key(KEY);
     let gw = Gateway::start(&base);
-    let (listen, admin) = (gw.addr.to_string(), gw.admin.to_string());
-    let slow = format!(
-        "{base}  - {{ name: api, match: {{ path_prefix: /api }}, access: user, upstream: app, plugins: [sso] }}
-plugins:
-  sso: {{ type: jwt, issuer: https://idp.example/, audiences: [app], jwks_url: 'http://{}/jwks', algorithms: [RS256] }}
-",
-        jwks.addr
-    )
-    .replace("{listen}", &listen)
-    .replace("{admin}", &admin);
-    std::fs::write(&gw.config, slow).unwrap();
+    gw.rewrite(
+        base.plugin(
+            "sso",
+            "jwt",
+            json!({
+                "issuer": "https://idp.example/",
+                "audiences": ["app"],
+                "jwks_url": format!("http://{}/jwks", jwks.addr),
+                "algorithms": ["RS256"],
+            }),
+        )
+        .route(
+            Route::new("api", "app", "user")
+                .path_prefix("/api")
+                .plugins(&["sso"]),
+        ),
+    );
     let admin_addr = gw.admin;
     let reload = std::thread::spawn(move || {
         let req = format!("POST /admin/reload HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
@@ -682,7 +702,12 @@ fn run_refuses_a_log_file_it_cannot_open() {
     let port = free_port();
     std::fs::write(
         dir.path().join("g.yaml"),
-        format!("listeners: [{{ address: '127.0.0.1:{port}' }}]\nupstreams:\n  a: {{ backends: ['127.0.0.1:9'] }}\nplugins:\n  audit: {{ type: audit, file: audit.jsonl }}\nroutes:\n  - {{ name: r, upstream: a, access: public, plugins: [audit] }}\n"),
+        Config::new()
+            .listen(format!("127.0.0.1:{port}").parse().unwrap())
+            .upstream("a", Upstream::named("127.0.0.1:9"))
+            .plugin("audit", "audit", json!({ "file": "audit.jsonl" }))
+            .route(Route::public("r", "a").plugins(&["audit"]))
+            .to_yaml(),
     )
     .unwrap();
     let out = run_cli(&["check", "-c", "g.yaml"], dir.path());

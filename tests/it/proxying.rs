@@ -2,10 +2,10 @@
 //! body limits, `/healthz`, `/metrics`, reload, and `${env:}` in a config.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::harness::*;
 
@@ -76,7 +76,7 @@ const SPOOFED: &[&str] = &[
 #[test]
 fn forwarding_headers_from_an_untrusted_peer_are_replaced() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start_with(simple_config(ups.addr(0), ""), &[]);
+    let gw = Gateway::start_with(public(ups.addr(0)), &[]);
     let resp = get_with(&gw, "/echo", "app.test:8080", SPOOFED);
     assert_eq!(resp.status, 200, "{resp:?}");
     let echo = resp.json();
@@ -117,7 +117,7 @@ fn forwarding_headers_from_an_untrusted_peer_are_replaced() {
 #[test]
 fn header_names_reach_the_upstream_in_one_spelling_with_every_value() {
     let up = RecordingUpstream::start();
-    let gw = Gateway::start_with(simple_config(up.addr, ""), &[]);
+    let gw = Gateway::start_with(public(up.addr), &[]);
     let sent = [
         "X-Custom-Thing: one",
         "x-CUSTOM-thing: two",
@@ -160,7 +160,7 @@ fn header_names_reach_the_upstream_in_one_spelling_with_every_value() {
 fn a_trusted_proxy_is_believed() {
     let ups = Upstreams::start(1);
     let gw = Gateway::start_with(
-        simple_config(ups.addr(0), "trusted_proxies: [127.0.0.0/8]\n"),
+        public(ups.addr(0)).set("trusted_proxies", json!(["127.0.0.0/8"])),
         &[],
     );
     let resp = get_with(
@@ -200,27 +200,32 @@ fn a_trusted_proxy_is_believed() {
 #[test]
 fn the_headers_plugin_sets_and_removes_headers_both_ways() {
     let ups = Upstreams::start(1);
-    let yaml = format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{}'] }}
-plugins:
-  stamp:
-    type: headers
-    request:
-      set: {{ X-Client-IP: '{{client_ip}}', X-Trace: 'id={{request_id}}', X-Webauth-User: gateway }}
-      remove: [X-Debug, Cookie]
-    response:
-      set: {{ X-Frame-Options: DENY }}
-      remove: [X-Demo-Upstream]
-routes:
-  - {{ name: stamped, access: public, upstream: app, plugins: [stamp] }}
-  - {{ name: plain, access: public, upstream: app, match: {{ path_prefix: /plain }} }}
-",
-        ups.addr(0)
+    let gw = Gateway::start_with(
+        Config::new()
+            .with_admin()
+            .upstream("app", Upstream::to(ups.addr(0)))
+            .plugin(
+                "stamp",
+                "headers",
+                json!({
+                    "request": {
+                        "set": {
+                            "X-Client-IP": "{client_ip}",
+                            "X-Trace": "id={request_id}",
+                            "X-Webauth-User": "gateway",
+                        },
+                        "remove": ["X-Debug", "Cookie"],
+                    },
+                    "response": {
+                        "set": { "X-Frame-Options": "DENY" },
+                        "remove": ["X-Demo-Upstream"],
+                    },
+                }),
+            )
+            .route(Route::public("stamped", "app").plugins(&["stamp"]))
+            .route(Route::public("plain", "app").path_prefix("/plain")),
+        &[],
     );
-    let gw = Gateway::start_with(&yaml, &[]);
     let spoof = [
         "x-client-ip: 6.6.6.6",
         "X-CLIENT-IP: 7.7.7.7",
@@ -267,23 +272,34 @@ routes:
 #[test]
 fn ip_filter_refuses_before_the_upstream_and_cannot_be_spoofed() {
     let up = RecordingUpstream::start();
-    let yaml = format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{}'] }}
-plugins:
-  no_local: {{ type: ip_filter, deny: [127.0.0.0/8] }}
-  local_only: {{ type: ip_filter, allow: [127.0.0.1] }}
-  office: {{ type: ip_filter, allow: [203.0.113.0/24] }}
-routes:
-  - {{ name: denied, access: public, upstream: app, plugins: [no_local], match: {{ path_prefix: /denied }} }}
-  - {{ name: allowed, access: public, upstream: app, plugins: [local_only], match: {{ path_prefix: /allowed }} }}
-  - {{ name: office, access: public, upstream: app, plugins: [office], match: {{ path_prefix: /office }} }}
-",
-        up.addr
+    let gw = Gateway::start_with(
+        Config::new()
+            .with_admin()
+            .upstream("app", Upstream::to(up.addr))
+            .plugin("no_local", "ip_filter", json!({ "deny": ["127.0.0.0/8"] }))
+            .plugin("local_only", "ip_filter", json!({ "allow": ["127.0.0.1"] }))
+            .plugin(
+                "office",
+                "ip_filter",
+                json!({ "allow": ["203.0.113.0/24"] }),
+            )
+            .route(
+                Route::public("denied", "app")
+                    .plugins(&["no_local"])
+                    .path_prefix("/denied"),
+            )
+            .route(
+                Route::public("allowed", "app")
+                    .plugins(&["local_only"])
+                    .path_prefix("/allowed"),
+            )
+            .route(
+                Route::public("office", "app")
+                    .plugins(&["office"])
+                    .path_prefix("/office"),
+            ),
+        &[],
     );
-    let gw = Gateway::start_with(&yaml, &[]);
     assert_json_error(&get_with(&gw, "/denied", "localhost", &[]), 403);
     // From an untrusted peer, claiming an office address changes nothing.
     let spoofed = get_with(
@@ -313,23 +329,26 @@ routes:
 #[test]
 fn ip_filter_uses_the_client_derived_through_trusted_proxies() {
     let up = RecordingUpstream::start();
-    let yaml = format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-trusted_proxies: [127.0.0.0/8]
-upstreams:
-  app: {{ backends: ['{}'] }}
-plugins:
-  block: {{ type: ip_filter, deny: [198.51.100.0/24] }}
-  office: {{ type: ip_filter, allow: [203.0.113.0/24] }}
-global_plugins: [block]
-routes:
-  - {{ name: app, access: public, upstream: app }}
-  - {{ name: office, access: public, upstream: app, plugins: [office], match: {{ path_prefix: /office }} }}
-",
-        up.addr
+    let gw = Gateway::start_with(
+        Config::new()
+            .with_admin()
+            .set("trusted_proxies", json!(["127.0.0.0/8"]))
+            .upstream("app", Upstream::to(up.addr))
+            .plugin("block", "ip_filter", json!({ "deny": ["198.51.100.0/24"] }))
+            .plugin(
+                "office",
+                "ip_filter",
+                json!({ "allow": ["203.0.113.0/24"] }),
+            )
+            .set("global_plugins", json!(["block"]))
+            .route(Route::public("app", "app"))
+            .route(
+                Route::public("office", "app")
+                    .plugins(&["office"])
+                    .path_prefix("/office"),
+            ),
+        &[],
     );
-    let gw = Gateway::start_with(&yaml, &[]);
     let status = |path: &str, xff: Option<&str>| {
         let header = xff.map(|v| format!("X-Forwarded-For: {v}"));
         let headers: Vec<&str> = header.iter().map(String::as_str).collect();
@@ -355,18 +374,17 @@ routes:
     assert_eq!(up.connections(), 3);
 }
 
-fn limits_config(backend: std::net::SocketAddr) -> String {
-    format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-max_request_body: 1KiB
-upstreams:
-  app: {{ backends: ['{backend}'] }}
-routes:
-  - {{ name: small, access: public, upstream: app }}
-  - {{ name: big, access: public, upstream: app, max_request_body: 4KiB, match: {{ path_prefix: /big }} }}
-"
-    )
+fn limits_config(backend: std::net::SocketAddr) -> Config {
+    Config::new()
+        .with_admin()
+        .set("max_request_body", "1KiB")
+        .upstream("app", Upstream::to(backend))
+        .route(Route::public("small", "app"))
+        .route(
+            Route::public("big", "app")
+                .with("max_request_body", "4KiB")
+                .path_prefix("/big"),
+        )
 }
 
 fn post_head(path: &str, framing: &str) -> String {
@@ -529,7 +547,7 @@ fn health_json(resp: &RawResponse) -> Value {
 #[test]
 fn healthz_answers_on_both_listeners_and_can_be_turned_off() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start_with(simple_config(ups.addr(0), ""), &[]);
+    let gw = Gateway::start_with(public(ups.addr(0)), &[]);
     let expected = serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION"), "config_generation": 1 });
     for addr in [gw.addr, gw.admin] {
         let body = health_json(&get(addr, "/healthz", &[]));
@@ -540,7 +558,7 @@ fn healthz_answers_on_both_listeners_and_can_be_turned_off() {
         .header("x-demo-upstream")
         .is_none());
 
-    let off = Gateway::start_with(simple_config(ups.addr(0), "health_path: null\n"), &[]);
+    let off = Gateway::start_with(public(ups.addr(0)).set("health_path", Value::Null), &[]);
     let resp = get(off.addr, "/healthz", &[]);
     assert_eq!(
         served_by(&resp),
@@ -587,7 +605,7 @@ fn metrics_text(gw: &Gateway) -> String {
 #[test]
 fn a_client_that_goes_away_mid_response_is_counted_not_logged_as_an_error() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(simple_config(ups.addr(0), ""));
+    let gw = Gateway::start(public(ups.addr(0)));
     for (path, enough) in [
         ("/sse?n=100&interval_ms=50", b"data:".as_slice()),
         ("/bytes/100000000", b"\r\n\r\n".as_slice()),
@@ -628,7 +646,7 @@ fn a_client_that_goes_away_mid_response_is_counted_not_logged_as_an_error() {
 fn metrics_count_requests_upstream_responses_and_backend_health() {
     let ups = Upstreams::start(1);
     let backend = ups.addr(0).to_string();
-    let gw = Gateway::start_with(simple_config(ups.addr(0), ""), &[]);
+    let gw = Gateway::start_with(public(ups.addr(0)), &[]);
     for path in ["/echo", "/echo", "/status/503", "/%2e%2e/"] {
         get(gw.addr, path, &[]);
     }
@@ -722,29 +740,16 @@ fn metrics_count_requests_upstream_responses_and_backend_health() {
 const ADMIN_KEY: &str = "reload-key-0123456789abcdef";
 
 /// A config with public routes `/a` (to `a`) plus one extra route per `(prefix, upstream)`.
-fn reload_config(
-    listen: &str,
-    admin: &str,
-    a: &str,
-    b: &str,
-    extra_routes: &[(&str, &str)],
-) -> String {
-    let mut yaml = format!(
-        "listeners: [{{ address: '{listen}' }}]
-admin: {{ address: '{admin}', api_key: '{ADMIN_KEY}' }}
-upstreams:
-  a: {{ backends: ['{a}'] }}
-  b: {{ backends: ['{b}'] }}
-routes:
-  - {{ name: a, access: public, upstream: a, match: {{ path_prefix: /a }} }}
-"
-    );
+fn reload_config(a: SocketAddr, b: SocketAddr, extra_routes: &[(&str, &str)]) -> Config {
+    let mut config = Config::new()
+        .admin_key(ADMIN_KEY)
+        .upstream("a", Upstream::to(a))
+        .upstream("b", Upstream::to(b))
+        .route(Route::public("a", "a").path_prefix("/a"));
     for (prefix, upstream) in extra_routes {
-        yaml.push_str(&format!(
-            "  - {{ name: 'r{prefix}', access: public, upstream: {upstream}, match: {{ path_prefix: '{prefix}' }} }}\n"
-        ));
+        config = config.route(Route::public(&format!("r{prefix}"), upstream).path_prefix(prefix));
     }
-    yaml
+    config
 }
 
 fn generation(gw: &Gateway) -> u64 {
@@ -764,17 +769,12 @@ fn admin_post(gw: &Gateway, path: &str, key: Option<&str>) -> RawResponse {
 #[test]
 fn reload_by_sighup_and_admin_api_keeps_the_old_config_on_errors() {
     let ups = Upstreams::start(2);
-    let (a, b) = (ups.addr(0).to_string(), ups.addr(1).to_string());
-    let gw = Gateway::start_with(reload_config("{listen}", "{admin}", &a, &b, &[]), &[]);
-    let (listen, admin) = (gw.addr.to_string(), gw.admin.to_string());
+    let (a, b) = (ups.addr(0), ups.addr(1));
+    let gw = Gateway::start_with(reload_config(a, b, &[]), &[]);
     assert_eq!(generation(&gw), 1);
     assert_eq!(get(gw.addr, "/b/echo", &[]).status, 404);
 
-    std::fs::write(
-        &gw.config,
-        reload_config(&listen, &admin, &a, &b, &[("/b", "b")]),
-    )
-    .unwrap();
+    gw.rewrite(reload_config(a, b, &[("/b", "b")]));
     gw.signal("HUP");
     poll_until("generation 2 after SIGHUP", Duration::from_secs(10), || {
         generation(&gw) == 2
@@ -787,11 +787,7 @@ fn reload_by_sighup_and_admin_api_keeps_the_old_config_on_errors() {
     );
 
     // A broken file: the old config stays in force, and the failure is counted.
-    std::fs::write(
-        &gw.config,
-        reload_config(&listen, &admin, &a, &b, &[("/b", "b")]) + "bogus_key: 1\n",
-    )
-    .unwrap();
+    gw.rewrite(reload_config(a, b, &[("/b", "b")]).set("bogus_key", 1));
     gw.signal("HUP");
     poll_until(
         "a failed reload to be counted",
@@ -831,11 +827,7 @@ fn reload_by_sighup_and_admin_api_keeps_the_old_config_on_errors() {
     );
     assert_eq!(generation(&gw), 2);
 
-    std::fs::write(
-        &gw.config,
-        reload_config(&listen, &admin, &a, &b, &[("/b", "b"), ("/c", "a")]),
-    )
-    .unwrap();
+    gw.rewrite(reload_config(a, b, &[("/b", "b"), ("/c", "a")]));
     let resp = admin_post(&gw, "/admin/reload", Some(ADMIN_KEY));
     assert_eq!(resp.status, 200, "{resp:?}");
     assert_eq!(resp.json()["config_generation"], 3);
@@ -847,18 +839,21 @@ fn reload_by_sighup_and_admin_api_keeps_the_old_config_on_errors() {
 #[test]
 fn env_references_expand_and_a_missing_one_is_named() {
     let ups = Upstreams::start(2);
-    let yaml = "listeners: [{ address: '{listen}' }]
-admin: { address: '{admin}' }
-upstreams:
-  whole: { backends: ['${env:GW_IT_WHOLE_BACKEND}'] }
-  part: { backends: ['127.0.0.1:${env:GW_IT_PART_PORT}'] }
-routes:
-  - { name: whole, access: public, upstream: whole }
-  - { name: part, access: public, upstream: part, match: { path_prefix: /part } }
-";
+    // The part's port comes from the environment variable `part_port`.
+    let config = |part_port: &str| {
+        Config::new()
+            .with_admin()
+            .upstream("whole", Upstream::named("${env:GW_IT_WHOLE_BACKEND}"))
+            .upstream(
+                "part",
+                Upstream::named(&format!("127.0.0.1:${{env:{part_port}}}")),
+            )
+            .route(Route::public("whole", "whole"))
+            .route(Route::public("part", "part").path_prefix("/part"))
+    };
     let port = ups.addr(1).port().to_string();
     let gw = Gateway::start_with(
-        yaml,
+        config("GW_IT_PART_PORT"),
         &[
             ("GW_IT_WHOLE_BACKEND", &ups.addr(0).to_string()),
             ("GW_IT_PART_PORT", &port),
@@ -868,10 +863,10 @@ routes:
     assert_eq!(served_by(&get(gw.addr, "/part", &[])), ups.addr(1).port());
 
     let dir = tempfile::tempdir().unwrap();
-    let missing = yaml
-        .replace("{listen}", "127.0.0.1:8080")
-        .replace("{admin}", "127.0.0.1:9091")
-        .replace("GW_IT_PART_PORT", "GW_IT_NEVER_SET_0F3A");
+    let missing = config("GW_IT_NEVER_SET_0F3A")
+        .listen("127.0.0.1:8080".parse().unwrap())
+        .admin_at("127.0.0.1:9091".parse().unwrap())
+        .to_yaml();
     std::fs::write(dir.path().join("g.yaml"), missing).unwrap();
     let out = run_cli(&["check", "-c", "g.yaml"], dir.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -917,9 +912,12 @@ fn idle_close_after(gw: &Gateway, extra_header: &str, wait: Duration) -> Option<
 #[test]
 fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
     let up = Upstreams::start(1);
-    let config = |server: &str| format!("{server}{}", simple_config(up.addr(0), ""));
+    let config = |timeout: Option<u64>| match timeout {
+        Some(seconds) => public(up.addr(0)).server("client_keepalive_timeout_seconds", seconds),
+        None => public(up.addr(0)),
+    };
 
-    let gw = Gateway::start(config("server: { client_keepalive_timeout_seconds: 1 }\n"));
+    let gw = Gateway::start(config(Some(1)));
     let open_for = idle_close_after(&gw, "", Duration::from_secs(20))
         .expect("an idle connection must be closed after the 1 s keep-alive timeout");
     assert!(
@@ -931,11 +929,11 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
         .expect("a client's Keep-Alive: timeout must not extend the gateway's");
 
     // The default (75 s) keeps the same connection open well past a second.
-    let gw = Gateway::start(config(""));
+    let gw = Gateway::start(config(None));
     assert_eq!(idle_close_after(&gw, "", Duration::from_secs(3)), None);
 
     // 0 turns keep-alive off: the answer says so and the connection closes.
-    let gw = Gateway::start(config("server: { client_keepalive_timeout_seconds: 0 }\n"));
+    let gw = Gateway::start(config(Some(0)));
     let resp = raw(gw.addr, "GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("answer");
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("connection"), Some("close"));
@@ -944,10 +942,11 @@ fn idle_client_connections_are_closed_after_the_keepalive_timeout() {
 /// A gateway whose graceful stop would leave connections 10 s to finish: what the stop
 /// closes sooner, or still answers, shows in well under that.
 fn gateway_with_long_grace(up: &Upstreams) -> Gateway {
-    Gateway::start(format!(
-        "server: {{ grace_period_seconds: 10, graceful_shutdown_timeout_seconds: 10 }}\n{}",
-        simple_config(up.addr(0), "")
-    ))
+    Gateway::start(
+        public(up.addr(0))
+            .server("grace_period_seconds", 10)
+            .server("graceful_shutdown_timeout_seconds", 10),
+    )
 }
 
 #[test]
@@ -1015,10 +1014,7 @@ fn any_client_write_buffer_size_delivers_whole_responses() {
     let up = Upstreams::start(1);
     // No buffer at all, one smaller than a response head, and one larger than the body.
     for bytes in [0, 100, 65536] {
-        let gw = Gateway::start(format!(
-            "server: {{ client_write_buffer_bytes: {bytes} }}\n{}",
-            simple_config(up.addr(0), "")
-        ));
+        let gw = Gateway::start(public(up.addr(0)).server("client_write_buffer_bytes", bytes));
         for size in [1, 1460, 16384, 200_000] {
             let resp = get(gw.addr, &format!("/bytes/{size}"), &[]);
             assert_eq!(resp.status, 200, "buffer {bytes}, body {size}");

@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use serde_json::json;
+
 use crate::harness::*;
 
 /// Sends `method path` with `host` and returns which upstream (by name) answered, or
@@ -58,32 +60,34 @@ fn the_most_specific_route_wins() {
         .enumerate()
         .map(|(i, n)| (ups.addr(i).port(), n))
         .collect();
-    let yaml = format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  root: {{ backends: ['{}'] }}
-  api: {{ backends: ['{}'] }}
-  apiv1: {{ backends: ['{}'] }}
-  status: {{ backends: ['{}'] }}
-  tenant: {{ backends: ['{}'] }}
-  reader: {{ backends: ['{}'] }}
-routes:
-  - {{ name: root, access: public, upstream: root }}
-  - {{ name: api, access: public, upstream: api, match: {{ path_prefix: /api }} }}
-  - {{ name: apiv1, access: public, upstream: apiv1, match: {{ path_prefix: /api/v1/ }} }}
-  - {{ name: status, access: public, upstream: status, match: {{ path: /api/v1/status }} }}
-  - {{ name: tenant, access: public, upstream: tenant, match: {{ hosts: ['*.example.com', Chat.Example.org], path_prefix: /api/v1 }} }}
-  - {{ name: reader, access: public, upstream: reader, match: {{ path: /api/v1/read, methods: [GET] }} }}
-",
-        ups.addr(0),
-        ups.addr(1),
-        ups.addr(2),
-        ups.addr(3),
-        ups.addr(4),
-        ups.addr(5)
+    let gw = Gateway::start_with(
+        Config::new()
+            .with_admin()
+            .upstream("root", Upstream::to(ups.addr(0)))
+            .upstream("api", Upstream::to(ups.addr(1)))
+            .upstream("apiv1", Upstream::to(ups.addr(2)))
+            .upstream("status", Upstream::to(ups.addr(3)))
+            .upstream("tenant", Upstream::to(ups.addr(4)))
+            .upstream("reader", Upstream::to(ups.addr(5)))
+            .route(Route::public("root", "root"))
+            .route(Route::public("api", "api").path_prefix("/api"))
+            .route(Route::public("apiv1", "apiv1").path_prefix("/api/v1/"))
+            // An exact `path` has no builder method: the whole `match:` is given.
+            .route(
+                Route::public("status", "status")
+                    .with("match", json!({ "path": "/api/v1/status" })),
+            )
+            .route(
+                Route::public("tenant", "tenant")
+                    .hosts(&["*.example.com", "Chat.Example.org"])
+                    .path_prefix("/api/v1"),
+            )
+            .route(Route::public("reader", "reader").with(
+                "match",
+                json!({ "path": "/api/v1/read", "methods": ["GET"] }),
+            )),
+        &[],
     );
-    let gw = Gateway::start_with(&yaml, &[]);
     let cases: &[(&str, &str, &str, &str)] = &[
         // exact path over any prefix
         ("GET", "localhost", "/api/v1/status", "status"),
@@ -126,19 +130,18 @@ routes:
 #[test]
 fn no_matching_route_is_a_json_404() {
     let ups = Upstreams::start(1);
-    let yaml = format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{}'] }}
-routes:
-  - {{ name: api, access: public, upstream: app, match: {{ path_prefix: /api }} }}
-  - {{ name: reader, access: public, upstream: app, match: {{ path: /read, methods: [GET, HEAD] }} }}
-  - {{ name: host, access: public, upstream: app, match: {{ hosts: [app.example.com] }} }}
-",
-        ups.addr(0)
+    let gw = Gateway::start_with(
+        Config::new()
+            .with_admin()
+            .upstream("app", Upstream::to(ups.addr(0)))
+            .route(Route::public("api", "app").path_prefix("/api"))
+            .route(Route::public("reader", "app").with(
+                "match",
+                json!({ "path": "/read", "methods": ["GET", "HEAD"] }),
+            ))
+            .route(Route::public("host", "app").hosts(&["app.example.com"])),
+        &[],
     );
-    let gw = Gateway::start_with(&yaml, &[]);
     // Each route answers (the demo upstream's own 404s still carry its marker)...
     assert_eq!(served_by(&get(gw.addr, "/api/x", &[])), ups.addr(0).port());
     assert_eq!(served_by(&get(gw.addr, "/read", &[])), ups.addr(0).port());
@@ -168,21 +171,17 @@ routes:
 #[test]
 fn strip_prefix_removes_the_prefix_and_keeps_the_query() {
     let up = RecordingUpstream::start();
-    let yaml = format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  llm: {{ backends: ['{}'] }}
-routes:
-  - name: llm
-    access: public
-    upstream: llm
-    match: {{ path_prefix: /api/llm/ }}
-    strip_prefix: /api/llm
-",
-        up.addr
+    let gw = Gateway::start_with(
+        Config::new()
+            .with_admin()
+            .upstream("llm", Upstream::to(up.addr))
+            .route(
+                Route::public("llm", "llm")
+                    .path_prefix("/api/llm/")
+                    .with("strip_prefix", "/api/llm"),
+            ),
+        &[],
     );
-    let gw = Gateway::start_with(&yaml, &[]);
     // The recording upstream answers with the request-target it received.
     let cases = [
         ("/api/llm/v1/x?q=1", "/v1/x?q=1"),
@@ -214,19 +213,15 @@ routes:
 fn hostile_paths_reach_the_strict_route_or_are_refused() {
     let admin = RecordingUpstream::start();
     let public = RecordingUpstream::start();
-    let yaml = format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  admin: {{ backends: ['{}'] }}
-  public: {{ backends: ['{}'] }}
-routes:
-  - {{ name: admin, access: public, upstream: admin, match: {{ path_prefix: /admin }} }}
-  - {{ name: public, access: public, upstream: public, match: {{ path_prefix: / }} }}
-",
-        admin.addr, public.addr
+    let gw = Gateway::start_with(
+        Config::new()
+            .with_admin()
+            .upstream("admin", Upstream::to(admin.addr))
+            .upstream("public", Upstream::to(public.addr))
+            .route(Route::public("admin", "admin").path_prefix("/admin"))
+            .route(Route::public("public", "public").path_prefix("/")),
+        &[],
     );
-    let gw = Gateway::start_with(&yaml, &[]);
     let send = |target: &[u8]| {
         let mut req = b"GET ".to_vec();
         req.extend_from_slice(target);

@@ -14,30 +14,18 @@ use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use serde_json::json;
 use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::*;
 
-/// A gateway with one public route to the upstream `app`, whose settings are the
-/// flow-style YAML mapping `upstream`.
-fn pool_config(upstream: &str) -> String {
-    format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {upstream}
-routes:
-  - name: app
-    access: public
-    upstream: app
-"
-    )
-}
-
-fn yaml_list(addrs: &[SocketAddr]) -> String {
-    let items: Vec<String> = addrs.iter().map(|a| format!("'{a}'")).collect();
-    format!("[{}]", items.join(", "))
+/// A gateway with one public route to the upstream `app`.
+fn pool_config(upstream: Upstream) -> Config {
+    Config::new()
+        .with_admin()
+        .upstream("app", upstream)
+        .route(Route::public("app", "app"))
 }
 
 /// How many of `n` GETs of `path` each backend (by port) answered; every one must be 200.
@@ -84,10 +72,9 @@ fn assert_json_error(resp: &RawResponse, status: u16) {
 fn round_robin_spreads_requests_over_every_backend() {
     let ups = Upstreams::start(3);
     let addrs: Vec<SocketAddr> = (0..3).map(|i| ups.addr(i)).collect();
-    let gw = Gateway::start(pool_config(&format!(
-        "{{ backends: {}, balance: round_robin }}",
-        yaml_list(&addrs)
-    )));
+    let gw = Gateway::start(pool_config(
+        Upstream::of(&addrs).with("balance", "round_robin"),
+    ));
     let seen = tally(&gw, 30, "/echo", &[]);
     for a in &addrs {
         let n = seen.get(&a.port()).copied().unwrap_or(0);
@@ -99,9 +86,20 @@ fn round_robin_spreads_requests_over_every_backend() {
 fn weights_skew_the_split_three_to_one() {
     let ups = Upstreams::start(2);
     let (heavy, light) = (ups.addr(0), ups.addr(1));
-    let gw = Gateway::start(pool_config(&format!(
-        "{{ backends: [{{ address: '{heavy}', weight: 3 }}, {{ address: '{light}', weight: 1 }}] }}"
-    )));
+    // Weighted backends are mappings, which `Upstream` does not build: the whole
+    // `upstreams:` section is written here.
+    let gw = Gateway::start(
+        Config::new()
+            .with_admin()
+            .set(
+                "upstreams",
+                json!({ "app": { "backends": [
+                    { "address": heavy.to_string(), "weight": 3 },
+                    { "address": light.to_string(), "weight": 1 },
+                ] } }),
+            )
+            .route(Route::public("app", "app")),
+    );
     let seen = tally(&gw, 200, "/echo", &[]);
     let heavy_n = seen.get(&heavy.port()).copied().unwrap_or(0);
     let light_n = seen.get(&light.port()).copied().unwrap_or(0);
@@ -116,10 +114,7 @@ fn weights_skew_the_split_three_to_one() {
 fn random_balance_uses_every_backend() {
     let ups = Upstreams::start(3);
     let addrs: Vec<SocketAddr> = (0..3).map(|i| ups.addr(i)).collect();
-    let gw = Gateway::start(pool_config(&format!(
-        "{{ backends: {}, balance: random }}",
-        yaml_list(&addrs)
-    )));
+    let gw = Gateway::start(pool_config(Upstream::of(&addrs).with("balance", "random")));
     let seen = tally(&gw, 60, "/echo", &[]);
     for a in &addrs {
         // Expected 20 each; fewer than 3 has a probability around 1e-6.
@@ -152,10 +147,11 @@ fn assert_sticky(mut answered_by: impl FnMut(usize, usize) -> u16) {
 
 fn hash_gateway(ups: &Upstreams, hash_key: &str) -> Gateway {
     let addrs: Vec<SocketAddr> = (0..3).map(|i| ups.addr(i)).collect();
-    Gateway::start(pool_config(&format!(
-        "{{ backends: {}, balance: hash, hash_key: '{hash_key}' }}",
-        yaml_list(&addrs)
-    )))
+    Gateway::start(pool_config(
+        Upstream::of(&addrs)
+            .with("balance", "hash")
+            .with("hash_key", hash_key),
+    ))
 }
 
 #[test]
@@ -253,9 +249,7 @@ fn a_dead_backend_is_skipped_on_connect_failure() {
     let ups = Upstreams::start(1);
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let live = ups.addr(0);
-    let gw = Gateway::start(pool_config(&format!(
-        "{{ backends: ['{dead}', '{live}'], retries: 1 }}"
-    )));
+    let gw = Gateway::start(pool_config(Upstream::of(&[dead, live]).with("retries", 1)));
     // Round robin sends every other request to the dead backend first.
     let seen = tally(&gw, 20, "/echo", &[]);
     assert_eq!(seen.get(&live.port()), Some(&20), "{seen:?}");
@@ -266,10 +260,7 @@ fn no_live_backend_answers_502_json() {
     let dead: Vec<SocketAddr> = (0..2)
         .map(|_| format!("127.0.0.1:{}", free_port()).parse().expect("addr"))
         .collect();
-    let gw = Gateway::start(pool_config(&format!(
-        "{{ backends: {}, retries: 1 }}",
-        yaml_list(&dead)
-    )));
+    let gw = Gateway::start(pool_config(Upstream::of(&dead).with("retries", 1)));
     for _ in 0..3 {
         assert_json_error(&get(gw.addr, "/echo", &[]), 502);
     }
@@ -278,10 +269,9 @@ fn no_live_backend_answers_502_json() {
 #[test]
 fn a_slow_upstream_answers_504_json_after_read_timeout() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(pool_config(&format!(
-        "{{ backends: ['{}'], read_timeout: 300ms }}",
-        ups.addr(0)
-    )));
+    let gw = Gateway::start(pool_config(
+        Upstream::to(ups.addr(0)).with("read_timeout", "300ms"),
+    ));
     assert_json_error(&get(gw.addr, "/delay/2000", &[]), 504);
     // A response within the timeout is untouched.
     assert_eq!(get(gw.addr, "/delay/10", &[]).status, 200);
@@ -315,9 +305,9 @@ fn connect_timeout_answers_504_long_before_the_default() {
     });
     assert!(full, "could not fill the accept queue of {blackhole}");
 
-    let gw = Gateway::start(pool_config(&format!(
-        "{{ backends: ['{blackhole}'], connect_timeout: 200ms }}"
-    )));
+    let gw = Gateway::start(pool_config(
+        Upstream::to(blackhole).with("connect_timeout", "200ms"),
+    ));
     let started = Instant::now();
     let resp = get(gw.addr, "/echo", &[]);
     let took = started.elapsed();
@@ -378,7 +368,14 @@ async fn flappy() -> Flappy {
     }
 }
 
-const FAST_CHECK: &str = "interval: 200ms, timeout: 200ms, healthy_after: 1, unhealthy_after: 2";
+/// `check` (a `health_check:` mapping) made to decide within a few hundred ms.
+fn fast_check(mut check: serde_json::Value) -> serde_json::Value {
+    check["interval"] = json!("200ms");
+    check["timeout"] = json!("200ms");
+    check["healthy_after"] = json!(1);
+    check["unhealthy_after"] = json!(2);
+    check
+}
 
 #[test]
 fn http_health_check_ejects_a_failing_backend_and_takes_it_back() {
@@ -387,10 +384,12 @@ fn http_health_check_ejects_a_failing_backend_and_takes_it_back() {
         .runtime
         .block_on(async { (flappy().await, flappy().await) });
     // No retries: a request that reached `a` would show up in the tally below.
-    let gw = Gateway::start(pool_config(&format!(
-        "{{ backends: ['{}', '{}'], retries: 0, health_check: {{ kind: http, path: /health, {FAST_CHECK} }} }}",
-        a.addr, b.addr
-    )));
+    let gw = Gateway::start(pool_config(
+        Upstream::of(&[a.addr, b.addr]).with("retries", 0).with(
+            "health_check",
+            fast_check(json!({ "kind": "http", "path": "/health" })),
+        ),
+    ));
     assert_eq!(backend_healthy(&gw, a.addr), Some(1));
     assert_eq!(backend_healthy(&gw, b.addr), Some(1));
     let seen = tally(&gw, 10, "/", &[]);
@@ -437,22 +436,34 @@ fn a_reload_keeps_unchanged_pools_with_their_health_and_connections() {
     // One worker thread: with two, Pingora 0.9's pool sometimes closes an idle upstream
     // connection instead of reusing it (cloudflare/pingora#998, fix proposed in #1005),
     // which would count as a new dial here. Drop this once a Pingora release has the fix.
-    let config = |extra_route: &str| {
-        format!(
-            "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-server: {{ threads: 1 }}
-upstreams:
-  app: {{ backends: ['{}', '{}'], retries: 0, health_check: {{ kind: http, path: /health, interval: 1s, timeout: 500ms, healthy_after: 1, unhealthy_after: 1 }} }}
-  other: {{ backends: ['{}'] }}
-routes:
-  - {{ name: app, access: public, upstream: app }}
-  - {{ name: other, access: public, upstream: other, match: {{ path_prefix: /other }} }}
-{extra_route}",
-            a.addr, b.addr, c.addr
-        )
+    let config = |added_route: bool| {
+        let config = Config::new()
+            .with_admin()
+            .server("threads", 1)
+            .upstream(
+                "app",
+                Upstream::of(&[a.addr, b.addr]).with("retries", 0).with(
+                    "health_check",
+                    json!({
+                        "kind": "http",
+                        "path": "/health",
+                        "interval": "1s",
+                        "timeout": "500ms",
+                        "healthy_after": 1,
+                        "unhealthy_after": 1,
+                    }),
+                ),
+            )
+            .upstream("other", Upstream::to(c.addr))
+            .route(Route::public("app", "app"))
+            .route(Route::public("other", "other").path_prefix("/other"));
+        if added_route {
+            config.route(Route::public("added", "other").path_prefix("/added"))
+        } else {
+            config
+        }
     };
-    let gw = Gateway::start(config(""));
+    let gw = Gateway::start(config(false));
     a.healthy.store(false, Ordering::SeqCst);
     poll_until("backend a marked unhealthy", Duration::from_secs(5), || {
         backend_healthy(&gw, a.addr) == Some(0)
@@ -461,14 +472,7 @@ routes:
     let dialled = c.connections.load(Ordering::SeqCst);
 
     // Another route changes; neither upstream does.
-    let listen = gw.addr.to_string();
-    let admin = gw.admin.to_string();
-    let changed = config(
-        "  - { name: added, access: public, upstream: other, match: { path_prefix: /added } }\n",
-    )
-    .replace("{listen}", &listen)
-    .replace("{admin}", &admin);
-    std::fs::write(&gw.config, changed).unwrap();
+    gw.rewrite(config(true));
     gw.signal("HUP");
     poll_until("the reload", Duration::from_secs(5), || {
         get(gw.admin, "/healthz", &[]).json()["config_generation"] == 2
@@ -498,9 +502,11 @@ routes:
 fn tcp_health_check_ejects_a_stopped_backend_and_takes_it_back() {
     let mut ups = Upstreams::start(2);
     let (a, b) = (ups.addr(0), ups.addr(1));
-    let gw = Gateway::start(pool_config(&format!(
-        "{{ backends: ['{a}', '{b}'], retries: 0, health_check: {{ kind: tcp, {FAST_CHECK} }} }}"
-    )));
+    let gw = Gateway::start(pool_config(
+        Upstream::of(&[a, b])
+            .with("retries", 0)
+            .with("health_check", fast_check(json!({ "kind": "tcp" }))),
+    ));
     assert_eq!(backend_healthy(&gw, a), Some(1));
 
     ups.servers[0].shutdown();
@@ -582,22 +588,22 @@ async fn tls_upstream() -> SocketAddr {
 fn upstream_tls_sends_the_configured_sni_and_verify_refuses_a_self_signed_cert() {
     let ups = Upstreams::start(0);
     let backend = ups.runtime.block_on(tls_upstream());
-    let gw = Gateway::start(format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  lax: {{ backends: ['{backend}'], tls: {{ sni: upstream.test, verify: false }} }}
-  strict: {{ backends: ['{backend}'], tls: {{ sni: upstream.test, verify: true }} }}
-routes:
-  - name: strict
-    match: {{ path_prefix: /strict/ }}
-    access: public
-    upstream: strict
-  - name: lax
-    access: public
-    upstream: lax
-"
-    ));
+    let gw = Gateway::start(
+        Config::new()
+            .with_admin()
+            .upstream(
+                "lax",
+                Upstream::to(backend)
+                    .with("tls", json!({ "sni": "upstream.test", "verify": false })),
+            )
+            .upstream(
+                "strict",
+                Upstream::to(backend)
+                    .with("tls", json!({ "sni": "upstream.test", "verify": true })),
+            )
+            .route(Route::public("strict", "strict").path_prefix("/strict/"))
+            .route(Route::public("lax", "lax")),
+    );
     let resp = get(gw.addr, "/anything", &[]);
     assert_eq!(resp.status, 200, "{resp:?}\n{}", gw.output());
     assert_eq!(resp.body, b"tls ok");
@@ -670,7 +676,7 @@ routes:
 #[test]
 fn sse_events_reach_the_client_as_written_and_uncompressed() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(simple_config(ups.addr(0), ""));
+    let gw = Gateway::start(public(ups.addr(0)));
     ups.runtime.block_on(async {
         let mut resp = client()
             .get(gw.url("/sse?n=3&interval_ms=700"))
@@ -721,7 +727,7 @@ async fn next_frame(ws: &mut Ws) -> Message {
 #[test]
 fn websocket_frames_echo_both_ways() {
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(simple_config(ups.addr(0), ""));
+    let gw = Gateway::start(public(ups.addr(0)));
     ups.runtime.block_on(async {
         let (mut ws, _) = ws_connect(format!("ws://{}/ws", gw.addr)).await;
         for i in 0..3 {
@@ -744,7 +750,12 @@ fn a_gibibyte_streams_down_and_up_with_bounded_memory() {
     const GIB: u64 = 1 << 30;
     static BLOCK: [u8; 64 * 1024] = [7; 64 * 1024];
     let ups = Upstreams::start(1);
-    let gw = Gateway::start(simple_config(ups.addr(0), "    max_request_body: 2GiB\n"));
+    let gw = Gateway::start(
+        Config::new()
+            .with_admin()
+            .upstream("app", Upstream::to(ups.addr(0)))
+            .route(Route::public("app", "app").with("max_request_body", "2GiB")),
+    );
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(240))
@@ -823,17 +834,11 @@ fn backends_named_by_host_name_are_looked_up_when_the_config_starts() {
             .expect("upstream")
     };
     let (a, b) = (start(first.ip()), start(first.ip()));
-    let named = |port: u16| format!("{{ backends: ['localhost:{port}'] }}");
-    let gw = Gateway::start(pool_config(&named(a.addr.port())));
+    let named = |port: u16| Upstream::named(&format!("localhost:{port}"));
+    let gw = Gateway::start(pool_config(named(a.addr.port())));
     assert_eq!(served_by(&get(gw.addr, "/", &[])), a.addr.port());
 
-    std::fs::write(
-        &gw.config,
-        pool_config(&named(b.addr.port()))
-            .replace("{listen}", &gw.addr.to_string())
-            .replace("{admin}", &gw.admin.to_string()),
-    )
-    .unwrap();
+    gw.rewrite(pool_config(named(b.addr.port())));
     gw.signal("HUP");
     poll_until(
         "the reload to reach the renamed backend",
