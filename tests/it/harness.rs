@@ -2,9 +2,10 @@
 
 #![allow(dead_code)]
 
+use std::borrow::Borrow;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,50 +15,14 @@ pub use gatewarden::demo_upstream::DemoUpstream;
 pub use crate::support::config::{Config, Route, Upstream};
 pub use crate::support::*;
 
-/// What [`Gateway::start`] runs: a typed [`Config`], or YAML text in which `{listen}`,
-/// `{admin}` and `{dir}` stand for the proxy address, the admin address and the temp
-/// dir the harness picked.
-pub trait GatewayConfig {
-    /// The file's text and whether it has an admin listener.
-    fn render(&self, listen: SocketAddr, admin: SocketAddr, dir: &Path) -> (String, bool);
-}
-
-impl GatewayConfig for Config {
-    fn render(&self, listen: SocketAddr, admin: SocketAddr, _dir: &Path) -> (String, bool) {
+impl Config {
+    /// The file's text on the harness's addresses, and whether it has an admin listener.
+    fn render(&self, listen: SocketAddr, admin: SocketAddr) -> (String, bool) {
         let mut config = self.clone().listen(listen);
         if config.has_admin() {
             config = config.admin_at(admin);
         }
         (config.to_yaml(), config.has_admin())
-    }
-}
-
-impl GatewayConfig for &Config {
-    fn render(&self, listen: SocketAddr, admin: SocketAddr, dir: &Path) -> (String, bool) {
-        (*self).render(listen, admin, dir)
-    }
-}
-
-impl GatewayConfig for &str {
-    fn render(&self, listen: SocketAddr, admin: SocketAddr, dir: &Path) -> (String, bool) {
-        let yaml = self
-            .replace("{listen}", &listen.to_string())
-            .replace("{admin}", &admin.to_string())
-            .replace("{dir}", &dir.display().to_string());
-        let has_admin = yaml.contains("admin:");
-        (yaml, has_admin)
-    }
-}
-
-impl GatewayConfig for &String {
-    fn render(&self, listen: SocketAddr, admin: SocketAddr, dir: &Path) -> (String, bool) {
-        self.as_str().render(listen, admin, dir)
-    }
-}
-
-impl GatewayConfig for String {
-    fn render(&self, listen: SocketAddr, admin: SocketAddr, dir: &Path) -> (String, bool) {
-        self.as_str().render(listen, admin, dir)
     }
 }
 
@@ -74,15 +39,15 @@ impl Gateway {
     /// Writes the config to a temp dir and runs it, on loopback ports picked here.
     /// Waits until `/healthz` answers on the admin listener (or the proxy listener if
     /// there is no admin section).
-    pub fn start(config: impl GatewayConfig) -> Gateway {
+    pub fn start(config: impl Borrow<Config>) -> Gateway {
         Self::start_with(config, &[])
     }
 
-    pub fn start_with(config: impl GatewayConfig, env: &[(&str, &str)]) -> Gateway {
+    pub fn start_with(config: impl Borrow<Config>, env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let (yaml, has_admin) = config.render(addr, admin, dir.path());
+        let (yaml, has_admin) = config.borrow().render(addr, admin);
         let config = dir.path().join("gatewarden.yaml");
         std::fs::write(&config, &yaml).unwrap();
         let mut cmd = Command::new(bin());
@@ -107,8 +72,8 @@ impl Gateway {
 
     /// Writes `config` over the running gateway's file, on the same addresses; the
     /// caller reloads.
-    pub fn rewrite(&self, config: impl GatewayConfig) {
-        let (yaml, _) = config.render(self.addr, self.admin, self.dir.path());
+    pub fn rewrite(&self, config: impl Borrow<Config>) {
+        let (yaml, _) = config.borrow().render(self.addr, self.admin);
         std::fs::write(&self.config, yaml).unwrap();
     }
 
@@ -211,21 +176,6 @@ pub fn public(backend: SocketAddr) -> Config {
         .with_admin()
         .upstream("app", Upstream::to(backend))
         .route(Route::public("app", "app"))
-}
-
-/// A config with one public route to `backend`, plus `extra` YAML appended.
-pub fn simple_config(backend: SocketAddr, extra: &str) -> String {
-    format!(
-        "listeners: [{{ address: '{{listen}}' }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{backend}'] }}
-routes:
-  - name: app
-    access: public
-    upstream: app
-{extra}"
-    )
 }
 
 /// One request as a [`RecordingUpstream`] saw it.

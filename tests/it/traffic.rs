@@ -1,59 +1,20 @@
 //! Traffic control: local and Redis-shared rate limits, concurrency caps, reloads.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::harness::*;
 
-/// A throwaway redis-server on a loopback port; killed on drop.
-struct Redis {
-    child: Child,
-    port: u16,
+/// A redis-server for one test: the set-up script installs it, so a missing one fails.
+fn redis() -> Redis {
+    Redis::start().expect("redis-server must be installed (scripts/setup.sh installs it)")
 }
 
-impl Redis {
-    fn start_on(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/setup.sh installs it)");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        poll_until(
-            "redis to accept connections",
-            Duration::from_secs(10),
-            || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
-        );
-        Redis { child, port }
-    }
-
-    fn start() -> Redis {
-        Self::start_on(free_port())
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
+fn redis_binary() -> std::path::PathBuf {
+    tool(&["redis-server"]).expect("redis-server")
 }
 
 /// One public route `app` whose chain is the plugin `limit` of type `type_name`.
@@ -151,7 +112,7 @@ fn a_global_per_ip_limit_acts_before_authentication() {
 
 #[test]
 fn two_gateways_share_one_limit_through_redis() {
-    let redis = Redis::start();
+    let redis = redis();
     let up = Upstreams::start(1);
     let config = limited_config(
         up.addr(0),
@@ -179,7 +140,7 @@ fn two_gateways_share_one_limit_through_redis() {
 
 #[test]
 fn redis_outages_follow_on_backend_error_and_limiting_resumes() {
-    let mut redis = Redis::start();
+    let mut redis = redis();
     let port = redis.port;
     let up = Upstreams::start(1);
     let allow = Gateway::start(
@@ -210,7 +171,7 @@ fn redis_outages_follow_on_backend_error_and_limiting_resumes() {
         .set("redis", redis_at(port)),
     );
     assert_eq!(get(deny.addr, "/echo", &[]).status, 200);
-    redis.stop();
+    redis.kill();
     for _ in 0..4 {
         assert_eq!(
             get(allow.addr, "/echo", &[]).status,
@@ -222,7 +183,7 @@ fn redis_outages_follow_on_backend_error_and_limiting_resumes() {
     assert_eq!(r.status, 503, "deny refuses while Redis is down");
     assert!(metric(&allow, "gatewarden_redis_errors_total").unwrap_or(0.0) >= 1.0);
 
-    let _redis = Redis::start_on(port);
+    let _redis = Redis::start_on(&redis_binary(), port);
     // The gateway reconnects by itself; then the limit applies again.
     poll_until(
         "limiting to resume after Redis returns",
@@ -369,7 +330,7 @@ fn a_token_budget_is_spent_by_plain_and_streamed_completions() {
 
 #[test]
 fn a_token_budget_in_redis_is_shared_by_replicas() {
-    let redis = Redis::start();
+    let redis = redis();
     let up = llm_upstream(60);
     let config = budget_config(up, "redis").set("redis", redis_at(redis.port));
     let a = Gateway::start(&config);
@@ -409,7 +370,7 @@ fn a_token_budget_in_redis_is_shared_by_replicas() {
 
 #[test]
 fn two_gateways_share_pin_lockouts_through_redis() {
-    let redis = Redis::start();
+    let redis = redis();
     let up = Upstreams::start(1);
     let mut hash_pin = std::process::Command::new(bin())
         .arg("hash-pin")

@@ -631,18 +631,7 @@ pub(crate) fn self_signed_files() -> (tempfile::TempDir, String, String) {
 fn tls_listener_serves_http2_and_http1() {
     let ups = Upstreams::start(1);
     let (_certs, cert_file, key_file) = self_signed_files();
-    let gw = Gateway::start(format!(
-        "listeners: [{{ address: '{{listen}}', tls: {{ cert_file: '{cert_file}', key_file: '{key_file}' }} }}]
-admin: {{ address: '{{admin}}' }}
-upstreams:
-  app: {{ backends: ['{}'] }}
-routes:
-  - name: app
-    access: public
-    upstream: app
-",
-        ups.addr(0)
-    ));
+    let gw = Gateway::start(public(ups.addr(0)).listen_tls(&cert_file, &key_file));
     let url = format!("https://{}/echo", gw.addr);
     let h2 = reqwest::Client::builder()
         .no_proxy()
