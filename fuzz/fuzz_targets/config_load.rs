@@ -146,7 +146,7 @@ fn summary(c: &Compiled) -> String {
         .collect();
     format!(
         "routes={routes:?} pools={:?} listeners={:?} admin={:?} trusted={:?} health={:?} \
-         plugins={} redis={:?} keys_files={:?} warnings={:?} masked={}",
+         plugins={} redis={:?} key_stores={:?} sessions={:?} warnings={:?} masked={}",
         s.pools.keys().collect::<Vec<_>>(),
         c.listeners,
         c.admin,
@@ -154,7 +154,8 @@ fn summary(c: &Compiled) -> String {
         s.health_path,
         s.plugin_count,
         s.redis_url,
-        s.keys_files,
+        s.key_stores,
+        s.session_lifetime,
         c.warnings,
         s.masked_config,
     )
