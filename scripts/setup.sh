@@ -108,6 +108,15 @@ if ! python3 -c 'import openai' >/dev/null 2>&1; then
 fi
 echo "setup.sh: openai $(python3 -c 'import openai; print(openai.__version__)')"
 
+# check-jsonschema, the validator the schema test checks conf/ against
+# (tests/it/schema.rs). From PyPI, only when missing.
+if ! command -v check-jsonschema >/dev/null 2>&1; then
+    echo "setup.sh: installing check-jsonschema"
+    pip_install=(python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore)
+    "${pip_install[@]}" check-jsonschema || "${pip_install[@]}" --break-system-packages check-jsonschema
+fi
+echo "setup.sh: $(check-jsonschema --version)"
+
 # The OpenID provider the oidc tests log in at (tests/it/oidc.rs): the `oidc-provider`
 # npm package, pinned by tests/oidc-provider/package-lock.json. Node and npm come from
 # Debian when missing; the package from the npm registry, only when not installed yet.

@@ -77,6 +77,8 @@ pub enum Command {
         #[arg(long)]
         subject: Option<String>,
     },
+    /// Print the JSON Schema of the config file (for editors and validators).
+    Schema,
     /// Read a PIN from standard input and print its argon2id hash for `pin_gate`.
     HashPin,
     /// Print the version and build information.
@@ -197,6 +199,16 @@ pub fn main(cli: Cli) -> ExitCode {
             to,
             subject,
         } => usage(source, from, to, subject),
+        Command::Schema => match serde_json::to_string_pretty(&config::schema::schema()) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::HashPin => hash_pin(),
         Command::Protect { url, listen } => protect(&url, listen),
     }

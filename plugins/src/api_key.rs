@@ -38,7 +38,7 @@ use crate::{credentials, Ctx, Hooks, Identity, Plugin, Reply, RequestFlow, Reque
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Where a key may be presented.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Source {
     /// `Authorization: Bearer <key>`
@@ -48,7 +48,7 @@ pub enum Source {
 }
 
 /// Settings of an `api_key` plugin.
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyConfig {
     /// The keys file managed by `gatewarden key`. Re-read when it changes.
@@ -68,7 +68,7 @@ pub struct ApiKeyConfig {
 }
 
 /// Where an `api_key` plugin's keys live besides a keys file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
     Redis,

@@ -22,7 +22,7 @@ use crate::line_writer::{LineWriter, Target};
 use crate::{Ctx, Hooks, Plugin, RequestHeader};
 
 /// Settings of an `audit` plugin.
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// The JSON-lines file; created if missing, appended to.

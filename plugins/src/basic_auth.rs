@@ -48,7 +48,7 @@ use crate::{
 };
 
 /// Settings of a `basic_auth` plugin.
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BasicAuthConfig {
     /// The users: one `user:hash` line each (`htpasswd -B` makes bcrypt hashes; argon2

@@ -49,7 +49,7 @@ use crate::{Ctx, Hooks, Plugin, Reply, RequestHeader, ResponseParts};
 struct AllowedOrigin(http::HeaderValue);
 
 /// Settings of a `cors` plugin.
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CorsConfig {
     /// Origins whose pages may read responses (`https://chat.example.com`,

@@ -27,7 +27,7 @@ use crate::template::Template;
 use crate::{Ctx, Hooks, Plugin, RequestFlow, RequestHeader, RequestParts, ResponseParts};
 
 /// Settings of a `headers` plugin.
-#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeadersConfig {
     /// Changes to the request sent upstream.
@@ -39,7 +39,7 @@ pub struct HeadersConfig {
 }
 
 /// One direction's changes.
-#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderOps {
     /// Headers to set, replacing any existing value. Values may use `{client_ip}`,

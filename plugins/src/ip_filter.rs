@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader};
 
 /// Settings of an `ip_filter` plugin.
-#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IpFilterConfig {
     /// Addresses or CIDR ranges let through; empty means everyone not denied.

@@ -29,7 +29,7 @@ use crate::{
 };
 
 /// Settings of an `llm_budget` plugin.
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LlmBudgetConfig {
     /// Whose budget: `identity` (default), `client_ip` or `header:NAME`.

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::units::Span;
 
 /// `lockout:` of a password plugin.
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LockoutConfig {
     /// Failed attempts from one client within `window` that start a ban (default 5, at

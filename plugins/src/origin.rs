@@ -41,7 +41,9 @@ use crate::{Ctx, Hooks, Plugin, Reply, RequestFlow, RequestHeader};
 static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
 /// Which requests have their origin checked.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Check {
     /// Every method but GET, HEAD, OPTIONS and TRACE, and WebSocket upgrades.
@@ -52,7 +54,7 @@ pub enum Check {
 }
 
 /// Settings of an `origin` plugin.
-#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OriginConfig {
     /// Origins (`https://chat.example.com`, `http://127.0.0.1:8080`) whose requests are

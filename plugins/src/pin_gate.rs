@@ -61,7 +61,7 @@ pub fn hash_pin(pin: &str) -> Result<String, String> {
 }
 
 /// Settings of a `pin_gate` plugin.
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PinGateConfig {
     /// argon2id hash of the PIN, as printed by `gatewarden hash-pin`.

@@ -83,7 +83,13 @@ pub trait PluginType: Plugin + Sized {
     /// field documented: those docs are the reference).
     /// Secret settings are [`crate::secret::Secret`]s, so serializing a config (for
     /// `GET /admin/config`) masks them.
-    type Config: serde::de::DeserializeOwned + serde::Serialize + Clone + PartialEq + Send + Sync;
+    type Config: serde::de::DeserializeOwned
+        + serde::Serialize
+        + schemars::JsonSchema
+        + Clone
+        + PartialEq
+        + Send
+        + Sync;
 
     /// Checks `config` and builds the plugin; the error says what is wrong.
     fn build(config: Self::Config, env: &crate::BuildEnv) -> Result<Self, String>;

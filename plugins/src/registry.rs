@@ -38,6 +38,7 @@ struct Entry {
     same: fn(&dyn Any, &dyn Any) -> bool,
     show: fn(&dyn Any) -> serde_json::Value,
     build: fn(&dyn Any, &BuildEnv) -> Built,
+    schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
 }
 
 /// Parses `settings` into `T`'s config. An error names the setting it is about
@@ -86,6 +87,7 @@ macro_rules! registry {
             same: same::<$plugin>,
             show: show::<$plugin>,
             build: construct::<$plugin>,
+            schema: |generator| generator.subschema_for::<<$plugin as PluginType>::Config>(),
         }),*];
 
         /// Every plugin type this build knows, in registry order.
@@ -150,6 +152,15 @@ impl PluginPlan {
     pub fn build(&self, env: &BuildEnv) -> Result<Arc<dyn Plugin>, BuildError> {
         (self.entry.build)(self.config.as_ref(), env).map_err(BuildError::Settings)
     }
+}
+
+/// The JSON Schema of each plugin type's settings (without `type`), by type name,
+/// as references into `generator`'s definitions.
+pub fn schemas(generator: &mut schemars::SchemaGenerator) -> Vec<(&'static str, schemars::Schema)> {
+    REGISTRY
+        .iter()
+        .map(|e| (e.type_name, (e.schema)(generator)))
+        .collect()
 }
 
 /// Reads and builds a plugin of type `type_name` from its settings.

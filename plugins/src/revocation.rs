@@ -20,7 +20,9 @@ use crate::redis_store::{self, RedisHandle};
 use crate::session::now_secs;
 
 /// What a session check does while Redis cannot say whether a session was revoked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum OnRevocationError {
     /// Refuse the session (503): a revoked session never gets through.

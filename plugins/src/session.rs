@@ -23,7 +23,7 @@ pub const LOGOUT_PATH: &str = "/.gatewarden/logout";
 /// Minimum length of a session secret.
 pub const MIN_SECRET_LEN: usize = 32;
 
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 struct Claims {
     sub: String,
     role: String,
@@ -60,7 +60,9 @@ pub struct SessionKeys {
 }
 
 /// When the cookie gets `Secure` and the `__Host-` prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum SecureCookie {
     /// When the client came over HTTPS (a TLS listener, or https from a trusted proxy).

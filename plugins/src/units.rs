@@ -221,6 +221,50 @@ pub fn parse_rate(text: &str) -> Result<(u64, Duration), String> {
     Ok((n, period))
 }
 
+impl schemars::JsonSchema for Span {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^\\s*[0-9]+(ms|s|m|h|d)\\s*$",
+            "description": "A duration: 250ms, 10s, 5m, 12h or 30d.",
+        })
+    }
+}
+
+impl schemars::JsonSchema for Size {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Size".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "anyOf": [
+                { "type": "integer", "minimum": 0 },
+                { "type": "string", "pattern": "^\\s*[0-9]+\\s*(B|KiB|MiB|GiB|KB|MB|GB)?\\s*$" },
+            ],
+            "description": "A size in bytes: 4096, 512KiB, 10MiB, 1GB.",
+        })
+    }
+}
+
+impl schemars::JsonSchema for Rate {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Rate".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^\\s*[0-9]*[1-9][0-9]*\\s*/\\s*(s|sec|m|min|h|hour)\\s*$",
+            "description": "A rate: 20/s, 100/min or 1000/h.",
+        })
+    }
+}
+
 /// Parses `250ms`, `10s`, `5m`, `12h` or `30d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

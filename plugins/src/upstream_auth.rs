@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Ctx, Hooks, Plugin, RequestParts};
 
 /// Settings of an `upstream_auth` plugin.
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamAuthConfig {
     /// The request header that carries the credential (default `Authorization`). The

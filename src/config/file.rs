@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::units::{Size, Span};
 
 /// `server:` — process settings handed on to Pingora.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// Worker threads per listener service (default: the number of CPUs).
@@ -48,7 +48,7 @@ pub struct ServerSection {
 }
 
 /// An entry of `listeners:`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerSection {
     /// `IP:PORT` to bind.
@@ -57,7 +57,7 @@ pub struct ListenerSection {
     pub tls: Option<TlsSection>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
     pub cert_file: String,
@@ -65,7 +65,7 @@ pub struct TlsSection {
 }
 
 /// `admin:` — the internal listener.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     pub address: String,
@@ -74,21 +74,21 @@ pub struct AdminSection {
 }
 
 /// `redis:` — shared state for several replicas.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSection {
     pub url: String,
 }
 
 /// A backend: `127.0.0.1:3000` or `{ address: 127.0.0.1:3000, weight: 2 }`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum BackendSection {
     Address(String),
     Weighted(WeightedBackend),
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WeightedBackend {
     pub address: String,
@@ -101,14 +101,14 @@ fn one() -> usize {
 }
 
 /// `tls:` of an upstream: `false`, `true`, or `{ sni, verify }`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum UpstreamTlsSection {
     Enabled(bool),
     Settings(UpstreamTlsSettings),
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTlsSettings {
     /// Server name sent in the TLS handshake and checked against the certificate.
@@ -117,10 +117,11 @@ pub struct UpstreamTlsSettings {
     pub verify: Option<bool>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckSection {
     /// `http` (GET `path`, healthy on 200) or `tcp` (a connect succeeds).
+    #[schemars(extend("enum" = ["http", "tcp"]))]
     pub kind: String,
     pub path: Option<String>,
     pub interval: Option<Span>,
@@ -130,11 +131,12 @@ pub struct HealthCheckSection {
 }
 
 /// An entry of `upstreams:`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
     pub backends: Vec<BackendSection>,
     pub tls: Option<UpstreamTlsSection>,
+    #[schemars(extend("enum" = ["round_robin", "random", "hash", null]))]
     pub balance: Option<String>,
     pub hash_key: Option<String>,
     pub health_check: Option<HealthCheckSection>,
@@ -146,7 +148,7 @@ pub struct UpstreamSection {
 }
 
 /// `match:` of a route.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MatchSection {
     #[serde(default)]
@@ -158,13 +160,14 @@ pub struct MatchSection {
 }
 
 /// An entry of `routes:`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSection {
     pub name: String,
     #[serde(rename = "match", default)]
     pub matcher: MatchSection,
     pub strip_prefix: Option<String>,
+    #[schemars(extend("enum" = ["public", "user", "admin", null]))]
     pub access: Option<String>,
     pub upstream: String,
     #[serde(default)]

@@ -7,6 +7,7 @@ pub mod file;
 mod lines;
 pub mod mask;
 mod routes;
+pub mod schema;
 pub mod units;
 
 use std::fmt;

@@ -23,6 +23,7 @@ mod operations;
 mod proxying;
 mod replicas;
 mod routing;
+mod schema;
 mod traffic;
 mod upstreams;
 mod websocket;

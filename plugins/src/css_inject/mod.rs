@@ -41,7 +41,7 @@ use crate::registry::BuildEnv;
 use crate::{Ctx, Hooks, Plugin, RequestFlow, RequestHeader, RequestParts, ResponseParts};
 
 /// Settings of a `css_inject` plugin: exactly one of `file` or `href`.
-#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CssInjectConfig {
     /// A CSS file whose content is inlined in a `<style>` element. Read when the config

@@ -11,7 +11,7 @@ use crate::units::Span;
 use super::*;
 
 /// Settings of a `jwt` plugin.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     /// The `iss` every token must carry, exactly (for OIDC providers: the issuer URL
@@ -91,6 +91,22 @@ impl Algorithms {
 
     pub fn as_slice(&self) -> &[Algorithm] {
         &self.0
+    }
+}
+
+impl schemars::JsonSchema for Algorithms {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "JwtAlgorithms".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "enum": ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"],
+            },
+        })
     }
 }
 

@@ -9,7 +9,7 @@ use crate::session::SecureCookie;
 use crate::units::Span;
 
 /// Settings of an `oidc` plugin.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OidcConfig {
     /// The provider's issuer URL, exactly as its discovery document says (trailing
