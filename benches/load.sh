@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Load bench: the same nginx upstream behind gatewarden (empty chain; the full chain of
 # api_key + rate_limit + origin + headers on a route that needs a user; css_inject on
-# HTML), nginx, HAProxy, and reached directly, all on this machine in one run, each
+# HTML), nginx, HAProxy, Caddy, Caddy with forward_auth to an auth endpoint (the
+# Authelia / oauth2-proxy pattern), nginx checking the API key in Lua (the work of
+# api_key), and reached directly, all on this machine in one run, each
 # driven by wrk with the same settings and the same request (every request carries the
 # bench's API key). Prints requests/s, latency percentiles, proxy CPU per 100k requests,
 # and every ratio against nginx.
@@ -163,6 +165,23 @@ ORDER+=(direct)
 PORT[direct]=$UPSTREAM_PORT
 add_target nginx
 add_target haproxy
+# The ways people add auth today, when their tools are installed (bash scripts/setup.sh
+# --bench installs them): Caddy, Caddy asking an auth endpoint first (forward_auth), and
+# nginx checking the API key in Lua.
+LUA_MODULE=/usr/lib/nginx/modules/ngx_http_lua_module.so
+if command -v caddy >/dev/null 2>&1; then
+    add_target caddy
+    add_target caddy-auth
+    AUTH_PORT=$next_port
+    next_port=$((next_port + 1))
+else
+    say "load.sh: caddy not installed, skipping the caddy targets (apt-get install caddy)"
+fi
+if [[ -f "$LUA_MODULE" ]]; then
+    add_target nginx-lua
+else
+    say "load.sh: nginx's Lua module not installed, skipping nginx-lua (apt-get install libnginx-mod-http-lua)"
+fi
 if [[ -n "$PLAIN_PINGORA_BIN" ]]; then add_target pingora; fi
 for ws in $WORK_STEALING; do
     suffix=$([[ "$ws" == true ]] && echo ws || echo nows)
@@ -181,7 +200,7 @@ for p in $(seq "$BASE_PORT" $((next_port - 1))); do
     port_free "$p" || die "port $p is in use; pick other ports with BASE_PORT=..."
 done
 
-mkdir -p "$TMP/www" "$TMP/upstream" "$TMP/nginx" "$TMP/haproxy"
+mkdir -p "$TMP/www" "$TMP/upstream" "$TMP/nginx" "$TMP/haproxy" "$TMP/nginx-lua" "$TMP/auth" "$TMP/caddy" "$TMP/caddy-auth"
 # nginx workers run as an unprivileged user unless `user` says otherwise; let them in.
 chmod 755 "$TMP" "$TMP/www"
 head -c 65536 /dev/urandom >"$TMP/www/64k"
@@ -241,6 +260,32 @@ start nginx TERM "$TMP/nginx/stdout.log" $(launcher "$TMP/nginx") \
 render "$CONF/haproxy.cfg" "$TMP/haproxy/haproxy.cfg" "${vars[@]}"
 start haproxy TERM "$TMP/haproxy/haproxy.log" haproxy -db -f "$TMP/haproxy/haproxy.cfg"
 
+declare -A EXTRA_PIDS=()   # processes whose CPU counts for a target besides its own
+if [[ " ${ORDER[*]} " == *" nginx-lua "* ]]; then
+    render "$CONF/lua.nginx.conf" "$TMP/nginx-lua/nginx.conf" "${vars[@]}" \
+        LUA_PORT="${PORT[nginx-lua]}" BENCH_KEY="$BENCH_KEY"
+    start nginx-lua TERM "$TMP/nginx-lua/stdout.log" \
+        nginx -p "$TMP/nginx-lua" -e "$TMP/nginx-lua/error.log" -c "$TMP/nginx-lua/nginx.conf"
+fi
+if [[ " ${ORDER[*]} " == *" caddy-auth "* ]]; then
+    render "$CONF/auth.nginx.conf" "$TMP/auth/nginx.conf" "${vars[@]}" \
+        AUTH_PORT="$AUTH_PORT" BENCH_KEY="$BENCH_KEY"
+    start auth TERM "$TMP/auth/stdout.log" \
+        nginx -p "$TMP/auth" -e "$TMP/auth/error.log" -c "$TMP/auth/nginx.conf"
+    wait_http "http://127.0.0.1:$AUTH_PORT/auth" "the auth endpoint"
+    # The auth endpoint's work is part of the forward_auth pattern's cost.
+    EXTRA_PIDS[caddy-auth]=auth
+fi
+for t in caddy caddy-auth; do
+    [[ " ${ORDER[*]} " == *" $t "* ]] || continue
+    render "$CONF/$t.Caddyfile" "$TMP/$t/Caddyfile" "${vars[@]}" \
+        CADDY_PORT="${PORT[caddy]:-0}" CADDY_AUTH_PORT="${PORT[caddy-auth]:-0}" AUTH_PORT="$AUTH_PORT"
+    # Caddy is a Go program: as many OS threads running Go code as the others get.
+    start "$t" TERM "$TMP/$t/caddy.log" \
+        env GOMAXPROCS="$PROXY_THREADS" XDG_DATA_HOME="$TMP/$t" XDG_CONFIG_HOME="$TMP/$t" \
+        caddy run --adapter caddyfile --config "$TMP/$t/Caddyfile"
+done
+
 for t in "${ORDER[@]}"; do
     [[ "$t" == gw-* ]] || continue
     kind=$(cut -d- -f2 <<<"$t")
@@ -271,6 +316,9 @@ target_pids() {
     local pid=${PIDS[$1]}
     echo "$pid"
     pgrep -P "$pid" 2>/dev/null || true
+    if [[ -n "${EXTRA_PIDS[$1]:-}" ]]; then
+        target_pids "${EXTRA_PIDS[$1]}"
+    fi
 }
 cpu_ticks() { # prints "user system" clock ticks summed over the given pids
     local user=0 system=0 pid rest
@@ -320,7 +368,7 @@ for t in "${ORDER[@]}"; do
             problems=$((problems + 1))
         fi
     done
-    if [[ "$t" == gw-chain-* ]]; then
+    if [[ "$t" == gw-chain-* || "$t" == caddy-auth || "$t" == nginx-lua ]]; then
         # The chain really checks the key: without it the route answers 401.
         got=$(curl -sS -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$t]}/small" || echo 000)
         if [[ "$got" != 401 ]]; then
@@ -330,13 +378,22 @@ for t in "${ORDER[@]}"; do
     fi
 done
 
+# A second of load on each target before anything is measured: every proxy opens its
+# upstream (and auth) connections now, not during the first measured run.
+if [[ "$CALLGRIND" != 1 && -z "$SOAK_REQUESTS" ]]; then
+    for t in "${ORDER[@]}"; do
+        wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d1s -H "Authorization: Bearer $BENCH_KEY" \
+            "http://127.0.0.1:${PORT[$t]}/small" >/dev/null 2>&1 || true
+    done
+fi
+
 # --- machine ----------------------------------------------------------------------------
 cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 mem=$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
 echo "# gatewarden load bench, $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo
 echo "machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $mem RAM, $(uname -r)"
-echo "tools:   $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(nginx -v 2>&1 | cut -d' ' -f3), $(haproxy -v | head -1 | cut -d' ' -f1-3)"
+echo "tools:   $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(nginx -v 2>&1 | cut -d' ' -f3), $(haproxy -v | head -1 | cut -d' ' -f1-3)$(command -v caddy >/dev/null && echo ", caddy $(caddy version | cut -d' ' -f1)")"
 echo "binary:  $GW_BIN ($("$GW_BIN" version), built $(date -u -r "$GW_BIN" '+%Y-%m-%d %H:%M UTC'))"
 echo "wrk:     -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION, $ROUNDS rounds, order alternating"
 echo "proxies: $PROXY_THREADS threads/workers each; upstream nginx: $UPSTREAM_WORKERS worker(s)"
@@ -460,8 +517,16 @@ run_one() { # run_one TARGET PATH ROUND
     local $(sed 's/^RESULT //' <<<"$line")
     local errors=$((err_connect + err_read + err_write + err_status + err_timeout))
     if ((errors > 0)); then
-        say "FUNCTIONAL PROBLEM: $t $path round $round: connect=$err_connect read=$err_read write=$err_write non-2xx=$err_status timeout=$err_timeout"
-        problems=$((problems + 1))
+        local counts="connect=$err_connect read=$err_read write=$err_write non-2xx=$err_status timeout=$err_timeout"
+        case $t in
+        caddy | caddy-auth | nginx-lua)
+            # A peer's own failures under load are part of what is measured: they
+            # show in the errors column, and they do not fail the bench.
+            say "note: $t $path round $round: $counts" ;;
+        *)
+            say "FUNCTIONAL PROBLEM: $t $path round $round: $counts"
+            problems=$((problems + 1)) ;;
+        esac
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$path" "$round" "$requests" \
         "$duration_us" "$p50" "$p99" "$p999" "$((u1 - u0 + s1 - s0))" "$errors" "$((u1 - u0))" >>"$RESULTS"

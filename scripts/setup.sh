@@ -4,7 +4,7 @@
 # nothing is missing no network is used at all.
 #
 #   bash scripts/setup.sh            # build + test dependencies
-#   bash scripts/setup.sh --bench    # also wrk, nginx, haproxy, valgrind (and linux-perf if available)
+#   bash scripts/setup.sh --bench    # also wrk, nginx (with its Lua module), haproxy, caddy, valgrind (and linux-perf if available)
 #   bash scripts/setup.sh --pgo      # also llvm-19 and bolt-19, for scripts/pgo-build.sh
 set -euo pipefail
 
@@ -31,7 +31,7 @@ done
 # gateway by hand.
 packages=(build-essential cmake pkg-config libssl-dev redis-server chromium curl)
 if [ "$bench" = 1 ]; then
-    packages+=(wrk nginx haproxy valgrind)
+    packages+=(wrk nginx haproxy valgrind caddy libnginx-mod-http-lua)
 fi
 if [ "$pgo" = 1 ]; then
     packages+=(llvm-19 bolt-19)
