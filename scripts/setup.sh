@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what building and testing gatewarden needs on Debian 12, from Debian's own
-# packages only. Idempotent: packages already installed are not touched, and when
+# Installs what building and testing gatewarden needs on Debian 12: Debian's own
+# packages, plus mdBook (crates.io), the openai Python package (PyPI) and the test
+# OpenID provider (npm). Idempotent: what is installed already is not touched, and when
 # nothing is missing no network is used at all.
 #
 #   bash scripts/setup.sh            # build + test dependencies
@@ -15,7 +16,7 @@ for arg in "$@"; do
         --bench) bench=1 ;;
         --pgo) pgo=1 ;;
         -h|--help)
-            sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -93,6 +94,20 @@ for tool in rustfmt cargo-clippy; do
     fi
 done
 echo "setup.sh: $(cargo --version)"
+
+# mdBook builds the book in docs/ (scripts/test.sh checks it). Not in Debian 12's
+# packages at a usable version: from crates.io, pinned, only when missing.
+mdbook_version=0.4.52
+mdbook_bin="$(command -v mdbook || true)"
+if [ -z "$mdbook_bin" ] && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/mdbook" ]; then
+    mdbook_bin="${CARGO_HOME:-$HOME/.cargo}/bin/mdbook"
+fi
+if [ -z "$mdbook_bin" ] || ! "$mdbook_bin" --version | grep -q '^mdbook v0\.4\.'; then
+    echo "setup.sh: installing mdbook $mdbook_version (cargo install)"
+    cargo install mdbook --locked --version "$mdbook_version"
+    mdbook_bin="${CARGO_HOME:-$HOME/.cargo}/bin/mdbook"
+fi
+echo "setup.sh: $("$mdbook_bin" --version)"
 
 # The official `openai` Python package, for the test that streams a chat completion
 # through the gateway with it (tests/it/llm_route.rs). From PyPI, only when missing.

@@ -16,6 +16,13 @@ echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --workspace -- -D warnings
+echo "== mdbook build docs"
+if ! command -v mdbook >/dev/null 2>&1; then
+    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+fi
+mdbook build docs
+echo "== book links"
+python3 scripts/check-book-links.py
 echo "== cargo build"
 cargo build --workspace --all-targets
 log="$(mktemp)"
