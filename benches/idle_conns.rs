@@ -1,5 +1,5 @@
 //! Resident memory of the gateway while it holds many idle keep-alive client
-//! connections (issue 7: "under 64 MiB RSS with 10,000 idle keep-alive client
+//! connections (the target: "under 64 MiB RSS with 10,000 idle keep-alive client
 //! connections").
 //!
 //! The bench starts a small keep-alive upstream in this process (it answers
@@ -47,7 +47,7 @@ use tokio::net::{TcpListener, TcpStream};
 mod support;
 use support::{bin, env_or, find, GatewayProcess, Variant};
 
-/// The issue's target, for 10,000 idle connections.
+/// The target, for 10,000 idle connections.
 const TARGET_BYTES: u64 = 64 << 20;
 const TARGET_CONNS: usize = 10_000;
 const UPSTREAM_RESPONSE: &[u8] =

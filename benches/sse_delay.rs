@@ -1,4 +1,4 @@
-//! The delay the gateway adds to each server-sent event (issue 7: "the added delay
+//! The delay the gateway adds to each server-sent event (the target: "the added delay
 //! per event through the gateway under 1 ms at the median").
 //!
 //! An SSE upstream in this process sends an event every `SSE_INTERVAL_MS` and writes

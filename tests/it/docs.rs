@@ -367,6 +367,12 @@ fn check_as_the_book_says(
         env.insert(var, value.clone());
     }
     std::fs::write(root.join("book.yaml"), &yaml).unwrap();
+    if crate::schema::schema_accepts(&root.join("book.yaml")) == Some(false) {
+        return Err(format!(
+            "{}: does not meet schema/gatewarden.schema.json",
+            block.at
+        ));
+    }
     let (ok, output) = gatewarden_in(root, &["check", "-c", "book.yaml"], &env, variables);
     if !ok || !output.contains("ok: ") {
         return Err(format!("{}: gatewarden check fails:\n{output}", block.at));

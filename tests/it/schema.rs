@@ -11,7 +11,7 @@ fn repo() -> PathBuf {
 
 /// Runs `check-jsonschema` on `file`: `Some(valid)`, or `None` when the validator is
 /// missing (outside CI).
-fn schema_accepts(file: &Path) -> Option<bool> {
+pub(crate) fn schema_accepts(file: &Path) -> Option<bool> {
     let validator = tool(&["check-jsonschema"])?;
     let schema = repo().join("schema/gatewarden.schema.json");
     let out = std::process::Command::new(validator)
