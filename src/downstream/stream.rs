@@ -31,7 +31,7 @@ pub struct ClientStream {
     pub(super) ahead: ReadAhead,
     pub(super) out: WriteBuffer,
     /// Flushes only note that a send is owed: the keep-alive loop sends once the
-    /// session waits ([`in_turns`]).
+    /// session waits (`in_turns` in the keep-alive loop).
     pub(super) defer_flushes: bool,
     flush_owed: bool,
     /// Why a deferred send failed: the session's next write or flush reports it.
@@ -295,7 +295,7 @@ impl Peek for ClientStream {
 
 /// A parked connection's [`ClientStream`], shared by the connection's keep-alive loop
 /// and the session Pingora serves a request in: the loop makes the session's flushes
-/// once the session waits ([`in_turns`]). Both live in one task, so the lock is never
+/// once the session waits (`in_turns` in the keep-alive loop). Both live in one task, so the lock is never
 /// contended.
 #[derive(Debug, Clone)]
 pub(super) struct SharedStream(Arc<Mutex<ClientStream>>);
