@@ -295,8 +295,8 @@ impl Peek for ClientStream {
 
 /// A parked connection's [`ClientStream`], shared by the connection's keep-alive loop
 /// and the session Pingora serves a request in: the loop makes the session's flushes
-/// once the session waits (`in_turns` in the keep-alive loop). Both live in one task, so the lock is never
-/// contended.
+/// once the session waits (`in_turns` in the keep-alive loop). Both live in one task,
+/// so the lock is never contended.
 #[derive(Debug, Clone)]
 pub(super) struct SharedStream(Arc<Mutex<ClientStream>>);
 
