@@ -237,8 +237,7 @@ pub async fn shared(redis: &RedisHandle, query: &Query) -> Result<BTreeMap<Row, 
 pub fn shared_blocking(url: &str, query: &Query) -> Result<BTreeMap<Row, Counts>, String> {
     let client =
         redis::Client::open(url).map_err(|e| format!("invalid redis url ({:?})", e.kind()))?;
-    let mut con = client
-        .get_connection_with_timeout(Duration::from_secs(2))
+    let mut con = redis_store::blocking_connection(&client, Duration::from_secs(2))
         .map_err(|e| format!("redis: {e}"))?;
     let mut rows = BTreeMap::new();
     for day in query.days() {

@@ -122,10 +122,7 @@ impl RedisKeys {
 
     /// A connection whose connect, reads and writes each give up after [`TIMEOUT`].
     pub fn connect(&self) -> redis::RedisResult<redis::Connection> {
-        let con = self.client.get_connection_with_timeout(TIMEOUT)?;
-        con.set_read_timeout(Some(TIMEOUT))?;
-        con.set_write_timeout(Some(TIMEOUT))?;
-        Ok(con)
+        crate::redis_store::blocking_connection(&self.client, TIMEOUT)
     }
 
     /// The version of the key set, 0 before the first change.

@@ -104,57 +104,65 @@ impl RedisHandle {
         Ok(manager.clone())
     }
 
-    /// Runs one command with a deadline; any failure is an error the caller decides on.
-    pub async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, String> {
-        let work = async {
-            let mut conn = self.connection().await?;
-            command.query_async::<T>(&mut conn).await
-        };
-        match tokio::time::timeout(self.timeout * 2, work).await {
+    /// Runs `work` on a pooled connection with a deadline; any failure is an error the
+    /// caller decides on.
+    async fn with_deadline<T, F>(
+        &self,
+        work: impl FnOnce(ConnectionManager) -> F,
+    ) -> Result<T, String>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let attempt = async { work(self.connection().await?).await };
+        match tokio::time::timeout(self.timeout * 2, attempt).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("timed out".into()),
         }
     }
 
-    /// Runs a pipeline with a deadline; any failure is an error the caller decides on.
+    /// Runs one command with a deadline.
+    pub async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, String> {
+        self.with_deadline(|mut conn| async move { command.query_async::<T>(&mut conn).await })
+            .await
+    }
+
+    /// Runs a pipeline with a deadline.
     pub async fn pipeline<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, String> {
-        let work = async {
-            let mut conn = self.connection().await?;
-            pipe.query_async::<T>(&mut conn).await
-        };
-        match tokio::time::timeout(self.timeout * 2, work).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".into()),
-        }
+        self.with_deadline(|mut conn| async move { pipe.query_async::<T>(&mut conn).await })
+            .await
     }
 
-    /// Runs `script` with a deadline; any failure is an error the caller decides on.
+    /// Runs `script` with a deadline.
     pub async fn run<T: redis::FromRedisValue>(
         &self,
         script: &redis::Script,
         keys: &[&str],
         args: &[i64],
     ) -> Result<T, String> {
-        let work = async {
-            let mut conn = self.connection().await?;
-            let mut invocation = script.prepare_invoke();
-            for k in keys {
-                invocation.key(*k);
-            }
-            for a in args {
-                invocation.arg(*a);
-            }
-            invocation.invoke_async::<T>(&mut conn).await
-        };
-        match tokio::time::timeout(self.timeout * 2, work).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".into()),
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(*k);
         }
+        for a in args {
+            invocation.arg(*a);
+        }
+        self.with_deadline(|mut conn| async move { invocation.invoke_async::<T>(&mut conn).await })
+            .await
     }
+}
+
+/// A connection of its own (for a subscription, a transaction, or the command line),
+/// whose connect, reads and writes each give up after `timeout`.
+pub fn blocking_connection(
+    client: &redis::Client,
+    timeout: Duration,
+) -> redis::RedisResult<redis::Connection> {
+    let con = client.get_connection_with_timeout(timeout)?;
+    con.set_read_timeout(Some(timeout))?;
+    con.set_write_timeout(Some(timeout))?;
+    Ok(con)
 }

@@ -154,17 +154,7 @@ impl Revocations {
         let Some(redis) = &self.redis else {
             return Ok(());
         };
-        let ttl = until.saturating_sub(now).max(1);
-        let set = redis::cmd("SET")
-            .arg(session_key(sid))
-            .arg(1)
-            .arg("EX")
-            .arg(ttl)
-            .clone();
-        redis
-            .query::<()>(&set)
-            .await
-            .map_err(|e| Unavailable(format!("redis: {e}")))
+        set_expiring(redis, &session_key(sid), 1, until.saturating_sub(now)).await
     }
 
     /// Ends every session of `subject` issued up to now, for `lifetime` (the longest a
@@ -184,15 +174,26 @@ impl Revocations {
         let Some(redis) = &self.redis else {
             return Ok(());
         };
-        let set = redis::cmd("SET")
-            .arg(subject_key(subject))
-            .arg(now)
-            .arg("EX")
-            .arg(lifetime.as_secs().max(1))
-            .clone();
-        redis
-            .query::<()>(&set)
-            .await
-            .map_err(|e| Unavailable(format!("redis: {e}")))
+        set_expiring(redis, &subject_key(subject), now, lifetime.as_secs()).await
     }
+}
+
+/// `SET key value EX ttl` (at least a second), for an entry that lasts as long as the
+/// sessions it names.
+async fn set_expiring(
+    redis: &RedisHandle,
+    key: &str,
+    value: u64,
+    ttl_secs: u64,
+) -> Result<(), Unavailable> {
+    let set = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("EX")
+        .arg(ttl_secs.max(1))
+        .clone();
+    redis
+        .query::<()>(&set)
+        .await
+        .map_err(|e| Unavailable(format!("redis: {e}")))
 }
