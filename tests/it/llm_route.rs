@@ -22,12 +22,12 @@ use crate::harness::*;
 
 /// One request as the scripted upstream received it.
 #[derive(Debug, Clone, Default)]
-struct Seen {
+pub(crate) struct Seen {
     method: String,
     target: String,
     /// Header lines in arrival order, names as sent.
     headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Seen {
@@ -46,14 +46,14 @@ type Handler = dyn Fn(&Seen, &mut TcpStream) -> std::io::Result<()> + Send + Syn
 /// A bare HTTP/1.1 upstream on plain threads: it records each request, then lets the
 /// test's handler write the response byte for byte (framing, split writes, pauses),
 /// then closes the connection.
-struct ScriptedUpstream {
-    addr: SocketAddr,
+pub(crate) struct ScriptedUpstream {
+    pub(crate) addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     stop: Arc<AtomicBool>,
 }
 
 impl ScriptedUpstream {
-    fn start(
+    pub(crate) fn start(
         handler: impl Fn(&Seen, &mut TcpStream) -> std::io::Result<()> + Send + Sync + 'static,
     ) -> ScriptedUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind scripted upstream");
@@ -128,7 +128,11 @@ fn serve_one(stream: TcpStream, log: &Mutex<Vec<Seen>>, handler: &Handler) -> st
 
 /// Writes a response with a Content-Length, its body in the given pieces (flushed and
 /// a moment apart, so the gateway reads them as separate chunks).
-fn write_sized(out: &mut TcpStream, head: &str, pieces: &[&[u8]]) -> std::io::Result<()> {
+pub(crate) fn write_sized(
+    out: &mut TcpStream,
+    head: &str,
+    pieces: &[&[u8]],
+) -> std::io::Result<()> {
     let len: usize = pieces.iter().map(|p| p.len()).sum();
     write!(
         out,

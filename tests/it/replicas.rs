@@ -355,42 +355,29 @@ fn without_redis_a_logout_revokes_the_session_in_this_gateway_across_reloads() {
     assert_eq!(with_cookie(&gw, &other), 200);
 }
 
-/// An OpenAI-style upstream: `/v1/chat/completions` answers JSON reporting 5 prompt and
-/// 7 completion tokens, or, when the body asks for `"stream":true`, an SSE stream whose
+/// An OpenAI-style upstream: a completion answers JSON reporting 5 prompt and 7
+/// completion tokens, or, when the body asks for `"stream":true`, an SSE stream whose
 /// last chunk reports 3 and 4.
-fn fake_llm() -> std::net::SocketAddr {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut length = 0;
-                let mut line = String::new();
-                while reader.read_line(&mut line).unwrap_or(0) > 2 {
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap_or(0);
-                    }
-                    line.clear();
-                }
-                let mut body = vec![0; length];
-                let _ = reader.read_exact(&mut body);
-                let mut out = stream;
-                let answer = if String::from_utf8_lossy(&body).contains("\"stream\":true") {
-                    let events = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n\
-                                  data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n\
-                                  data: [DONE]\n\n";
-                    format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{events}", events.len())
-                } else {
-                    let json = r#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
-                    format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{json}", json.len())
-                };
-                let _ = out.write_all(answer.as_bytes());
-            });
-        }
-    });
-    addr
+fn fake_llm() -> crate::llm_route::ScriptedUpstream {
+    crate::llm_route::ScriptedUpstream::start(|seen, out| {
+        let (content_type, body) = if String::from_utf8_lossy(&seen.body)
+            .contains("\"stream\":true")
+        {
+            (
+                "text/event-stream",
+                "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n\
+                 data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n\
+                 data: [DONE]\n\n",
+            )
+        } else {
+            (
+                "application/json",
+                r#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#,
+            )
+        };
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}");
+        crate::llm_route::write_sized(out, &head, &[body.as_bytes()])
+    })
 }
 
 /// A replica whose `/v1/` route counts LLM tokens for API-key callers.
@@ -465,8 +452,8 @@ fn usage_through_two_replicas_adds_up_to_what_the_upstream_reported() {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
     let (alice, bob) = (new_key("alice"), new_key("bob"));
-    let one = llm_replica(Some(&redis), llm, dir.path());
-    let two = llm_replica(Some(&redis), llm, dir.path());
+    let one = llm_replica(Some(&redis), llm.addr, dir.path());
+    let two = llm_replica(Some(&redis), llm.addr, dir.path());
     // alice: two plain answers (5 + 7 each) and one stream (3 + 4), over both replicas.
     complete(&one, &alice, false);
     complete(&two, &alice, false);
@@ -547,7 +534,7 @@ fn without_redis_a_gateway_keeps_its_own_usage() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.yaml");
     let key = crate::identity::key_new(&keys, &["--name", "carol", "--subject", "carol"]);
-    let gw = llm_replica(None, llm, &keys);
+    let gw = llm_replica(None, llm.addr, &keys);
     complete(&gw, &key, true);
     complete(&gw, &key, false);
     let usage = usage_of(&gw, "carol");
