@@ -21,16 +21,16 @@ TARGETS = [
     ("nginx-lua", "#b07aa1"),
     ("caddy", "#e8a33d"),
     ("caddy-auth", "#d35400"),
-    ("gw-empty-ws", "#4e79a7"),
-    ("gw-chain-ws", "#1f4e79"),
-    ("gw-css-ws", "#76b7b2"),
+    ("gw-empty", "#4e79a7"),
+    ("gw-chain", "#1f4e79"),
+    ("gw-css", "#76b7b2"),
 ]
 LABELS = {
     "nginx-lua": "nginx + Lua key check",
     "caddy-auth": "Caddy + forward_auth",
-    "gw-empty-ws": "Gatewarden, no plugins",
-    "gw-chain-ws": "Gatewarden, full chain",
-    "gw-css-ws": "Gatewarden, css_inject",
+    "gw-empty": "Gatewarden, no plugins",
+    "gw-chain": "Gatewarden, full chain",
+    "gw-css": "Gatewarden, css_inject",
 }
 
 

@@ -30,6 +30,11 @@
 //! - `IDLE_VARIANTS` — comma-separated subset of `public,chain` (default both)
 //! - `GATEWARDEN_BIN` — another gatewarden binary to measure instead of the one cargo
 //!   built for the bench
+//! - `BENCH_TARGETS`, `BENCH_KEY` — measure proxies someone else started instead
+//!   (`name=127.0.0.1:port@pid,pid ...`: the memory of all the listed processes counts,
+//!   such as nginx's master and workers). Each must answer `GET /small` with `ok\n`;
+//!   requests carry `BENCH_KEY` as a bearer key. `benches/load.sh` runs the bench so and
+//!   gets a markdown table.
 //!
 //! The gateway inherits this process's environment, so allocator settings reach it:
 //! `MIMALLOC_ALLOW_THP=0` shows what transparent huge pages add to the resident size.
@@ -45,7 +50,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 mod support;
-use support::{bin, env_or, find, GatewayProcess, Variant};
+use support::{
+    bin, env_or, external_auth, external_targets, find, ratio, table_row, GatewayProcess, Variant,
+};
 
 /// The target, for 10,000 idle connections.
 const TARGET_BYTES: u64 = 64 << 20;
@@ -116,6 +123,17 @@ struct Mem {
     rss_kib: u64,
     hwm_kib: u64,
     threads: u64,
+}
+
+/// The memory of every process in `pids`, added up.
+fn mem_of(pids: &[u32]) -> Mem {
+    pids.iter()
+        .map(|&pid| mem(pid))
+        .fold(Mem::default(), |a, b| Mem {
+            rss_kib: a.rss_kib + b.rss_kib,
+            hwm_kib: a.hwm_kib + b.hwm_kib,
+            threads: a.threads + b.threads,
+        })
 }
 
 fn mem(pid: u32) -> Mem {
@@ -342,7 +360,7 @@ struct Row {
 }
 
 struct Outcome {
-    variant: Variant,
+    name: String,
     conns: usize,
     baseline: Mem,
     idle: Mem,
@@ -371,23 +389,67 @@ impl Outcome {
     }
 }
 
-fn run_variant(
-    rt: &tokio::runtime::Runtime,
-    knobs: &Knobs,
-    variant: Variant,
-    upstream: SocketAddr,
-) -> Outcome {
-    let (mut gw, request) = start_gateway(rt, variant, knobs.threads, upstream);
-    let pid = gw.pid();
+/// What is measured: a gateway this bench started, or a proxy someone else did.
+struct Subject {
+    name: String,
+    addr: SocketAddr,
+    pids: Vec<u32>,
+    request: Arc<[u8]>,
+    gateway: Option<GatewayProcess>,
+}
+
+impl Subject {
+    fn gateway(
+        rt: &tokio::runtime::Runtime,
+        knobs: &Knobs,
+        variant: Variant,
+        upstream: SocketAddr,
+    ) -> Subject {
+        let (gw, request) = start_gateway(rt, variant, knobs.threads, upstream);
+        Subject {
+            name: variant.name().to_string(),
+            addr: gw.addr,
+            pids: vec![gw.pid()],
+            request,
+            gateway: Some(gw),
+        }
+    }
+
+    /// Panics (with the gateway's output when there is one) if the process is gone.
+    fn assert_alive(&mut self) {
+        match &mut self.gateway {
+            Some(gw) => gw.assert_alive(),
+            None => {
+                let pid = self.pids[0];
+                assert!(
+                    std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                    "{} (pid {pid}) exited",
+                    self.name
+                );
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        self.gateway
+            .as_ref()
+            .map(GatewayProcess::log)
+            .unwrap_or_default()
+    }
+}
+
+fn run_subject(rt: &tokio::runtime::Runtime, knobs: &Knobs, mut subject: Subject) -> Outcome {
+    let request = subject.request.clone();
+    let pids = subject.pids.clone();
     let mut rows = vec![Row {
         stage: "started".into(),
         conns: 0,
-        mem: mem(pid),
+        mem: mem_of(&pids),
     }];
 
-    rt.block_on(warm_up(gw.addr, request.clone(), knobs.warmup, 20));
+    rt.block_on(warm_up(subject.addr, request.clone(), knobs.warmup, 20));
     std::thread::sleep(Duration::from_millis(500));
-    let baseline = mem(pid);
+    let baseline = mem_of(&pids);
     rows.push(Row {
         stage: format!("after warm-up ({} req, closed)", knobs.warmup),
         conns: 0,
@@ -403,7 +465,7 @@ fn run_variant(
         let wave = knobs.concurrency.min(knobs.conns - conns.len());
         let opened = rt.block_on(async {
             let tasks: Vec<_> = (0..wave)
-                .map(|_| tokio::spawn(open_one(gw.addr, request.clone())))
+                .map(|_| tokio::spawn(open_one(subject.addr, request.clone())))
                 .collect();
             let mut opened = Vec::with_capacity(wave);
             for t in tasks {
@@ -414,12 +476,13 @@ fn run_variant(
         match opened {
             Ok(opened) => conns.extend(opened),
             Err(e) => {
-                gw.assert_alive();
+                subject.assert_alive();
                 panic!(
-                    "opening connection {} of {}: {e}\n(check `ulimit -n`; gateway log:)\n{}",
+                    "opening connection {} of {} to {}: {e}\n(check `ulimit -n`; gateway log:)\n{}",
                     conns.len() + 1,
                     knobs.conns,
-                    gw.log()
+                    subject.name,
+                    subject.log()
                 );
             }
         }
@@ -427,7 +490,7 @@ fn run_variant(
             rows.push(Row {
                 stage: "opening".into(),
                 conns: conns.len(),
-                mem: mem(pid),
+                mem: mem_of(&pids),
             });
             next_mark += quarter;
         }
@@ -435,8 +498,8 @@ fn run_variant(
     let open_time = started.elapsed();
 
     std::thread::sleep(knobs.settle);
-    gw.assert_alive();
-    let idle = mem(pid);
+    subject.assert_alive();
+    let idle = mem_of(&pids);
     rows.push(Row {
         stage: format!("all idle, after {} s", knobs.settle.as_secs()),
         conns: conns.len(),
@@ -458,19 +521,17 @@ fn run_variant(
 
     drop(conns);
     std::thread::sleep(Duration::from_secs(2));
-    let closed = mem(pid);
+    let closed = mem_of(&pids);
     rows.push(Row {
         stage: "all closed, after 2 s".into(),
         conns: 0,
         mem: closed,
     });
-    gw.assert_alive();
+    subject.assert_alive();
 
     println!(
-        "\n== variant {} — gatewarden pid {pid}, server.threads {}, {} OS threads",
-        variant.name(),
-        knobs.threads,
-        idle.threads
+        "\n== {} — pids {pids:?}, {} OS threads",
+        subject.name, idle.threads
     );
     println!(
         "  {:<34} {:>7} {:>11} {:>11}",
@@ -486,7 +547,7 @@ fn run_variant(
         );
     }
     let outcome = Outcome {
-        variant,
+        name: subject.name.clone(),
         conns: knobs.conns,
         baseline,
         idle,
@@ -538,10 +599,46 @@ fn main() {
         load.trim()
     );
 
+    if let Some(targets) = external_targets() {
+        let request: Arc<[u8]> = format!(
+            "GET /small HTTP/1.1\r\nHost: bench.local\r\n{}\r\n",
+            external_auth()
+        )
+        .into_bytes()
+        .into();
+        // One proxy that cannot hold the connections (a connection limit below them)
+        // is a row saying so, not the end of the table.
+        let outcomes: Vec<Result<Outcome, String>> = targets
+            .into_iter()
+            .map(|t| {
+                let name = t.name.clone();
+                let subject = Subject {
+                    name: t.name,
+                    addr: t.addr,
+                    pids: t.pids,
+                    request: request.clone(),
+                    gateway: None,
+                };
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_subject(&rt, &knobs, subject)
+                }))
+                .map_err(|panic| {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    format!("{name}: {}", why.lines().next().unwrap_or("failed"))
+                })
+            })
+            .collect();
+        print_table(&outcomes);
+        return;
+    }
     let outcomes: Vec<Outcome> = knobs
         .variants
         .iter()
-        .map(|&v| run_variant(&rt, &knobs, v, upstream))
+        .map(|&v| run_subject(&rt, &knobs, Subject::gateway(&rt, &knobs, v, upstream)))
         .collect();
 
     println!(
@@ -564,7 +661,7 @@ fn main() {
         };
         println!(
             "  {:<8} {:>7} {:>8.1} MiB {:>8.1} MiB {:>10.2} {:>6.1} MiB {:>8.1} MiB {:>8}{note}",
-            o.variant.name(),
+            o.name,
             o.conns,
             mib(o.baseline.rss_kib),
             mib(o.idle.rss_kib),
@@ -573,5 +670,42 @@ fn main() {
             mib(o.closed.rss_kib),
             verdict
         );
+    }
+}
+
+/// The summary `benches/load.sh` shows: one markdown row per proxy.
+fn print_table(outcomes: &[Result<Outcome, String>]) {
+    let nginx = outcomes
+        .iter()
+        .flatten()
+        .find(|o| o.name == "nginx")
+        .map(|o| o.idle.rss_kib as f64);
+    println!();
+    println!("| target | idle connections | RSS before MiB | RSS idle MiB | KiB per connection | RSS idle vs nginx |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for o in outcomes {
+        let o = match o {
+            Ok(o) => o,
+            Err(why) => {
+                let (name, why) = why.split_once(": ").unwrap_or((why, ""));
+                table_row(&[
+                    name.to_string(),
+                    format!("failed: {why}"),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ]);
+                continue;
+            }
+        };
+        table_row(&[
+            o.name.clone(),
+            o.conns.to_string(),
+            format!("{:.1}", mib(o.baseline.rss_kib)),
+            format!("{:.1}", mib(o.idle.rss_kib)),
+            format!("{:.2}", o.per_conn_kib()),
+            ratio(o.idle.rss_kib as f64, nginx),
+        ]);
     }
 }

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Load bench: the same nginx upstream behind gatewarden (empty chain; the full chain of
+# Load bench: the same upstreams behind gatewarden (empty chain; the full chain of
 # api_key + rate_limit + origin + headers on a route that needs a user; css_inject on
 # HTML), nginx, HAProxy, Caddy, Caddy with forward_auth to an auth endpoint (the
 # Authelia / oauth2-proxy pattern), nginx checking the API key in Lua (the work of
 # api_key), and reached directly, all on this machine in one run, each
 # driven by wrk with the same settings and the same request (every request carries the
 # bench's API key). Prints requests/s, latency percentiles, proxy CPU per 100k requests,
-# and every ratio against nginx.
+# and every ratio against nginx; then, through the same proxies, the delay added to
+# server-sent events (benches/sse_delay.rs), WebSocket echo round trips
+# (benches/ws_echo.rs) and the memory of 10,000 idle connections (benches/idle_conns.rs).
 #
 #   bash benches/load.sh                          # defaults below
 #   WRK_CONNS=128 WRK_DURATION=20s ROUNDS=3 bash benches/load.sh
@@ -17,7 +19,14 @@
 #   ROUNDS=2               rounds; the target order alternates between rounds
 #   PROXY_THREADS=2        gatewarden threads, nginx workers, haproxy nbthread
 #   UPSTREAM_WORKERS=1     nginx workers of the shared upstream
-#   WORK_STEALING="true"   gatewarden variants to run ("true false" runs both)
+#   WORK_STEALING="true"   gatewarden variants to run ("true false" adds the -nows
+#                          targets: server.work_stealing false)
+#   GW_PGO_BIN=path        adds the -pgo targets: this binary (scripts/pgo-build.sh
+#                          makes one at target/pgo/gatewarden) with the same configs
+#   WORKLOADS="sse ws idle" the workloads after the wrk runs ("" skips them): event
+#                          stream delay, WebSocket echo, memory with IDLE_CONNS (10000)
+#                          idle connections; their knobs are the benches' own
+#                          (SSE_EVENTS, WS_CONNS, WS_MESSAGES, IDLE_CONNS, ...)
 #   BENCH_PATHS="/small /64k /page.html"   "ok\n", a 64 KiB body, a 16 KiB HTML page
 #                          (the css_inject target runs on the page only)
 #   BASE_PORT=18400        fixed loopback ports BASE_PORT.. are used (checked free first)
@@ -54,6 +63,8 @@ ROUNDS=${ROUNDS:-2}
 PROXY_THREADS=${PROXY_THREADS:-2}
 UPSTREAM_WORKERS=${UPSTREAM_WORKERS:-1}
 WORK_STEALING=${WORK_STEALING-true}
+GW_PGO_BIN=${GW_PGO_BIN:-}
+WORKLOADS=${WORKLOADS-sse ws idle}
 BENCH_PATHS=${BENCH_PATHS:-"/small /64k /page.html"}
 HTML_PATH=/page.html
 BASE_PORT=${BASE_PORT:-18400}
@@ -69,7 +80,7 @@ CALLGRIND=${CALLGRIND:-0}
 CALLGRIND_CONNS=${CALLGRIND_CONNS:-8}
 CALLGRIND_DURATION=${CALLGRIND_DURATION:-10s}
 if [[ -n "$SOAK_REQUESTS" ]]; then
-    TARGETS="gw-chain-ws" BENCH_PATHS="/small" WORK_STEALING=true
+    TARGETS="gw-chain" BENCH_PATHS="/small" WORK_STEALING=true GW_PGO_BIN="" WORKLOADS=""
 fi
 
 say() { printf '%s\n' "$*" >&2; }
@@ -92,6 +103,31 @@ fi
 if [[ ! -x "$GW_BIN" ]]; then
     say "load.sh: $GW_BIN not found; building it with 'cargo build --release' (takes minutes)"
     (cd "$ROOT" && cargo build --release) || die "release build failed"
+fi
+[[ -z "$GW_PGO_BIN" || -x "$GW_PGO_BIN" ]] || die "GW_PGO_BIN=$GW_PGO_BIN is not an executable"
+[[ "$CALLGRIND" == 1 || -n "$SOAK_REQUESTS" ]] && WORKLOADS=""
+# The workload benches are built once, optimised like a release (cargo's bench profile).
+declare -A WORKLOAD_BIN=()
+if [[ -n "$WORKLOADS" ]]; then
+    say "load.sh: building the workload benches (cargo bench --no-run)"
+    while IFS=$'\t' read -r name exe; do
+        WORKLOAD_BIN[$name]=$exe
+    done < <(cd "$ROOT" && cargo bench --no-run --bench sse_delay --bench ws_echo --bench idle_conns \
+        --message-format=json 2>/dev/null |
+        python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("executable") and m.get("profile", {}).get("test"):
+        print(m["target"]["name"], m["executable"], sep="\t")')
+    for w in sse_delay ws_echo idle_conns; do
+        [[ -n "${WORKLOAD_BIN[$w]:-}" ]] || die "could not build benches/$w.rs (cargo bench --no-run --bench $w)"
+    done
+fi
+# Idle connections need descriptors: the proxies and the benches inherit this limit
+# (HAProxy wants two per connection of its maxconn). Raising the hard limit needs root.
+if ! ulimit -n 65536 2>/dev/null; then
+    ulimit -n "$(ulimit -Hn)"
+    [[ -z "$WORKLOADS" ]] || say "load.sh: open files limited to $(ulimit -n); the idle workload may fail (raise ulimit -Hn)"
 fi
 
 # --- temp dir and cleanup -------------------------------------------------------------
@@ -183,12 +219,25 @@ else
     say "load.sh: nginx's Lua module not installed, skipping nginx-lua (apt-get install libnginx-mod-http-lua)"
 fi
 if [[ -n "$PLAIN_PINGORA_BIN" ]]; then add_target pingora; fi
+# Gatewarden's targets: gw-KIND plus a suffix saying which binary and settings run.
+declare -A GW_TARGET_BIN=() GW_TARGET_WS=()
+add_gw_targets() { # add_gw_targets SUFFIX BINARY WORK_STEALING
+    local kind
+    for kind in empty chain css; do
+        add_target "gw-$kind$1"
+        GW_TARGET_BIN[gw-$kind$1]=$2
+        GW_TARGET_WS[gw-$kind$1]=$3
+    done
+}
 for ws in $WORK_STEALING; do
-    suffix=$([[ "$ws" == true ]] && echo ws || echo nows)
-    add_target "gw-empty-$suffix"
-    add_target "gw-chain-$suffix"
-    add_target "gw-css-$suffix"
+    if [[ "$ws" == true ]]; then add_gw_targets "" "$GW_BIN" true; else add_gw_targets -nows "$GW_BIN" false; fi
 done
+if [[ -n "$GW_PGO_BIN" ]]; then add_gw_targets -pgo "$GW_PGO_BIN" true; fi
+# The event stream and WebSocket servers live in the workload benches; every proxy's
+# config points at these ports.
+SSE_PORT=$next_port
+WS_PORT=$((next_port + 1))
+next_port=$((next_port + 2))
 if [[ -n "$TARGETS" ]]; then
     wanted=()
     for t in "${ORDER[@]}"; do
@@ -234,7 +283,8 @@ end
 EOF
 
 vars=(TMP="$TMP" NGINX_USER="$(id -un)" UPSTREAM_PORT="$UPSTREAM_PORT" UPSTREAM_WORKERS="$UPSTREAM_WORKERS"
-      PROXY_THREADS="$PROXY_THREADS" NGINX_PORT="${PORT[nginx]}" HAPROXY_PORT="${PORT[haproxy]}")
+      PROXY_THREADS="$PROXY_THREADS" NGINX_PORT="${PORT[nginx]}" HAPROXY_PORT="${PORT[haproxy]}"
+      SSE_PORT="$SSE_PORT" WS_PORT="$WS_PORT")
 
 start() { # start NAME STOP_SIGNAL LOG CMD...
     local name=$1 sig=$2 log=$3
@@ -289,17 +339,16 @@ done
 for t in "${ORDER[@]}"; do
     [[ "$t" == gw-* ]] || continue
     kind=$(cut -d- -f2 <<<"$t")
-    ws=$([[ "$t" == *-nows ]] && echo false || echo true)
     dir="$TMP/$t"
     mkdir -p "$dir"
     cp "$TMP/keys.yaml" "$TMP/theme.css" "$dir/"
     render "$CONF/gatewarden-$kind.yaml" "$dir/gatewarden.yaml" "${vars[@]}" \
-        GW_PORT="${PORT[$t]}" GW_DIR="$dir" WORK_STEALING="$ws"
-    "$GW_BIN" check -c "$dir/gatewarden.yaml" >"$dir/check.log" 2>&1 ||
+        GW_PORT="${PORT[$t]}" GW_DIR="$dir" WORK_STEALING="${GW_TARGET_WS[$t]}"
+    "${GW_TARGET_BIN[$t]}" check -c "$dir/gatewarden.yaml" >"$dir/check.log" 2>&1 ||
         die "gatewarden check failed for $t: $(cat "$dir/check.log")"
     # SIGINT is Pingora's fast shutdown; SIGTERM would wait for the grace period.
     # shellcheck disable=SC2046 # the launcher's words are meant to split
-    start "$t" INT "$dir/gatewarden.log" $(launcher "$dir") "$GW_BIN" run -c "$dir/gatewarden.yaml"
+    start "$t" INT "$dir/gatewarden.log" $(launcher "$dir") "${GW_TARGET_BIN[$t]}" run -c "$dir/gatewarden.yaml"
 done
 if [[ " ${ORDER[*]} " == *" pingora "* ]]; then
     mkdir -p "$TMP/pingora"
@@ -344,14 +393,14 @@ expected_size() {
     esac
 }
 # The css_inject target only makes sense on the HTML page.
-applies() { [[ "$1" != gw-css-* || "$2" == "$HTML_PATH" ]]; }
+applies() { [[ "$1" != gw-css* || "$2" == "$HTML_PATH" ]]; }
 for t in "${ORDER[@]}"; do
     for path in $BENCH_PATHS; do
         applies "$t" "$path" || continue
         got=$(curl -sS -D "$TMP/headers" -o "$TMP/body" -w '%{http_code} %{size_download}' \
             -H "Authorization: Bearer $BENCH_KEY" "http://127.0.0.1:${PORT[$t]}$path" || echo "000 0")
         want="200 $(expected_size "$path")"
-        if [[ "$t" == gw-css-* ]]; then
+        if [[ "$t" == gw-css* ]]; then
             # The page grows by the theme; it must be in there exactly once.
             want="200 $((PAGE_SIZE + $(stat -c %s "$TMP/theme.css") + 15))"
             if [[ $(grep -c 'rgb(1, 2, 3)' "$TMP/body") != 1 ]]; then
@@ -363,12 +412,12 @@ for t in "${ORDER[@]}"; do
             say "FUNCTIONAL PROBLEM: $t $path answered '$got', expected '$want'"
             problems=$((problems + 1))
         fi
-        if [[ "$t" == gw-chain-* ]] && ! grep -qi '^x-frame-options: DENY' "$TMP/headers"; then
+        if [[ "$t" == gw-chain* ]] && ! grep -qi '^x-frame-options: DENY' "$TMP/headers"; then
             say "FUNCTIONAL PROBLEM: $t $path lacks the X-Frame-Options the chain sets"
             problems=$((problems + 1))
         fi
     done
-    if [[ "$t" == gw-chain-* || "$t" == caddy-auth || "$t" == nginx-lua ]]; then
+    if [[ "$t" == gw-chain* || "$t" == caddy-auth || "$t" == nginx-lua ]]; then
         # The chain really checks the key: without it the route answers 401.
         got=$(curl -sS -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$t]}/small" || echo 000)
         if [[ "$got" != 401 ]]; then
@@ -395,6 +444,7 @@ echo
 echo "machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $mem RAM, $(uname -r)"
 echo "tools:   $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(nginx -v 2>&1 | cut -d' ' -f3), $(haproxy -v | head -1 | cut -d' ' -f1-3)$(command -v caddy >/dev/null && echo ", caddy $(caddy version | cut -d' ' -f1)")"
 echo "binary:  $GW_BIN ($("$GW_BIN" version), built $(date -u -r "$GW_BIN" '+%Y-%m-%d %H:%M UTC'))"
+[[ -n "$GW_PGO_BIN" ]] && echo "pgo:     $GW_PGO_BIN (built $(date -u -r "$GW_PGO_BIN" '+%Y-%m-%d %H:%M UTC'))"
 echo "wrk:     -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION, $ROUNDS rounds, order alternating"
 echo "proxies: $PROXY_THREADS threads/workers each; upstream nginx: $UPSTREAM_WORKERS worker(s)"
 # Everything shares these CPUs with wrk; other load on the box skews every number.
@@ -404,7 +454,7 @@ echo
 # --- soak ------------------------------------------------------------------------------
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 if [[ -n "$SOAK_REQUESTS" ]]; then
-    t=gw-chain-ws
+    t=gw-chain
     pid=${PIDS[$t]}
     echo "soak: $t (api_key + rate_limit + origin + headers, access user) on /small,"
     echo "      wrk -t$WRK_THREADS -c$WRK_CONNS in $SOAK_SLICE slices until $SOAK_REQUESTS requests"
@@ -586,10 +636,49 @@ echo
 echo "per-run rows (target path round requests duration_us p50 p99 p99.9 cpu_ticks errors user_ticks):"
 sed 's/^/    /' "$RESULTS"
 
+# --- workloads through the same proxies ----------------------------------------------------
+# The targets of a workload as the benches take them (NAME=ADDRESS@PIDS): every proxy of
+# this run but the css_inject ones, which differ only on HTML pages. `direct` is the
+# nginx upstream, and only for the idle connections: the event stream and WebSocket
+# benches reach their own servers directly.
+workload_targets() { # workload_targets WITH_DIRECT(yes|no)
+    local t entries=() pids
+    for t in "${ORDER[@]}"; do
+        [[ "$t" == gw-css* ]] && continue
+        [[ "$t" == direct && "$1" != yes ]] && continue
+        pids=$(target_pids "$t" | paste -sd, -)
+        entries+=("$t=127.0.0.1:${PORT[$t]}@$pids")
+    done
+    echo "${entries[*]}"
+}
+for w in $WORKLOADS; do
+    case $w in
+    sse) bench=sse_delay port_var=SSE_UPSTREAM_PORT port=$SSE_PORT direct=no
+        title="Server-sent events: the delay added to each event (an event every 20 ms)" ;;
+    ws) bench=ws_echo port_var=WS_UPSTREAM_PORT port=$WS_PORT direct=no
+        title="WebSocket echo: round trips on open sockets" ;;
+    idle) bench=idle_conns port_var=IDLE_UNUSED port=0 direct=yes
+        title="Memory with ${IDLE_CONNS:-10000} idle keep-alive connections (RSS of every process of the proxy)" ;;
+    *) die "unknown workload '$w' in WORKLOADS (sse, ws, idle)" ;;
+    esac
+    echo
+    echo "### $title"
+    echo
+    say "  workload $w ($bench)"
+    out="$TMP/workload-$w.txt"
+    if env "$port_var=$port" BENCH_TARGETS="$(workload_targets "$direct")" BENCH_KEY="$BENCH_KEY" \
+        "${WORKLOAD_BIN[$bench]}" >"$out" 2>&1; then
+        grep -E "^($bench:|\|)" "$out" | sed "s/^$bench: /settings: /"
+    else
+        say "FUNCTIONAL PROBLEM: workload $w failed: $(tail -5 "$out")"
+        problems=$((problems + 1))
+    fi
+done
+
 # --- optional profile -------------------------------------------------------------------
 if [[ "$PERF" == 1 ]]; then
     target=""
-    for t in "${ORDER[@]}"; do [[ "$t" == gw-chain-* ]] && { target=$t; break; }; done
+    for t in "${ORDER[@]}"; do [[ "$t" == gw-chain* ]] && { target=$t; break; }; done
     if [[ -z "$target" ]]; then
         say "PERF=1: no gatewarden chain target in this run"
     elif ! command -v perf >/dev/null 2>&1; then

@@ -36,6 +36,11 @@
 //! - `SSE_VARIANTS` — comma-separated subset of `public,chain` (default both)
 //! - `GATEWARDEN_BIN` — another gatewarden binary to measure instead of the one cargo
 //!   built for the bench
+//! - `SSE_UPSTREAM_PORT` — the loopback port of the upstream (default: any free one)
+//! - `BENCH_TARGETS`, `BENCH_KEY` — measure proxies someone else started (nginx, Caddy,
+//!   gatewarden builds...) instead of starting gateways: `name=127.0.0.1:port ...`, each
+//!   proxying `/events` to `SSE_UPSTREAM_PORT`; requests carry `BENCH_KEY` as a bearer
+//!   key. `benches/load.sh` runs the bench so and gets a markdown table.
 
 // Test and bench code: an unexpected failure should stop it loudly.
 #![allow(clippy::unwrap_used)]
@@ -49,7 +54,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 mod support;
-use support::{bin, env_or, find, GatewayProcess, Variant};
+use support::{
+    bin, env_or, external_auth, external_targets, find, table_row, GatewayProcess, Variant,
+};
 
 const TARGET: Duration = Duration::from_millis(1);
 
@@ -116,10 +123,10 @@ fn start_gateway(
 // ---------------------------------------------------------------------------------
 // The SSE upstream
 
-/// Starts the upstream on its own thread and runtime; returns its address. The thread
-/// lives as long as the process.
-fn start_upstream() -> SocketAddr {
-    let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind upstream");
+/// Starts the upstream on `port` (0: any free one) on its own thread and runtime;
+/// returns its address. The thread lives as long as the process.
+fn start_upstream(port: u16) -> SocketAddr {
+    let listener = StdTcpListener::bind(("127.0.0.1", port)).expect("bind upstream");
     listener
         .set_nonblocking(true)
         .expect("non-blocking upstream listener");
@@ -517,7 +524,7 @@ fn us(d: Duration) -> f64 {
 }
 
 struct Target {
-    name: &'static str,
+    name: String,
     addr: SocketAddr,
     auth: String,
     delays: Vec<Duration>,
@@ -526,7 +533,8 @@ struct Target {
 fn main() {
     let knobs = Knobs::from_env();
     let _ = epoch();
-    let upstream = start_upstream();
+    let upstream = start_upstream(env_or("SSE_UPSTREAM_PORT", 0u16));
+    let external = external_targets();
     let client = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -545,22 +553,33 @@ fn main() {
     );
 
     // Gateways first (they stay up for every round), then the targets in a fixed turn.
-    let mut gateways: Vec<(Variant, GatewayProcess)> = knobs
-        .variants
-        .iter()
-        .map(|&v| (v, start_gateway(&client, v, knobs.threads, upstream)))
-        .collect();
+    let mut gateways: Vec<(Variant, GatewayProcess)> = match external {
+        Some(_) => Vec::new(),
+        None => knobs
+            .variants
+            .iter()
+            .map(|&v| (v, start_gateway(&client, v, knobs.threads, upstream)))
+            .collect(),
+    };
     let mut targets = vec![Target {
-        name: "direct",
+        name: "direct".to_string(),
         addr: upstream,
         auth: String::new(),
         delays: Vec::new(),
     }];
     for (v, gw) in &gateways {
         targets.push(Target {
-            name: label(*v),
+            name: label(*v).to_string(),
             addr: gw.addr,
             auth: gw.auth.clone(),
+            delays: Vec::new(),
+        });
+    }
+    for t in external.iter().flatten() {
+        targets.push(Target {
+            name: t.name.clone(),
+            addr: t.addr,
+            auth: external_auth(),
             delays: Vec::new(),
         });
     }
@@ -618,7 +637,11 @@ fn main() {
             us(s.p99),
             us(s.max)
         );
-        stats.push((t.name, s));
+        stats.push((t.name.clone(), s));
+    }
+    if external.is_some() {
+        print_table(&stats);
+        return;
     }
     let direct = &stats[0].1;
     println!(
@@ -635,5 +658,25 @@ fn main() {
             us(s.p90) - us(direct.p90),
             us(s.p99) - us(direct.p99),
         );
+    }
+}
+
+/// The summary `benches/load.sh` shows: one markdown row per target, with what it adds
+/// to the direct stream.
+fn print_table(stats: &[(String, Stats)]) {
+    let direct = &stats[0].1;
+    println!();
+    println!("| target | events | median µs | p90 µs | p99 µs | added at the median µs | added at p99 µs |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (name, s) in stats {
+        table_row(&[
+            name.clone(),
+            s.n.to_string(),
+            format!("{:.0}", us(s.median)),
+            format!("{:.0}", us(s.p90)),
+            format!("{:.0}", us(s.p99)),
+            format!("{:+.0}", us(s.median) - us(direct.median)),
+            format!("{:+.0}", us(s.p99) - us(direct.p99)),
+        ]);
     }
 }

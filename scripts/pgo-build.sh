@@ -85,7 +85,7 @@ build() {
 # The load bench's gatewarden targets, against binary $1.
 train() {
     GW_BIN=$1 ROUNDS=1 WRK_DURATION="$train_duration" \
-        TARGETS="gw-empty-ws gw-chain-ws gw-css-ws" bash benches/load.sh
+        TARGETS="gw-empty gw-chain gw-css" WORKLOADS="" bash benches/load.sh
 }
 
 echo "== 1/4 instrumented build (rustc's LLVM $llvm_major)"

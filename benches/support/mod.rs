@@ -217,3 +217,65 @@ impl GatewayProcess {
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
+
+/// A proxy started by `benches/load.sh` rather than by the bench: nginx, HAProxy,
+/// Caddy, a gatewarden build, each already pointed at the bench's upstream.
+pub struct External {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// Every process whose memory counts for it (nginx's master and workers, Caddy
+    /// and the auth endpoint it asks).
+    pub pids: Vec<u32>,
+}
+
+/// The targets in `BENCH_TARGETS` (`name=127.0.0.1:port@pid,pid name=...`, the
+/// `@pids` part optional), or `None` when the bench should start its own gateways.
+pub fn external_targets() -> Option<Vec<External>> {
+    let list = std::env::var("BENCH_TARGETS").ok()?;
+    let targets = list
+        .split_whitespace()
+        .map(|entry| {
+            let (name, rest) = entry
+                .split_once('=')
+                .unwrap_or_else(|| panic!("BENCH_TARGETS entry {entry:?} is not name=address"));
+            let (addr, pids) = rest.split_once('@').unwrap_or((rest, ""));
+            External {
+                name: name.to_string(),
+                addr: addr
+                    .parse()
+                    .unwrap_or_else(|_| panic!("BENCH_TARGETS: {addr:?} is not an address")),
+                pids: pids
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| {
+                        p.parse()
+                            .unwrap_or_else(|_| panic!("BENCH_TARGETS: bad pid {p:?}"))
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    Some(targets)
+}
+
+/// The header line every request to an external target carries: the bench key that
+/// `benches/load.sh` made (`BENCH_KEY`), or nothing.
+pub fn external_auth() -> String {
+    match std::env::var("BENCH_KEY") {
+        Ok(key) if !key.is_empty() => format!("Authorization: Bearer {key}\r\n"),
+        _ => String::new(),
+    }
+}
+
+/// Prints one markdown table row; `cells` are already formatted.
+pub fn table_row(cells: &[String]) {
+    println!("| {} |", cells.join(" | "));
+}
+
+/// `value / reference` as a two-decimal ratio, or `-` without a reference.
+pub fn ratio(value: f64, reference: Option<f64>) -> String {
+    match reference {
+        Some(r) if r > 0.0 => format!("{:.2}", value / r),
+        _ => "-".to_string(),
+    }
+}
