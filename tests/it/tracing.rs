@@ -435,3 +435,50 @@ fn a_zero_sample_ratio_exports_nothing_and_still_propagates() {
     assert!(collector.lines("SPAN ").is_empty());
     assert!(collector.lines("RAW ").is_empty());
 }
+
+#[test]
+fn a_reload_changes_or_turns_off_tracing() {
+    let Some((collector, app, gw)) = setup("gw-reload-a", false, json!({})) else {
+        return;
+    };
+    let auth = format!("Authorization: Bearer {PLUGIN_KEY}");
+    assert_eq!(get(gw.addr, "/api/a", &[&auth]).status, 200);
+    collector.wait_for("gw-reload-a", 1);
+
+    gw.rewrite(config(
+        &collector,
+        "gw-reload-b",
+        app.addr,
+        false,
+        json!({}),
+    ));
+    gw.signal("HUP");
+    poll_until(
+        "spans under the new service name",
+        Duration::from_secs(20),
+        || {
+            assert_eq!(get(gw.addr, "/api/b", &[&auth]).status, 200);
+            std::thread::sleep(Duration::from_millis(150));
+            !collector.spans("gw-reload-b").is_empty()
+        },
+    );
+
+    // Off: the client's own trace headers reach the upstream untouched.
+    let off =
+        config(&collector, "gw-reload-b", app.addr, false, json!({})).set("tracing", Value::Null);
+    gw.rewrite(off);
+    gw.signal("HUP");
+    let client = format!("00-{TRUSTED_TRACE}-{TRUSTED_PARENT}-01");
+    poll_until("tracing to be off", Duration::from_secs(20), || {
+        let traceparent = format!("traceparent: {client}");
+        assert_eq!(get(gw.addr, "/api/c", &[&auth, &traceparent]).status, 200);
+        header_of(&app, "traceparent").as_deref() == Some(client.as_str())
+    });
+    // Spans of the requests traced before the reload took effect are sent by now.
+    std::thread::sleep(Duration::from_millis(400));
+    let before = collector.spans("gw-reload-b").len();
+    assert_eq!(get(gw.addr, "/api/d", &[&auth]).status, 200);
+    assert_eq!(header_of(&app, "traceparent"), None);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(collector.spans("gw-reload-b").len(), before);
+}
