@@ -478,8 +478,9 @@ impl ProxyHttp for Gateway {
             .map(|r| &r.chain)
             .filter(|c| c.edits_upstream_request());
         // The core's six headers, and room for what the chain's plugins set.
-        let room = if chain.is_some() { 12 } else { 6 } + 2;
         let trace = ctx.trace.as_ref();
+        // ... and `traceparent` and `tracestate`.
+        let room = if chain.is_some() { 12 } else { 6 } + if trace.is_some() { 2 } else { 0 };
         forwarding.apply(upstream, room, |up| {
             if let Some(trace) = trace {
                 trace.propagate(&mut up.headers);

@@ -286,6 +286,7 @@ fn spans_reach_an_otlp_collector_with_trace_context_and_no_secrets() {
     assert_eq!(shown.status, 200);
     let shown = String::from_utf8_lossy(&shown.body).to_string();
     assert!(!shown.contains(COLLECTOR_TOKEN), "{shown}");
+    assert!(shown.contains("********"), "{shown}");
     assert!(shown.contains("otlp_endpoint"), "{shown}");
 
     // Nothing yet (the interval is an hour); the stop sends it all.
