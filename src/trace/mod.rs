@@ -14,6 +14,7 @@ pub mod export;
 pub mod proto;
 pub mod span;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::file::TracingSection;
@@ -126,9 +127,16 @@ impl Tracer {
         })
     }
 
-    /// Whether this tracer was built from `section` (a reload keeps it then).
-    pub fn built_from(&self, section: &TracingSection) -> bool {
-        &self.section == section
+    /// The tracer for `section`: `previous` when it was built from the same settings (a
+    /// reload keeps its queue and thread), else a new one.
+    pub fn kept_or_built(
+        section: TracingSection,
+        previous: Option<&Arc<Tracer>>,
+    ) -> Result<Arc<Tracer>, Vec<(String, String)>> {
+        match previous.filter(|t| t.section == section) {
+            Some(kept) => Ok(kept.clone()),
+            None => Tracer::build(section).map(Arc::new),
+        }
     }
 
     /// Starts exporting; once the config is about to serve.

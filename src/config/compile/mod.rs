@@ -384,17 +384,11 @@ pub fn compile_with(
             .and_then(|section| {
                 tracing_shown = serde_json::to_value(&section).ok();
                 let kept = previous.and_then(|p| p.tracing.as_ref());
-                match kept.filter(|t| t.built_from(&section)) {
-                    Some(kept) => Some(kept.clone()),
-                    None => crate::trace::Tracer::build(section)
-                        .map(Arc::new)
-                        .map_err(|list| {
-                            for (key, message) in list {
-                                errors.push(format!("tracing.{key}"), message);
-                            }
-                        })
-                        .ok(),
+                let built = crate::trace::Tracer::kept_or_built(section, kept);
+                for (key, message) in built.as_ref().err().into_iter().flatten() {
+                    errors.push(format!("tracing.{key}"), message.as_str());
                 }
+                built.ok()
             }),
     };
 
