@@ -1,10 +1,10 @@
 //! The config as `GET /admin/config` shows it.
 //!
 //! Plugins and the admin and tracing sections are shown as their typed settings
-//! serialize: every
-//! secret setting is a [`Secret`], which serializes as `********`, so nothing here
-//! knows which settings are secret. The other sections are shown as written. URLs
-//! anywhere lose their passwords (`redis://:pw@host` shows `redis://:********@host`).
+//! serialize: every secret setting is a [`Secret`], which serializes as `********`, so
+//! nothing here knows which settings are secret. The other sections are shown as
+//! written. URLs anywhere lose their passwords (`redis://:pw@host` shows
+//! `redis://:********@host`).
 
 use serde_yaml_ng::Value;
 
