@@ -123,6 +123,15 @@ if ! python3 -c 'import openai' >/dev/null 2>&1; then
 fi
 echo "setup.sh: openai $(python3 -c 'import openai; print(openai.__version__)')"
 
+# The OTLP protobuf definitions, which the tracing tests' collector decodes the
+# gateway's spans with (tests/it/tracing.rs). From PyPI, only when missing.
+if ! python3 -c 'import opentelemetry.proto.collector.trace.v1.trace_service_pb2' >/dev/null 2>&1; then
+    echo "setup.sh: installing the opentelemetry-proto Python package"
+    pip_install=(python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore)
+    "${pip_install[@]}" opentelemetry-proto || "${pip_install[@]}" --break-system-packages opentelemetry-proto
+fi
+echo "setup.sh: opentelemetry-proto $(python3 -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
+
 # check-jsonschema, the validator the schema test checks conf/ against
 # (tests/it/schema.rs). From PyPI, only when missing.
 if ! command -v check-jsonschema >/dev/null 2>&1; then

@@ -21,6 +21,7 @@ pub mod request_rules;
 pub mod router;
 pub mod server;
 pub mod stop;
+pub mod trace;
 pub mod tunnel;
 pub mod upstream;
 pub mod usage;

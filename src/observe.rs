@@ -22,6 +22,9 @@ pub struct Metrics {
     pub redis_errors: IntCounter,
     pub log_lines_dropped: IntCounter,
     pub key_store_errors: IntCounter,
+    pub trace_spans_exported: IntCounter,
+    pub trace_spans_dropped: IntCounter,
+    pub trace_export_failures: IntCounter,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -97,6 +100,23 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "Failed reads of the key set shared through Redis; each left the keys loaded last in force.",
     )?;
     registry.register(Box::new(key_store_errors.clone()))?;
+    let simple = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+        let c = IntCounter::new(name, help)?;
+        registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    };
+    let trace_spans_exported = simple(
+        "gatewarden_trace_spans_exported_total",
+        "Spans the OTLP collector accepted.",
+    )?;
+    let trace_spans_dropped = simple(
+        "gatewarden_trace_spans_dropped_total",
+        "Spans lost: the export queue was full, or the collector refused or could not be reached.",
+    )?;
+    let trace_export_failures = simple(
+        "gatewarden_trace_export_failures_total",
+        "Export requests to the OTLP collector that failed.",
+    )?;
     let inflight = IntGauge::new("gatewarden_inflight_requests", "Requests being served now.")?;
     registry.register(Box::new(inflight.clone()))?;
     Ok(Metrics {
@@ -113,6 +133,9 @@ fn build() -> Result<Metrics, prometheus::Error> {
         redis_errors,
         log_lines_dropped,
         key_store_errors,
+        trace_spans_exported,
+        trace_spans_dropped,
+        trace_export_failures,
     })
 }
 

@@ -65,6 +65,8 @@ pub struct RequestCtx {
     backend: Option<SocketAddr>,
     /// The `X-Request-Id` value, made once for the upstream request and the response.
     request_id_value: Option<HeaderValue>,
+    /// The request's trace, when `tracing:` is on.
+    trace: Option<crate::trace::RequestTrace>,
     started: Instant,
     _inflight: InflightGuard,
 }
@@ -187,6 +189,7 @@ impl ProxyHttp for Gateway {
             tried: Vec::new(),
             backend: None,
             request_id_value: None,
+            trace: None,
             started: Instant::now(),
             _inflight: InflightGuard::enter(),
         }
@@ -230,6 +233,11 @@ impl ProxyHttp for Gateway {
             let reply = endpoints::health_reply(&snapshot);
             ctx.snapshot = Some(snapshot);
             return self.respond(session, ctx, reply).await;
+        }
+
+        // Begun only past the health path: probes would be most spans and tell nothing.
+        if let Some(tracer) = &snapshot.tracing {
+            ctx.trace = Some(tracer.begin(&req.headers, ctx.peer_trusted));
         }
 
         // Pingora follows RFC 9112 (Transfer-Encoding wins, the connection closes), but
@@ -470,8 +478,13 @@ impl ProxyHttp for Gateway {
             .map(|r| &r.chain)
             .filter(|c| c.edits_upstream_request());
         // The core's six headers, and room for what the chain's plugins set.
-        let room = if chain.is_some() { 12 } else { 6 };
+        let trace = ctx.trace.as_ref();
+        // ... and `traceparent` and `tracestate`.
+        let room = if chain.is_some() { 12 } else { 6 } + if trace.is_some() { 2 } else { 0 };
         forwarding.apply(upstream, room, |up| {
+            if let Some(trace) = trace {
+                trace.propagate(&mut up.headers);
+            }
             if let Some(chain) = chain {
                 chain.on_upstream_request(up, &ctx.plugin);
             }
@@ -640,6 +653,28 @@ impl ProxyHttp for Gateway {
                 UNROUTED.requests.inc(status);
                 UNROUTED.duration.observe(elapsed);
             }
+        }
+        let tracer = ctx.snapshot.as_ref().and_then(|s| s.tracing.as_ref());
+        if let (Some(tracer), Some(trace)) = (tracer, &ctx.trace) {
+            let req = session.req_header();
+            let identity = ctx.plugin.identity.as_ref();
+            tracer.end(
+                trace,
+                &crate::trace::Outcome {
+                    method: req.method.as_str(),
+                    path: req.uri.path(),
+                    status,
+                    route: ctx.plugin.route.as_deref(),
+                    upstream: ctx.plugin.upstream.as_deref(),
+                    // A backend that refused the connection was moved to `tried`.
+                    backend: ctx.backend.or_else(|| ctx.tried.last().copied()),
+                    client: ctx.plugin.client_ip,
+                    subject: identity.map(|i| &*i.subject),
+                    auth_method: identity.map(|i| i.method),
+                    auth_failure: ctx.plugin.auth_failure,
+                    request_id: ctx.plugin.request_id.as_str(),
+                },
+            );
         }
         if let Some((_, log)) = ctx.snapshot.as_ref().and_then(|s| s.access_log.as_ref()) {
             log.write(

@@ -40,6 +40,9 @@ fn client_buffers() -> L4BufferSettings {
 /// SIGQUIT, unless `server.grace_period_seconds` says otherwise: Pingora's default.
 const DEFAULT_GRACE_PERIOD_SECS: u64 = 300;
 
+/// How long a stopping gateway waits for its last spans to reach the collector.
+const TRACE_FLUSH_BOUND: Duration = Duration::from_secs(5);
+
 /// How the process was asked to start.
 #[derive(Debug, Default, Clone)]
 pub struct RunFlags {
@@ -231,6 +234,11 @@ pub fn run(
     server.run(pingora::server::RunArgs {
         shutdown_signal: Box::new(stop_signals),
     });
+    if let Some(tracer) = &state.current().tracing {
+        if !tracer.flush(TRACE_FLUSH_BOUND) {
+            log::warn!("tracing: spans still queued at exit were not all sent");
+        }
+    }
     drop(state);
     Ok(())
 }

@@ -175,6 +175,32 @@ pub struct RouteSection {
     pub max_request_body: Option<Size>,
 }
 
+/// `tracing:` — OpenTelemetry traces over OTLP/HTTP; off when absent.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TracingSection {
+    /// The collector's OTLP/HTTP base URL, such as `http://127.0.0.1:4318`; spans are
+    /// POSTed to `<otlp_endpoint>/v1/traces` as protobuf.
+    pub otlp_endpoint: String,
+    /// Share of new traces recorded, 0 to 1 (default 1). A trace continued from a
+    /// trusted proxy follows that proxy's decision instead.
+    pub sample_ratio: Option<f64>,
+    /// `service.name` of the spans (default `gatewarden`).
+    pub service_name: Option<String>,
+    /// Headers sent with every export, such as the collector's `Authorization`; the
+    /// values are secrets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, super::mask::Secret>,
+    /// Finished spans waiting for export (default 2048); more are dropped and counted.
+    pub queue_size: Option<usize>,
+    /// Most spans per export request (default 512).
+    pub batch_size: Option<usize>,
+    /// Longest time a span waits for its batch to fill before it is sent (default 5s).
+    pub export_interval: Option<Span>,
+    /// Time allowed for one export request (default 10s).
+    pub export_timeout: Option<Span>,
+}
+
 /// The top-level keys, for the unknown-key check and their order in messages.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
     "server",
@@ -189,6 +215,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "global_plugins",
     "routes",
     "access_log",
+    "tracing",
 ];
 
 /// A parsed `plugins:` entry: its type and the rest of its block.

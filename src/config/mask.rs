@@ -1,28 +1,31 @@
 //! The config as `GET /admin/config` shows it.
 //!
-//! Plugins and the admin section are shown as their typed settings serialize: every
-//! secret setting is a [`Secret`], which serializes as `********`, so nothing here
-//! knows which settings are secret. The other sections are shown as written. URLs
-//! anywhere lose their passwords (`redis://:pw@host` shows `redis://:********@host`).
+//! Plugins and the admin and tracing sections are shown as their typed settings
+//! serialize: every secret setting is a [`Secret`], which serializes as `********`, so
+//! nothing here knows which settings are secret. The other sections are shown as
+//! written. URLs anywhere lose their passwords (`redis://:pw@host` shows
+//! `redis://:********@host`).
 
 use serde_yaml_ng::Value;
 
 pub use gatewarden_plugins::secret::{Secret, MASK};
 
-/// The config as written (`root`, before `${...}` expansion), with `plugins` and
-/// `admin` replaced by their typed views.
-pub fn masked(
+/// The config as written (`root`, before `${...}` expansion), with `plugins` and the
+/// `typed` top-level sections replaced by their typed views.
+pub fn masked<const N: usize>(
     root: &Value,
     plugins: serde_json::Map<String, serde_json::Value>,
-    admin: Option<serde_json::Value>,
+    typed: [(&str, Option<serde_json::Value>); N],
 ) -> serde_json::Value {
     let mut shown = as_json(root);
     if let serde_json::Value::Object(top) = &mut shown {
         if top.contains_key("plugins") {
             top.insert("plugins".into(), strip_passwords(plugins.into()));
         }
-        if let Some(admin) = admin {
-            top.insert("admin".into(), strip_passwords(admin));
+        for (key, view) in typed {
+            if let Some(view) = view {
+                top.insert(key.into(), strip_passwords(view));
+            }
         }
     }
     shown
@@ -95,7 +98,7 @@ mod tests {
             serde_json::json!({ "type": "upstream_auth", "value": MASK, "jwks": "https://a:b@c/" }),
         );
         let admin = serde_json::json!({ "address": "127.0.0.1:9091", "api_key": MASK });
-        let text = masked(&v, plugins, Some(admin)).to_string();
+        let text = masked(&v, plugins, [("admin", Some(admin))]).to_string();
         for secret in [
             "literal-admin-key-123456",
             "$argon2id$x",

@@ -69,6 +69,7 @@ pub fn schema() -> Value {
                 "anyOf": [{ "type": "string" }, { "const": false }, { "type": "null" }],
                 "description": "off, stdout, or a file path: one JSON line per request.",
             },
+            "tracing": or_null(section::<TracingSection>(g)),
         },
     })
 }

@@ -183,6 +183,7 @@ fn documented_variables() -> BTreeMap<String, String> {
             "LLM_API_KEY" => "sk-the-llm-servers-key".into(),
             // `head -c 20 /dev/urandom | base32`
             "GATEWARDEN_TOTP_SECRET" => "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP".into(),
+            "GATEWARDEN_OTLP_TOKEN" => "the-collectors-token".into(),
             other => panic!(
                 "configuration.md documents ${other}, which this test does not know how to \
                  make: add it here as the table says"

@@ -59,6 +59,8 @@ pub struct Snapshot {
     /// Every plugin instance by name, kept for the next reload.
     pub plugins: BTreeMap<String, BuiltPlugin>,
     pub redis: Option<Arc<gatewarden_plugins::redis_store::RedisHandle>>,
+    /// Spans and trace propagation, when `tracing:` is set.
+    pub tracing: Option<Arc<crate::trace::Tracer>>,
 }
 
 impl Snapshot {
@@ -81,6 +83,9 @@ impl Snapshot {
             if let Err(e) = writer.start() {
                 problems.push(format!("access_log {target}: {e}"));
             }
+        }
+        if let Some(Err(e)) = self.tracing.as_ref().map(|t| t.start()) {
+            problems.push(format!("tracing: {e}"));
         }
         for (name, built) in &self.plugins {
             if let Err(e) = built.plugin.start() {
@@ -371,6 +376,22 @@ pub fn compile_with(
         }
     };
 
+    let mut tracing_shown = None;
+    let tracing = match take("tracing") {
+        Value::Null => None,
+        v => errors
+            .parse::<TracingSection>("tracing", v)
+            .and_then(|section| {
+                tracing_shown = serde_json::to_value(&section).ok();
+                let kept = previous.and_then(|p| p.tracing.as_ref());
+                let built = crate::trace::Tracer::kept_or_built(section, kept);
+                for (key, message) in built.as_ref().err().into_iter().flatten() {
+                    errors.push(format!("tracing.{key}"), message.as_str());
+                }
+                built.ok()
+            }),
+    };
+
     // Upstreams.
     let mut pools: BTreeMap<String, Arc<Pool>> = BTreeMap::new();
     let mut declared_upstreams = BTreeSet::new();
@@ -603,13 +624,18 @@ pub fn compile_with(
             plugin_count,
             redis_url,
             admin_api_key: admin.as_ref().and_then(|a| a.api_key.clone()),
-            masked_config: super::mask::masked(&as_written, plugins_shown, admin_shown),
+            masked_config: super::mask::masked(
+                &as_written,
+                plugins_shown,
+                [("admin", admin_shown), ("tracing", tracing_shown)],
+            ),
             key_stores,
             session_lifetime,
             gateway_cookies,
             plugins: built,
             redis,
             access_log,
+            tracing,
         },
         listeners,
         admin,

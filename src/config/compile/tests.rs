@@ -162,3 +162,30 @@ fn the_client_write_buffer_is_bounded() {
     assert_eq!(errs[0].path, "server.client_write_buffer_bytes");
     assert!(errs[0].message.contains("at most"), "{errs:?}");
 }
+
+#[test]
+fn a_reload_keeps_the_tracer_only_while_its_section_is_unchanged() {
+    let traced = |ratio: &str| {
+        format!("{MINIMAL}tracing: {{ otlp_endpoint: 'http://127.0.0.1:4318', sample_ratio: {ratio}, headers: {{ authorization: Bearer collector-token-123 }} }}\n")
+    };
+    let first = compile(&traced("0.5"), 1).unwrap_or_else(|e| panic!("{e:?}"));
+    let tracer = first.snapshot.tracing.clone().unwrap();
+    let shown = first.snapshot.masked_config.to_string();
+    assert!(!shown.contains("collector-token-123"), "{shown}");
+    assert!(shown.contains(crate::config::mask::MASK), "{shown}");
+    let same = compile_with(&traced("0.5"), 2, Some(&first.snapshot)).unwrap();
+    assert!(Arc::ptr_eq(
+        &tracer,
+        same.snapshot.tracing.as_ref().unwrap()
+    ));
+    let changed = compile_with(&traced("0.25"), 3, Some(&same.snapshot)).unwrap();
+    assert!(!Arc::ptr_eq(
+        &tracer,
+        changed.snapshot.tracing.as_ref().unwrap()
+    ));
+    let off = compile_with(MINIMAL, 4, Some(&changed.snapshot)).unwrap();
+    assert!(off.snapshot.tracing.is_none());
+    let errs = errors_of(&traced("2"));
+    assert_eq!(errs[0].path, "tracing.sample_ratio");
+    assert!(errs[0].line.is_some());
+}
