@@ -94,7 +94,8 @@ impl Console {
             ("content-security-policy", CSP),
             ("x-content-type-options", "nosniff"),
             ("x-frame-options", "DENY"),
-            ("referrer-policy", "no-referrer"),
+            // Not `no-referrer`: with it a browser sends `Origin: null` on the sign-in form.
+            ("referrer-policy", "same-origin"),
             ("cache-control", "no-store"),
         ] {
             headers.insert(name, http::HeaderValue::from_static(value));

@@ -104,7 +104,8 @@ async function loadStats() {
   }
   const routes = r.data.routes;
   const seconds = routes.length ? routes[0].seconds : 0;
-  $("window-note").textContent = seconds ? "(last " + Math.round(seconds / 60 * 10) / 10 + " min)" : "";
+  const span = seconds < 120 ? seconds + " s" : Math.round(seconds / 60) + " min";
+  $("window-note").textContent = seconds ? "(last " + span + ")" : "";
   fill($("routes"), routes, (row, s) => {
     row.dataset.route = s.route;
     cell(row, s.route);
