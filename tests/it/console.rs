@@ -335,6 +335,17 @@ fn an_operator_runs_the_gateway_from_the_console_in_a_browser() {
     let gateway = s.gw.addr;
     let stopped = s.ups.addr(1).to_string();
     let setup = &s;
+    // A key whose name and subject are markup, as anyone allowed to name keys could
+    // make: the console must show them as text.
+    let hostile = r#"<img src=x onerror="window.pwned=1">"#;
+    let made = send(
+        s.gw.admin,
+        "POST",
+        "/admin/keys",
+        &[&format!("Authorization: Bearer {ADMIN_KEY}")],
+        &json!({ "name": hostile, "subject": "<b>bold</b>" }).to_string(),
+    );
+    assert_eq!(made.status, 201, "{made:?}");
 
     browser.drive_within(Duration::from_secs(90), |mut page| async move {
         let mut pngs = Vec::new();
@@ -360,6 +371,21 @@ fn an_operator_runs_the_gateway_from_the_console_in_a_browser() {
             .await;
         // The session is out of the page's reach.
         assert_eq!(text(page.eval("document.cookie").await.unwrap()), "");
+        let shown = page
+            .eval(
+                "[...document.querySelectorAll('#keys td')].map(td => td.textContent).join('|')",
+            )
+            .await
+            .unwrap();
+        assert!(
+            text(shown.clone()).contains(&format!("{hostile}|")) && text(shown.clone()).contains("|<b>bold</b>|"),
+            "{shown}"
+        );
+        let injected = page
+            .eval("document.querySelectorAll('#keys img, #keys b').length + (window.pwned || 0)")
+            .await
+            .unwrap();
+        assert_eq!(injected, 0, "markup from the API became elements");
         pngs.push(page.screenshot(shots_dir, "2-signed-in").await);
         // On a phone's screen nothing runs off the side: wide tables scroll in place.
         page.call(
@@ -470,6 +496,17 @@ fn an_operator_runs_the_gateway_from_the_console_in_a_browser() {
             .await
             .unwrap();
         pngs.push(page.screenshot(shots_dir, "5-reload-refused").await);
+        // Put right, the file is taken.
+        let good = std::fs::read_to_string(&setup.gw.config)
+            .unwrap()
+            .replace("\nroutez: []\n", "\n");
+        std::fs::write(&setup.gw.config, good).unwrap();
+        page.click("#reload").await;
+        page.wait_for(
+            "document.getElementById('reload-result').textContent.includes('generation 2') && document.getElementById('reload-error').hidden",
+            "the reload's success",
+        )
+        .await;
 
         // Signing out leaves the page without access.
         page.click("#sign-out").await;
