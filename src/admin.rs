@@ -246,9 +246,7 @@ impl ServeHttp for AdminApp {
                     "config_generation": snapshot.generation,
                 }),
             ),
-            (_, p) if p == crate::console::PREFIX || p.starts_with("/ui/") => {
-                self.console.serve(&snapshot, session).await
-            }
+            (_, p) if crate::console::serves(p) => self.console.serve(&snapshot, session).await,
             (method, p) if p.starts_with("/admin/") => {
                 let Some(expected) = snapshot.admin_api_key.as_deref() else {
                     return error(

@@ -34,6 +34,12 @@ const STYLE: &str = include_str!("assets/app.css");
 /// Largest sign-in form read.
 const FORM_LIMIT: usize = 4 * 1024;
 
+/// True for the paths the console answers: `/ui` and everything under `/ui/`.
+pub fn serves(path: &str) -> bool {
+    path.strip_prefix(PREFIX)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// The console's sessions, for as long as the process runs.
 #[derive(Default)]
 pub struct Console {
@@ -240,4 +246,17 @@ pub fn stats(snapshot: &Snapshot) -> serde_json::Value {
         "bucket_seconds": window::BUCKET_SECS,
         "routes": routes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_console_answers_its_own_paths_only() {
+        for path in ["/ui", "/ui/", "/ui/app.js", "/ui/sign-in"] {
+            assert!(super::serves(path), "{path}");
+        }
+        for path in ["/uix", "/u", "/", "/admin/ui/", "/UI/"] {
+            assert!(!super::serves(path), "{path}");
+        }
+    }
 }

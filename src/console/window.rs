@@ -142,8 +142,9 @@ impl RouteWindow {
         bucket.requests.fetch_add(1, Ordering::Relaxed);
         match status {
             400..=499 => bucket.client_errors.fetch_add(1, Ordering::Relaxed),
-            // No status at all: the request failed before any answer went out.
-            0 | 500..=599 => bucket.server_errors.fetch_add(1, Ordering::Relaxed),
+            500..=599 => bucket.server_errors.fetch_add(1, Ordering::Relaxed),
+            // Status 0 (no answer went out, mostly a client that left) is no error of
+            // either side's that a status could name: counted as a request only.
             _ => 0,
         };
         let ms = latency.as_millis();
@@ -212,7 +213,8 @@ static WINDOWS: LazyLock<Mutex<HashMap<String, Arc<RouteWindow>>>> =
     LazyLock::new(Default::default);
 
 /// The window of the route named `route`: the same one across reloads, so a reload
-/// does not empty the console's figures.
+/// does not empty the console's figures. A route removed from the config keeps its
+/// (small) window, as its Prometheus series stay too.
 pub fn for_route(route: &str) -> Arc<RouteWindow> {
     let mut windows = WINDOWS.lock().unwrap_or_else(|p| p.into_inner());
     windows.entry(route.to_string()).or_default().clone()
@@ -232,15 +234,16 @@ mod tests {
         }
         w.record_at(105, 404, MS * 40);
         w.record_at(106, 502, MS * 2_000);
+        w.record_at(106, 0, MS);
         let s = w.summary_at(106);
-        assert_eq!(s.requests, 100);
+        assert_eq!(s.requests, 101);
         assert_eq!(s.client_errors, 1);
         assert_eq!(s.server_errors, 1);
-        // 98 of 100 took at most 5 ms; the 99th fastest took 40 ms.
+        // 99 of 101 took at most 5 ms; the 100th fastest took 40 ms.
         assert_eq!(s.p50_ms, Some(Some(5)));
         assert_eq!(s.p99_ms, Some(Some(50)));
         let json = s.to_json();
-        assert_eq!(json["server_error_rate"], 0.01);
+        assert_eq!(json["server_error_rate"], 1.0 / 101.0);
         assert_eq!(json["p99_ms"], 50);
     }
 
