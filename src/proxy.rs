@@ -613,7 +613,6 @@ impl ProxyHttp for Gateway {
             Some(route) => {
                 route.metrics.requests.inc(status);
                 route.metrics.duration.observe(elapsed);
-                route.metrics.window.record(status, took);
                 route
                     .chain
                     .on_logging(session.req_header(), &ctx.plugin, status);
@@ -637,6 +636,7 @@ impl ProxyHttp for Gateway {
                     ),
                     shared,
                 );
+                route.metrics.window.record(status, took);
             }
             None => {
                 UNROUTED.requests.inc(status);

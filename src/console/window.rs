@@ -216,6 +216,8 @@ static WINDOWS: LazyLock<Mutex<HashMap<String, Arc<RouteWindow>>>> =
 /// does not empty the console's figures. A route removed from the config keeps its
 /// (small) window, as its Prometheus series stay too.
 pub fn for_route(route: &str) -> Arc<RouteWindow> {
+    // The clock starts with the first config, not on the first request's path.
+    LazyLock::force(&STARTED);
     let mut windows = WINDOWS.lock().unwrap_or_else(|p| p.into_inner());
     windows.entry(route.to_string()).or_default().clone()
 }
