@@ -1,4 +1,5 @@
-//! The internal listener: `/metrics`, `/healthz`, and `/admin/*` behind the admin key.
+//! The internal listener: `/metrics`, `/healthz`, `/admin/*` behind the admin key (or
+//! a console session), and the console under `/ui/`.
 
 use std::sync::Arc;
 
@@ -10,35 +11,30 @@ use pingora::protocols::http::ServerSession;
 use crate::reload::State;
 use gatewarden_plugins::key_store::KeyStore;
 use gatewarden_plugins::keys::{KeyRecord, KeysError, NewKey};
-use gatewarden_plugins::{credentials, Role};
+use gatewarden_plugins::Role;
 
 pub struct AdminApp {
     pub state: Arc<State>,
+    pub console: crate::console::Console,
 }
 
-fn json(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
+pub(crate) fn json(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
     let body = body.to_string().into_bytes();
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::CONTENT_LENGTH, body.len())
         .header(http::header::CACHE_CONTROL, "no-store")
+        .header(http::header::X_CONTENT_TYPE_OPTIONS, "nosniff")
         .body(body)
         .unwrap_or_default()
 }
 
-fn error(status: StatusCode, reason: &str) -> Response<Vec<u8>> {
+pub(crate) fn error(status: StatusCode, reason: &str) -> Response<Vec<u8>> {
     json(
         status,
         serde_json::json!({ "error": reason, "status": status.as_u16() }),
     )
-}
-
-/// The bearer token of the one `Authorization` header; none when it is repeated.
-fn presented_key(session: &ServerSession) -> Option<&[u8]> {
-    let auth =
-        credentials::only_value(session.req_header(), &http::header::AUTHORIZATION).ok()??;
-    credentials::bearer(auth.as_bytes())
 }
 
 /// Reads a small JSON body; `None` when over 64 KiB.
@@ -250,6 +246,7 @@ impl ServeHttp for AdminApp {
                     "config_generation": snapshot.generation,
                 }),
             ),
+            (_, p) if crate::console::serves(p) => self.console.serve(&snapshot, session).await,
             (method, p) if p.starts_with("/admin/") => {
                 let Some(expected) = snapshot.admin_api_key.as_deref() else {
                     return error(
@@ -257,16 +254,8 @@ impl ServeHttp for AdminApp {
                         "the admin API is off: set admin.api_key",
                     );
                 };
-                match presented_key(session) {
-                    Some(key) if credentials::constant_time_eq(key, expected.as_bytes()) => {}
-                    _ => {
-                        let mut resp = error(StatusCode::UNAUTHORIZED, "admin key required");
-                        resp.headers_mut().insert(
-                            http::header::WWW_AUTHENTICATE,
-                            http::HeaderValue::from_static("Bearer"),
-                        );
-                        return resp;
-                    }
+                if let Some(refused) = self.console.refusal(expected, session.req_header()) {
+                    return refused;
                 }
                 match (method, p) {
                     (http::Method::GET, "/admin/config") => {
@@ -297,6 +286,12 @@ impl ServeHttp for AdminApp {
                                     "the key operation failed",
                                 )
                             })
+                    }
+                    (http::Method::GET, "/admin/backends") => {
+                        json(StatusCode::OK, crate::console::backends(&snapshot))
+                    }
+                    (http::Method::GET, "/admin/stats") => {
+                        json(StatusCode::OK, crate::console::stats(&snapshot))
                     }
                     (http::Method::GET, "/admin/usage") => {
                         usage(&snapshot, session.req_header()).await

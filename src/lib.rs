@@ -8,6 +8,7 @@ pub mod admin;
 pub mod chain;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod demo_upstream;
 pub mod downstream;
 pub mod endpoints;

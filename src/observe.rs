@@ -208,6 +208,8 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     pub auth_failures: IntCounterVec,
     pub client_disconnects: IntCounter,
+    /// The last minutes of requests, for the console.
+    pub window: Arc<crate::console::window::RouteWindow>,
     route: Arc<str>,
 }
 
@@ -219,6 +221,7 @@ impl RouteMetrics {
             duration: m.duration.with_label_values(&[route]),
             auth_failures: m.auth_failures.clone(),
             client_disconnects: m.client_disconnects.with_label_values(&[route]),
+            window: crate::console::window::for_route(route),
             route: route.clone(),
         }
     }

@@ -620,7 +620,8 @@ impl ProxyHttp for Gateway {
         // The response is complete: the client gets it before the bookkeeping below.
         crate::downstream::send_owed(session.downstream_session.stream());
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let elapsed = ctx.started.elapsed().as_secs_f64();
+        let took = ctx.started.elapsed();
+        let elapsed = took.as_secs_f64();
         match &ctx.route {
             Some(route) => {
                 route.metrics.requests.inc(status);
@@ -648,6 +649,7 @@ impl ProxyHttp for Gateway {
                     ),
                     shared,
                 );
+                route.metrics.window.record(status, took);
             }
             None => {
                 UNROUTED.requests.inc(status);

@@ -190,12 +190,13 @@ pub fn run(
             "gatewarden admin".to_string(),
             AdminApp {
                 state: state.clone(),
+                console: Default::default(),
             },
         );
         service.add_tcp(&admin.address.to_string());
         server.add_service(stopper.wrap(service));
         lines.push(format!(
-            "admin on http://{} (/metrics, /healthz, /admin/*)",
+            "admin on http://{} (/metrics, /healthz, /admin/*, the console at /ui/)",
             admin.address
         ));
     }

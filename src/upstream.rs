@@ -468,6 +468,20 @@ impl Pool {
         });
     }
 
+    /// Each backend and whether it is in service (what `gatewarden_backend_healthy`
+    /// publishes); every backend of a pool without a health check is.
+    pub fn backend_health(&self) -> Vec<(SocketAddr, bool)> {
+        let Some(members) = self.members.get() else {
+            return Vec::new();
+        };
+        with_lb!(&members.balancer, lb => lb
+            .backends()
+            .get_backend()
+            .iter()
+            .filter_map(|b| b.addr.as_inet().map(|addr| (*addr, lb.backends().ready(b))))
+            .collect())
+    }
+
     /// Backend addresses, for messages.
     pub fn backend_addrs(&self) -> impl Iterator<Item = &SocketAddr> {
         let slots = self.members.get().map_or(&[][..], |m| &m.slots);

@@ -125,6 +125,29 @@ impl Gateway {
     }
 }
 
+/// Sends one request with `Host: host`, `headers` (each `Name: value`) and `body`; a
+/// `Content-Length` whenever there is a body or the method is POST.
+pub fn send_to(
+    addr: SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> RawResponse {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    raw(addr, &req).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
 /// A reqwest client that never uses a proxy from the environment.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()

@@ -157,17 +157,7 @@ pub(crate) fn encode(text: &str) -> String {
 
 /// Sends one request with `headers` (each `Name: value`) and `body`.
 fn send(addr: SocketAddr, method: &str, path: &str, headers: &[&str], body: &str) -> RawResponse {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    if !body.is_empty() || method == "POST" {
-        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    for h in headers {
-        req.push_str(h);
-        req.push_str("\r\n");
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    raw(addr, &req).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    send_to(addr, "localhost", method, path, headers, body)
 }
 
 /// Posts the login form.
