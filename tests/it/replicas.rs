@@ -481,8 +481,18 @@ fn usage_through_two_replicas_adds_up_to_what_the_upstream_reported() {
     assert!(
         rows[0]["bytes_in"].as_u64().unwrap() > 0 && rows[0]["bytes_out"].as_u64().unwrap() > 0
     );
+    poll_until(
+        "bob's request to be counted",
+        Duration::from_secs(2),
+        || usage_of(&one, "bob")["totals"]["requests"] == 1,
+    );
     let bob_usage = usage_of(&one, "bob");
     assert_eq!(bob_usage["totals"]["tokens"]["total"], 12, "{bob_usage}");
+    poll_until(
+        "the refused request to be counted",
+        Duration::from_secs(2),
+        || usage_of(&one, "-")["totals"]["responses"]["4xx"] == 1,
+    );
     let nobody = usage_of(&one, "-");
     assert_eq!(nobody["totals"]["responses"]["4xx"], 1, "{nobody}");
 
@@ -537,6 +547,12 @@ fn without_redis_a_gateway_keeps_its_own_usage() {
     let gw = llm_replica(None, llm.addr, &keys);
     complete(&gw, &key, true);
     complete(&gw, &key, false);
+    // A request is counted in its logging phase, just after its response went out.
+    poll_until(
+        "both requests to be counted",
+        Duration::from_secs(2),
+        || usage_of(&gw, "carol")["totals"]["requests"] == 2,
+    );
     let usage = usage_of(&gw, "carol");
     assert_eq!(usage["totals"]["requests"], 2, "{usage}");
     assert_eq!(usage["totals"]["tokens"]["total"], 19, "{usage}");
