@@ -24,6 +24,10 @@ TARGETS = [
     ("gw-empty", "#4e79a7"),
     ("gw-chain", "#1f4e79"),
     ("gw-css", "#76b7b2"),
+    ("gw-empty-shard", "#59a14f"),
+    ("gw-chain-shard", "#2e6b30"),
+    ("gw-empty-pgo", "#9c755f"),
+    ("gw-chain-pgo", "#6b4c3b"),
 ]
 LABELS = {
     "nginx-lua": "nginx + Lua key check",
@@ -31,6 +35,10 @@ LABELS = {
     "gw-empty": "Gatewarden, no plugins",
     "gw-chain": "Gatewarden, full chain",
     "gw-css": "Gatewarden, css_inject",
+    "gw-empty-shard": "Gatewarden shards, no plugins",
+    "gw-chain-shard": "Gatewarden shards, full chain",
+    "gw-empty-pgo": "Gatewarden PGO, no plugins",
+    "gw-chain-pgo": "Gatewarden PGO, full chain",
 }
 
 
@@ -38,10 +46,12 @@ def read_tables(text):
     """{path: {target: req/s}} from load.sh's summary."""
     tables, path = {}, None
     for line in text.splitlines():
-        heading = re.match(r"^### (/\S+)", line)
-        if heading:
-            path = heading.group(1)
-            tables[path] = {}
+        if line.startswith("### "):
+            # A path's table, or a workload's, which is not drawn.
+            heading = re.match(r"^### (/\S+)", line)
+            path = heading.group(1) if heading else None
+            if path:
+                tables[path] = {}
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if path and len(cells) > 2 and cells[1].isdigit():

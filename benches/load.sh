@@ -21,6 +21,8 @@
 #   UPSTREAM_WORKERS=1     nginx workers of the shared upstream
 #   WORK_STEALING="true"   gatewarden variants to run ("true false" adds the -nows
 #                          targets: server.work_stealing false)
+#   GW_SHARDS=N            adds the -shard targets: the default binary with
+#                          server.shards N (one single-threaded shard per CPU: N=auto)
 #   GW_PGO_BIN=path        adds the -pgo targets: this binary (scripts/pgo-build.sh
 #                          makes one at target/pgo/gatewarden) with the same configs
 #   WORKLOADS="sse ws idle" the workloads after the wrk runs ("" skips them): event
@@ -64,6 +66,7 @@ PROXY_THREADS=${PROXY_THREADS:-2}
 UPSTREAM_WORKERS=${UPSTREAM_WORKERS:-1}
 WORK_STEALING=${WORK_STEALING-true}
 GW_PGO_BIN=${GW_PGO_BIN:-}
+GW_SHARDS=${GW_SHARDS:-}
 WORKLOADS=${WORKLOADS-sse ws idle}
 BENCH_PATHS=${BENCH_PATHS:-"/small /64k /page.html"}
 HTML_PATH=/page.html
@@ -80,7 +83,7 @@ CALLGRIND=${CALLGRIND:-0}
 CALLGRIND_CONNS=${CALLGRIND_CONNS:-8}
 CALLGRIND_DURATION=${CALLGRIND_DURATION:-10s}
 if [[ -n "$SOAK_REQUESTS" ]]; then
-    TARGETS="gw-chain" BENCH_PATHS="/small" WORK_STEALING=true GW_PGO_BIN="" WORKLOADS=""
+    TARGETS="gw-chain" BENCH_PATHS="/small" WORK_STEALING=true GW_PGO_BIN="" GW_SHARDS="" WORKLOADS=""
 fi
 
 say() { printf '%s\n' "$*" >&2; }
@@ -220,18 +223,20 @@ else
 fi
 if [[ -n "$PLAIN_PINGORA_BIN" ]]; then add_target pingora; fi
 # Gatewarden's targets: gw-KIND plus a suffix saying which binary and settings run.
-declare -A GW_TARGET_BIN=() GW_TARGET_WS=()
-add_gw_targets() { # add_gw_targets SUFFIX BINARY WORK_STEALING
+declare -A GW_TARGET_BIN=() GW_TARGET_WS=() GW_TARGET_SHARDS=()
+add_gw_targets() { # add_gw_targets SUFFIX BINARY WORK_STEALING [SHARDS]
     local kind
     for kind in empty chain css; do
         add_target "gw-$kind$1"
         GW_TARGET_BIN[gw-$kind$1]=$2
         GW_TARGET_WS[gw-$kind$1]=$3
+        GW_TARGET_SHARDS[gw-$kind$1]=${4:-}
     done
 }
 for ws in $WORK_STEALING; do
     if [[ "$ws" == true ]]; then add_gw_targets "" "$GW_BIN" true; else add_gw_targets -nows "$GW_BIN" false; fi
 done
+if [[ -n "$GW_SHARDS" ]]; then add_gw_targets -shard "$GW_BIN" true "$GW_SHARDS"; fi
 if [[ -n "$GW_PGO_BIN" ]]; then add_gw_targets -pgo "$GW_PGO_BIN" true; fi
 # The event stream and WebSocket servers live in the workload benches; every proxy's
 # config points at these ports.
@@ -344,6 +349,9 @@ for t in "${ORDER[@]}"; do
     cp "$TMP/keys.yaml" "$TMP/theme.css" "$dir/"
     render "$CONF/gatewarden-$kind.yaml" "$dir/gatewarden.yaml" "${vars[@]}" \
         GW_PORT="${PORT[$t]}" GW_DIR="$dir" WORK_STEALING="${GW_TARGET_WS[$t]}"
+    if [[ -n "${GW_TARGET_SHARDS[$t]}" ]]; then
+        sed -i "s/^  work_stealing: .*/&\n  shards: ${GW_TARGET_SHARDS[$t]}/" "$dir/gatewarden.yaml"
+    fi
     "${GW_TARGET_BIN[$t]}" check -c "$dir/gatewarden.yaml" >"$dir/check.log" 2>&1 ||
         die "gatewarden check failed for $t: $(cat "$dir/check.log")"
     # SIGINT is Pingora's fast shutdown; SIGTERM would wait for the grace period.
