@@ -13,6 +13,7 @@ mod basic_auth;
 mod browser;
 mod browser_safety;
 mod cli;
+mod container;
 mod docs;
 mod faults;
 mod hostile;
