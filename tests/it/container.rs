@@ -19,7 +19,7 @@ fn repo() -> PathBuf {
 }
 
 /// Runs `cmd` to its end; panics if it takes longer than `limit`.
-fn bounded(cmd: &mut Command, limit: Duration) -> Output {
+pub(crate) fn bounded(cmd: &mut Command, limit: Duration) -> Output {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -38,7 +38,7 @@ fn bounded(cmd: &mut Command, limit: Duration) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
 }
 

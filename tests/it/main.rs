@@ -14,6 +14,7 @@ mod browser;
 mod browser_safety;
 mod cli;
 mod container;
+mod deploy;
 mod docs;
 mod faults;
 mod hostile;
