@@ -343,36 +343,18 @@ fn the_image_runs_as_nonroot_on_a_read_only_root_and_answers_healthz() {
     // directory there is owned by 65532, and a new volume takes its owner from it.
     podman.ok(&["volume", "create", &podman.volume]);
     let state = format!("{}:/var/lib/gatewarden", podman.volume);
-    let out = podman.run_image(&[
-        "--rm",
-        "--volume",
-        &state,
-        &podman.image,
-        "key",
-        "new",
-        "--file",
-        "/var/lib/gatewarden/keys.yaml",
-        "--name",
-        "probe",
-    ]);
-    assert!(
-        out.status.success(),
-        "key new in the volume: {}",
+    let keys = |command: &[&str]| {
+        let mut args = vec!["--rm", "--volume", &state, &podman.image, "key"];
+        args.extend_from_slice(command);
+        args.extend_from_slice(&["--file", "/var/lib/gatewarden/keys.yaml"]);
+        let out = podman.run_image(&args);
+        assert!(out.status.success(), "key {command:?}: {}", text(&out));
         text(&out)
-    );
-    let out = podman.run_image(&[
-        "--rm",
-        "--volume",
-        &state,
-        &podman.image,
-        "key",
-        "list",
-        "--file",
-        "/var/lib/gatewarden/keys.yaml",
-    ]);
+    };
+    keys(&["new", "--name", "probe"]);
+    let listed = keys(&["list"]);
     assert!(
-        out.status.success() && text(&out).contains("probe"),
-        "key list in the volume: {}",
-        text(&out)
+        listed.contains("probe"),
+        "the key made a moment ago: {listed}"
     );
 }
