@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing gatewarden needs on Debian 12: Debian's own
-# packages, plus mdBook (crates.io), the openai Python package (PyPI) and the test
-# OpenID provider (npm). Idempotent: what is installed already is not touched, and when
-# nothing is missing no network is used at all.
+# packages, plus mdBook (crates.io), Python tools (PyPI: openai, check-jsonschema,
+# detect-secrets, kubernetes-validate) and the test OpenID provider (npm). Idempotent:
+# what is installed already is not touched, and when nothing is missing no network is
+# used at all.
 #
 #   bash scripts/setup.sh            # build + test dependencies
 #   bash scripts/setup.sh --bench    # also wrk, nginx (with its Lua module), haproxy, caddy, valgrind (and linux-perf if available)
@@ -29,8 +30,9 @@ done
 # cmake and a C toolchain build Pingora's vendored dependencies; libssl-dev and
 # pkg-config its OpenSSL binding; redis-server runs the Redis-backed tests; chromium
 # runs the login page test in a real (headless) browser; curl is for trying the
-# gateway by hand.
-packages=(build-essential cmake pkg-config libssl-dev redis-server chromium curl)
+# gateway by hand; podman and runc build and run the container image
+# (tests/it/container.rs).
+packages=(build-essential cmake pkg-config libssl-dev redis-server chromium curl podman runc)
 if [ "$bench" = 1 ]; then
     packages+=(wrk nginx haproxy valgrind caddy libnginx-mod-http-lua)
 fi
@@ -140,6 +142,20 @@ if ! command -v check-jsonschema >/dev/null 2>&1; then
     "${pip_install[@]}" check-jsonschema || "${pip_install[@]}" --break-system-packages check-jsonschema
 fi
 echo "setup.sh: $(check-jsonschema --version)"
+
+# detect-secrets, the secret scan of scripts/test.sh, and kubernetes-validate, which
+# checks the Kubernetes manifests of deploy/kubernetes against the API's schemas (it
+# carries them, so it needs no cluster and no network). From PyPI, pinned: the scan's
+# baseline and the schema versions depend on them.
+pip_install=(python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore)
+for pinned in detect-secrets==1.5.0 kubernetes-validate==1.37.0; do
+    name="${pinned%%==*}"
+    if [ "$(python3 -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')" != "${pinned##*==}" ]; then
+        echo "setup.sh: installing $pinned"
+        "${pip_install[@]}" "$pinned" || "${pip_install[@]}" --break-system-packages "$pinned"
+    fi
+done
+echo "setup.sh: detect-secrets $(detect-secrets --version), kubernetes-validate $(kubernetes-validate --version)"
 
 # The OpenID provider the oidc tests log in at (tests/it/oidc.rs): the `oidc-provider`
 # npm package, pinned by tests/oidc-provider/package-lock.json. Node and npm come from

@@ -23,6 +23,8 @@ fi
 mdbook build docs
 echo "== book links"
 python3 scripts/check-book-links.py
+echo "== secret scan"
+bash scripts/secret-scan.sh
 echo "== cargo build"
 cargo build --workspace --all-targets
 log="$(mktemp)"

@@ -15,6 +15,8 @@ mod browser_safety;
 mod chromium;
 mod cli;
 mod console;
+mod container;
+mod deploy;
 mod docs;
 mod faults;
 mod hostile;
