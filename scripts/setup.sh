@@ -117,11 +117,14 @@ if ! command -v python3 >/dev/null 2>&1; then
     echo "setup.sh: python3 not found; the openai client test needs it" >&2
     exit 1
 fi
+pip_install() {
+    local pip=(python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore)
+    # Debian's own python3 refuses installs outside a venv (PEP 668) unless told.
+    "${pip[@]}" "$@" || "${pip[@]}" --break-system-packages "$@"
+}
 if ! python3 -c 'import openai' >/dev/null 2>&1; then
     echo "setup.sh: installing the openai Python package"
-    pip_install=(python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore)
-    # Debian's own python3 refuses installs outside a venv (PEP 668) unless told.
-    "${pip_install[@]}" openai || "${pip_install[@]}" --break-system-packages openai
+    pip_install openai
 fi
 echo "setup.sh: openai $(python3 -c 'import openai; print(openai.__version__)')"
 
@@ -129,8 +132,7 @@ echo "setup.sh: openai $(python3 -c 'import openai; print(openai.__version__)')"
 # gateway's spans with (tests/it/tracing.rs). From PyPI, only when missing.
 if ! python3 -c 'import opentelemetry.proto.collector.trace.v1.trace_service_pb2' >/dev/null 2>&1; then
     echo "setup.sh: installing the opentelemetry-proto Python package"
-    pip_install=(python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore)
-    "${pip_install[@]}" opentelemetry-proto || "${pip_install[@]}" --break-system-packages opentelemetry-proto
+    pip_install opentelemetry-proto
 fi
 echo "setup.sh: opentelemetry-proto $(python3 -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 
@@ -138,8 +140,7 @@ echo "setup.sh: opentelemetry-proto $(python3 -c 'from importlib.metadata import
 # (tests/it/schema.rs). From PyPI, only when missing.
 if ! command -v check-jsonschema >/dev/null 2>&1; then
     echo "setup.sh: installing check-jsonschema"
-    pip_install=(python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore)
-    "${pip_install[@]}" check-jsonschema || "${pip_install[@]}" --break-system-packages check-jsonschema
+    pip_install check-jsonschema
 fi
 echo "setup.sh: $(check-jsonschema --version)"
 
@@ -147,12 +148,11 @@ echo "setup.sh: $(check-jsonschema --version)"
 # checks the Kubernetes manifests of deploy/kubernetes against the API's schemas (it
 # carries them, so it needs no cluster and no network). From PyPI, pinned: the scan's
 # baseline and the schema versions depend on them.
-pip_install=(python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore)
 for pinned in detect-secrets==1.5.0 kubernetes-validate==1.37.0; do
     name="${pinned%%==*}"
     if [ "$(python3 -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')" != "${pinned##*==}" ]; then
         echo "setup.sh: installing $pinned"
-        "${pip_install[@]}" "$pinned" || "${pip_install[@]}" --break-system-packages "$pinned"
+        pip_install "$pinned"
     fi
 done
 echo "setup.sh: detect-secrets $(detect-secrets --version), kubernetes-validate $(kubernetes-validate --version)"
