@@ -20,6 +20,7 @@ pub mod reload;
 pub mod request_rules;
 pub mod router;
 pub mod server;
+pub mod shards;
 pub mod stop;
 pub mod tunnel;
 pub mod upstream;

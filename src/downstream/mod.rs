@@ -48,6 +48,7 @@ use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
+use prometheus::IntCounter;
 
 use crate::stop::OpenConnection;
 
@@ -90,6 +91,8 @@ pub struct ClientSettings {
 pub struct ClientConnections<A> {
     app: Arc<A>,
     settings: ClientSettings,
+    /// Connections accepted by this listener (or shard of one).
+    accepted: Option<IntCounter>,
 }
 
 impl<A> ClientConnections<A> {
@@ -97,7 +100,14 @@ impl<A> ClientConnections<A> {
         ClientConnections {
             app: Arc::new(app),
             settings,
+            accepted: None,
         }
+    }
+
+    /// Counts every connection accepted in `counter`.
+    pub fn counted(mut self, counter: IntCounter) -> Self {
+        self.accepted = Some(counter);
+        self
     }
 }
 
@@ -174,6 +184,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientConnections<A
     ) -> Option<Stream> {
         // A graceful stop waits for this connection until it is dropped.
         let open = OpenConnection::enter();
+        // Pingora hands a kept-alive TLS connection back here for its next request,
+        // as the stream this wrapped it in.
+        let reused = stream.as_any().is::<ClientStream>();
+        if let Some(accepted) = self.accepted.as_ref().filter(|_| !reused) {
+            accepted.inc();
+        }
         let parks = self.parks(&stream);
         // Under TLS, Pingora's own buffer sits below the encryption.
         let write_buffer = if parks { self.settings.write_buffer } else { 0 };

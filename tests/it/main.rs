@@ -25,6 +25,7 @@ mod proxying;
 mod replicas;
 mod routing;
 mod schema;
+mod shards;
 mod traffic;
 mod upstreams;
 mod websocket;
