@@ -184,10 +184,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientConnections<A
     ) -> Option<Stream> {
         // A graceful stop waits for this connection until it is dropped.
         let open = OpenConnection::enter();
-        // Pingora hands a kept-alive TLS connection back here for its next request,
-        // as the stream this wrapped it in.
-        let reused = stream.as_any().is::<ClientStream>();
-        if let Some(accepted) = self.accepted.as_ref().filter(|_| !reused) {
+        if let Some(accepted) = &self.accepted {
             accepted.inc();
         }
         let parks = self.parks(&stream);

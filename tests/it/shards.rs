@@ -384,3 +384,28 @@ fn check_names_the_shard_count() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("shards:"), "{stdout}");
 }
+
+/// `GATEWARDEN_TEST_SHARDS` reaches the configs the other tests build, so the CI run
+/// with shards tests what it says it does.
+#[test]
+fn the_test_shard_setting_reaches_the_test_configs() {
+    let up = Upstreams::start(1);
+    let gw = Gateway::start(public(up.addr(0)));
+    poll_until("the listener line", Duration::from_secs(5), || {
+        gw.output().contains("listening on")
+    });
+    let output = gw.output();
+    match crate::support::config::test_shards() {
+        Some(serde_json::Value::Number(n)) if n.as_u64() > Some(1) => {
+            assert!(output.contains(&format!("({n} shards)")), "{output}")
+        }
+        Some(serde_json::Value::Number(_)) | None => {
+            assert!(!output.contains("shards)"), "{output}")
+        }
+        Some(auto) => assert_eq!(
+            output.contains("shards)"),
+            std::thread::available_parallelism().unwrap().get() > 1,
+            "{auto}: {output}"
+        ),
+    }
+}
