@@ -35,6 +35,9 @@ const DEFAULT_CLIENT_KEEPALIVE_SECS: u64 = 75;
 /// buffer is held only while a response is written. TLS listeners keep the defaults:
 /// the TLS record reader issues many small reads that the buffer saves syscalls on.
 fn client_buffers() -> L4BufferSettings {
+    if crate::bench::off().client_loop {
+        return L4BufferSettings::default();
+    }
     L4BufferSettings::default().read(0).write(0)
 }
 
@@ -201,10 +204,16 @@ pub fn run(
             .client_header_timeout_seconds
             .map_or(HEAD_DEADLINE, Duration::from_secs),
         keepalive: client_keepalive.map(Duration::from_secs),
-        write_buffer: server_section
-            .client_write_buffer_bytes
-            .unwrap_or(DEFAULT_WRITE_BUFFER),
+        write_buffer: if crate::bench::off().write_gathering {
+            0
+        } else {
+            server_section
+                .client_write_buffer_bytes
+                .unwrap_or(DEFAULT_WRITE_BUFFER)
+        },
+        own_loop: !crate::bench::off().client_loop,
     };
+    crate::bench::log();
     let plan = crate::shards::plan(
         server_section.shards,
         &listeners.iter().map(|l| l.address).collect::<Vec<_>>(),
@@ -238,7 +247,6 @@ pub fn run(
                 // Each shard dials its upstreams from its own thread.
                 upgrades: crate::tunnel::Upgrades::new(&conf),
             };
-            // Every shard has its own proxy, so its own upstream connection pool.
             let shard_label = if plan.sharded() {
                 shard.to_string()
             } else {
@@ -247,6 +255,7 @@ pub fn run(
             let accepted = crate::observe::metrics()
                 .client_connections
                 .with_label_values(&[addr.as_str(), shard_label.as_str()]);
+            // Every shard has its own proxy, so its own upstream connection pool.
             let app = ClientConnections::new(pingora::proxy::http_proxy(&conf, gateway), clients)
                 .counted(accepted);
             let service = if plan.sharded() {

@@ -85,6 +85,9 @@ pub struct ClientSettings {
     pub keepalive: Option<Duration>,
     /// Write buffer of a plain-TCP connection, in bytes; 0 writes straight through.
     pub write_buffer: usize,
+    /// Serve plain HTTP/1 connections with this module's loop; false leaves them to
+    /// Pingora's (a benchmark switch, [`crate::bench`]).
+    pub own_loop: bool,
 }
 
 /// A [`ServerApp`] that runs the keep-alive loop of an [`HttpServerApp`] itself.
@@ -116,7 +119,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientConnections<A> {
     fn parks(&self, stream: &Stream) -> bool {
         let options = self.app.server_options();
         let h2c_or_custom = options.is_some_and(|o| o.h2c || o.force_custom);
-        stream.get_ssl_digest().is_none()
+        self.settings.own_loop
+            && stream.get_ssl_digest().is_none()
             && stream.selected_alpn_proto().is_none()
             && !h2c_or_custom
     }

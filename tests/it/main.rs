@@ -26,6 +26,7 @@ mod replicas;
 mod routing;
 mod schema;
 mod shards;
+mod switches;
 mod traffic;
 mod upstreams;
 mod websocket;

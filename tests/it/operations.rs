@@ -278,20 +278,7 @@ fn a_graceful_upgrade_fails_no_request_and_lets_streams_finish() {
     let load = Load::start(old.addr, 2);
     std::thread::sleep(Duration::from_millis(300));
 
-    let config = old.config.display().to_string();
-    let mut new = Process::spawn(&["run", "--upgrade", "-c", &config], old.dir.path());
-    // The new process waits for the listening sockets; the old one hands them over on SIGQUIT.
-    std::thread::sleep(Duration::from_millis(500));
-    old.signal("QUIT");
-    new.wait_healthy(old.admin);
-    poll_until("the old process to exit", Duration::from_secs(20), || {
-        !std::process::Command::new("kill")
-            .args(["-0", &old.pid().to_string()])
-            .status()
-            .is_ok_and(|s| s.success())
-            || std::fs::read_to_string(format!("/proc/{}/stat", old.pid()))
-                .is_ok_and(|s| s.contains(") Z "))
-    });
+    let _new = old.upgrade();
     std::thread::sleep(Duration::from_millis(300));
     let (ok, failures) = load.finish();
     assert!(

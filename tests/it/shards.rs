@@ -409,3 +409,40 @@ fn the_test_shard_setting_reaches_the_test_configs() {
         ),
     }
 }
+
+/// The inodes of the sockets listening on `port` (IPv4), from `/proc/net/tcp`.
+fn listening_sockets(port: u16) -> std::collections::BTreeSet<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(fields.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+            let listening = fields.get(3)? == &"0A";
+            (local_port == port && listening).then(|| fields.get(9)?.parse().ok())?
+        })
+        .collect()
+}
+
+/// A graceful upgrade hands every shard's socket to the new process: after it, the
+/// same sockets listen, none bound anew, none closed.
+#[test]
+fn an_upgrade_hands_every_shard_socket_over() {
+    let up = Upstreams::start(1);
+    let old = sharded(
+        public(up.addr(0))
+            .server("grace_period_seconds", 10)
+            .server("upgrade_sock", "upgrade.sock"),
+    );
+    let before = listening_sockets(old.addr.port());
+    assert_eq!(before.len(), SHARDS, "{before:?}");
+    let new = old.upgrade();
+    assert_eq!(
+        listening_sockets(old.addr.port()),
+        before,
+        "{}",
+        new.output()
+    );
+    assert_eq!(get(old.addr, "/echo", &[]).status, 200);
+}
