@@ -49,6 +49,17 @@ echo "== cargo test --test it, against the release binary" | tee -a "$log"
 logged env GATEWARDEN_BIN="$PWD/target/release/gatewarden" \
     cargo test --test it --no-fail-fast || status=$?
 
+# Shards change how listeners are built and handed over: the tests of upgrades,
+# reloads, stops, TLS, HTTP/2, WebSockets, proxying and traffic control run once more
+# with every test config served by two shards (tests/support/config.rs). A minute or
+# two on two cores.
+echo "== cargo test --test it, release binary, two shards per listener" | tee -a "$log"
+logged env GATEWARDEN_BIN="$PWD/target/release/gatewarden" GATEWARDEN_TEST_SHARDS=2 \
+    cargo test --test it --no-fail-fast -- \
+    operations:: proxying:: websocket:: traffic:: shards:: \
+    upstreams::tls_listener hostile::the_rules_hold_over_http2 identity::over_tls \
+    || status=$?
+
 echo "== summary"
 grep -E '^== |^\s*Running |^\s*Doc-tests |^test result:' "$log" || true
 awk '/^test result:/ {

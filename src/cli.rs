@@ -227,6 +227,9 @@ fn check(path: &Path) -> ExitCode {
                 s.pools.len(),
                 s.plugin_count
             );
+            if let Some(line) = shards_line(&compiled) {
+                println!("{line}");
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -234,6 +237,29 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// How `check`'s config would serve its listeners, when sharded.
+fn shards_line(compiled: &Compiled) -> Option<String> {
+    let addresses: Vec<SocketAddr> = compiled.listeners.iter().map(|l| l.address).collect();
+    let plan = crate::shards::plan(
+        compiled.server.shards,
+        &addresses,
+        compiled.admin.as_ref().map(|a| a.address),
+        crate::shards::cpus(),
+    )
+    .ok()
+    .filter(crate::shards::Plan::sharded)?;
+    let auto = if compiled.server.shards == Some(crate::config::file::Shards::Auto) {
+        " (auto: one per CPU of this machine)"
+    } else {
+        ""
+    };
+    Some(format!(
+        "shards: {} per listener{auto}, each one thread with a listening socket of its own \
+         (SO_REUSEPORT)",
+        plan.shards
+    ))
 }
 
 fn serve(compiled: Compiled, path: Option<PathBuf>, flags: RunFlags) -> ExitCode {

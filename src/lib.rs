@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod bench;
 pub mod chain;
 pub mod cli;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod reload;
 pub mod request_rules;
 pub mod router;
 pub mod server;
+pub mod shards;
 pub mod stop;
 pub mod trace;
 pub mod tunnel;

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub client_disconnects: IntCounterVec,
+    pub client_connections: IntCounterVec,
     pub backend_healthy: IntGaugeVec,
     pub config_reloads: IntCounterVec,
     pub inflight: IntGauge,
@@ -59,6 +60,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "gatewarden_client_disconnects_total",
         "Requests whose client went away before the response was complete.",
         &["route"],
+    )?;
+    let client_connections = counter(
+        "gatewarden_client_connections_total",
+        "Client connections accepted, by listener and shard (`-` without shards).",
+        &["listener", "shard"],
     )?;
     let config_reloads = counter(
         "gatewarden_config_reloads_total",
@@ -127,6 +133,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         auth_failures,
         rate_limited,
         client_disconnects,
+        client_connections,
         backend_healthy,
         config_reloads,
         inflight,

@@ -5,14 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora::prelude::Opt;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
+use crate::config::compile::Listener;
 use crate::config::Compiled;
 use crate::downstream::{ClientConnections, ClientSettings, DEFAULT_WRITE_BUFFER};
 use crate::head_deadline::HEAD_DEADLINE;
@@ -33,7 +35,65 @@ const DEFAULT_CLIENT_KEEPALIVE_SECS: u64 = 75;
 /// buffer is held only while a response is written. TLS listeners keep the defaults:
 /// the TLS record reader issues many small reads that the buffer saves syscalls on.
 fn client_buffers() -> L4BufferSettings {
+    if crate::bench::off().client_loop {
+        return L4BufferSettings::default();
+    }
     L4BufferSettings::default().read(0).write(0)
+}
+
+type ProxyService = Service<ClientConnections<HttpProxy<Gateway>>>;
+
+/// The TLS settings of a listener: certificate and key, HTTP/2 offered through ALPN.
+fn tls_settings(addr: &str, cert: &str, key: &str) -> anyhow::Result<TlsSettings> {
+    let mut tls = TlsSettings::intermediate(cert, key)
+        .map_err(|e| anyhow::anyhow!("listener {addr}: cannot load {cert} / {key}: {e}"))?;
+    tls.enable_h2();
+    Ok(tls)
+}
+
+/// A listener as one service, on the server's worker threads.
+fn whole_service(
+    listener: &Listener,
+    app: ClientConnections<HttpProxy<Gateway>>,
+) -> anyhow::Result<ProxyService> {
+    let addr = listener.address.to_string();
+    let mut service = Service::new(format!("gatewarden {addr}"), app);
+    match &listener.tls {
+        Some((cert, key)) => {
+            service.add_tls_with_settings(&addr, None, tls_settings(&addr, cert, key)?)
+        }
+        None => {
+            service.add_listener(ListenerConfig::tcp(addr.as_str()).l4_buffer(client_buffers()))
+        }
+    }
+    Ok(service)
+}
+
+/// Shard `index` of a listener: one thread, and a socket of its own bound with
+/// `SO_REUSEPORT` under a name that an upgrade hands over apart from its siblings'
+/// (see [`crate::shards`]).
+fn sharded_service(
+    listener: &Listener,
+    index: usize,
+    app: ClientConnections<HttpProxy<Gateway>>,
+) -> anyhow::Result<ProxyService> {
+    let addr = listener.address.to_string();
+    let name = crate::shards::socket_name(listener.address, index);
+    let mut service = Service::new(format!("shard {index} of {addr}"), app);
+    service.threads = Some(1);
+    let mut reuseport = TcpSocketOptions::default();
+    reuseport.so_reuseport = Some(true);
+    match &listener.tls {
+        Some((cert, key)) => {
+            service.add_tls_with_settings(&name, Some(reuseport), tls_settings(&addr, cert, key)?)
+        }
+        None => service.add_listener(
+            ListenerConfig::tcp(name)
+                .tcp_socket_options(reuseport)
+                .l4_buffer(client_buffers()),
+        ),
+    }
+    Ok(service)
 }
 
 /// How long in-flight requests may take to finish after SIGTERM or an upgrade's
@@ -147,43 +207,79 @@ pub fn run(
             .client_header_timeout_seconds
             .map_or(HEAD_DEADLINE, Duration::from_secs),
         keepalive: client_keepalive.map(Duration::from_secs),
-        write_buffer: server_section
-            .client_write_buffer_bytes
-            .unwrap_or(DEFAULT_WRITE_BUFFER),
+        write_buffer: if crate::bench::off().write_gathering {
+            0
+        } else {
+            server_section
+                .client_write_buffer_bytes
+                .unwrap_or(DEFAULT_WRITE_BUFFER)
+        },
+        own_loop: !crate::bench::off().client_loop,
     };
-    let mut lines = Vec::new();
-    let upgrades = crate::tunnel::Upgrades::new(&conf);
-    for listener in &listeners {
-        let gateway = Gateway {
-            state: state.clone(),
-            tls: listener.tls.is_some(),
-            client_keepalive,
-            client_body_timeout: server_section
-                .client_body_timeout_seconds
-                .map(Duration::from_secs),
-            upgrades: upgrades.clone(),
-        };
-        let addr = listener.address.to_string();
-        let mut service = Service::new(
-            format!("gatewarden {addr}"),
-            ClientConnections::new(pingora::proxy::http_proxy(&conf, gateway), clients),
+    crate::bench::log();
+    let plan = crate::shards::plan(
+        server_section.shards,
+        &listeners.iter().map(|l| l.address).collect::<Vec<_>>(),
+        admin.as_ref().map(|a| a.address),
+        crate::shards::cpus(),
+    )
+    .map_err(|e| anyhow::anyhow!("server.shards: {e}"))?;
+    if plan.sharded() {
+        log::info!(
+            "shards: {} per listener, each one thread with a listening socket of its own \
+             (SO_REUSEPORT)",
+            plan.shards
         );
-        match &listener.tls {
-            Some((cert, key)) => {
-                let mut tls = TlsSettings::intermediate(cert, key).map_err(|e| {
-                    anyhow::anyhow!("listener {addr}: cannot load {cert} / {key}: {e}")
-                })?;
-                tls.enable_h2();
-                service.add_tls_with_settings(&addr, None, tls);
-                lines.push(format!("listening on https://{addr} (HTTP/1.1 and HTTP/2)"));
-            }
-            None => {
-                service
-                    .add_listener(ListenerConfig::tcp(addr.as_str()).l4_buffer(client_buffers()));
-                lines.push(format!("listening on http://{addr}"));
-            }
+    } else {
+        log::info!(
+            "shards: off; each listener is one service of {} worker threads",
+            conf.threads
+        );
+    }
+    let mut lines = Vec::new();
+    for listener in &listeners {
+        let addr = listener.address.to_string();
+        for shard in 0..plan.shards {
+            let gateway = Gateway {
+                state: state.clone(),
+                tls: listener.tls.is_some(),
+                client_keepalive,
+                client_body_timeout: server_section
+                    .client_body_timeout_seconds
+                    .map(Duration::from_secs),
+                // Each shard dials its upstreams from its own thread.
+                upgrades: crate::tunnel::Upgrades::new(&conf),
+            };
+            let shard_label = if plan.sharded() {
+                shard.to_string()
+            } else {
+                "-".to_string()
+            };
+            let accepted = crate::observe::metrics()
+                .client_connections
+                .with_label_values(&[addr.as_str(), shard_label.as_str()]);
+            // Every shard has its own proxy, so its own upstream connection pool.
+            let app = ClientConnections::new(pingora::proxy::http_proxy(&conf, gateway), clients)
+                .counted(accepted);
+            let service = if plan.sharded() {
+                sharded_service(listener, shard, app)?
+            } else {
+                whole_service(listener, app)?
+            };
+            server.add_service(stopper.wrap(service));
         }
-        server.add_service(stopper.wrap(service));
+        let shards = if plan.sharded() {
+            format!(", {} shards", plan.shards)
+        } else {
+            String::new()
+        };
+        lines.push(match &listener.tls {
+            Some(_) => format!("listening on https://{addr} (HTTP/1.1 and HTTP/2{shards})"),
+            None if plan.sharded() => {
+                format!("listening on http://{addr} ({} shards)", plan.shards)
+            }
+            None => format!("listening on http://{addr}"),
+        });
     }
     if let Some(admin) = &admin {
         let mut service = Service::new(

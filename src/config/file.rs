@@ -15,6 +15,10 @@ pub struct ServerSection {
     pub threads: Option<usize>,
     /// Let idle worker threads steal work from busy ones (default true).
     pub work_stealing: Option<bool>,
+    /// Serve each proxy listener with this many single-threaded shards, each with a
+    /// listening socket of its own (Linux `SO_REUSEPORT`), or `auto` for one per CPU
+    /// (default: off, one service of `threads` workers per listener).
+    pub shards: Option<Shards>,
     /// Seconds to keep serving after a shutdown or upgrade signal before closing listeners.
     pub grace_period_seconds: Option<u64>,
     /// Seconds in-flight requests get to finish after the grace period.
@@ -45,6 +49,65 @@ pub struct ServerSection {
     /// Seconds a client may stay silent while it sends a request body before it gets
     /// 408 (default 60, as nginx's `client_body_timeout`).
     pub client_body_timeout_seconds: Option<u64>,
+}
+
+/// `server.shards`: a count, or `auto` for one shard per CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shards {
+    Count(usize),
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for Shards {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Shards;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of shards (1 or more) or `auto`")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Shards, E> {
+                match usize::try_from(n) {
+                    Ok(n) if n >= 1 => Ok(Shards::Count(n)),
+                    _ => Err(E::custom("shards must be at least 1, or `auto`")),
+                }
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Shards, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::custom("shards must be at least 1, or `auto`")),
+                }
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Shards, E> {
+                if s.trim().eq_ignore_ascii_case("auto") {
+                    Ok(Shards::Auto)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(s), &self))
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl schemars::JsonSchema for Shards {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Shards".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "anyOf": [
+                { "type": "integer", "minimum": 1 },
+                { "const": "auto" },
+            ],
+            "description": "A number of shards, or `auto` for one per CPU.",
+        })
+    }
 }
 
 /// An entry of `listeners:`.

@@ -48,6 +48,7 @@ use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
+use prometheus::IntCounter;
 
 use crate::stop::OpenConnection;
 
@@ -84,12 +85,17 @@ pub struct ClientSettings {
     pub keepalive: Option<Duration>,
     /// Write buffer of a plain-TCP connection, in bytes; 0 writes straight through.
     pub write_buffer: usize,
+    /// Serve plain HTTP/1 connections with this module's loop; false leaves them to
+    /// Pingora's (a benchmark switch, [`crate::bench`]).
+    pub own_loop: bool,
 }
 
 /// A [`ServerApp`] that runs the keep-alive loop of an [`HttpServerApp`] itself.
 pub struct ClientConnections<A> {
     app: Arc<A>,
     settings: ClientSettings,
+    /// Connections accepted by this listener (or shard of one).
+    accepted: Option<IntCounter>,
 }
 
 impl<A> ClientConnections<A> {
@@ -97,7 +103,14 @@ impl<A> ClientConnections<A> {
         ClientConnections {
             app: Arc::new(app),
             settings,
+            accepted: None,
         }
+    }
+
+    /// Counts every connection accepted in `counter`.
+    pub fn counted(mut self, counter: IntCounter) -> Self {
+        self.accepted = Some(counter);
+        self
     }
 }
 
@@ -106,7 +119,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientConnections<A> {
     fn parks(&self, stream: &Stream) -> bool {
         let options = self.app.server_options();
         let h2c_or_custom = options.is_some_and(|o| o.h2c || o.force_custom);
-        stream.get_ssl_digest().is_none()
+        self.settings.own_loop
+            && stream.get_ssl_digest().is_none()
             && stream.selected_alpn_proto().is_none()
             && !h2c_or_custom
     }
@@ -174,6 +188,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientConnections<A
     ) -> Option<Stream> {
         // A graceful stop waits for this connection until it is dropped.
         let open = OpenConnection::enter();
+        if let Some(accepted) = &self.accepted {
+            accepted.inc();
+        }
         let parks = self.parks(&stream);
         // Under TLS, Pingora's own buffer sits below the encryption.
         let write_buffer = if parks { self.settings.write_buffer } else { 0 };

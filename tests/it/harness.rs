@@ -94,6 +94,28 @@ impl Gateway {
         self.process.output()
     }
 
+    /// A graceful upgrade: starts `run --upgrade` on the same config, has this process
+    /// hand its sockets over (SIGQUIT) and waits until the new process serves and this
+    /// one has exited. The config must set `server.upgrade_sock`.
+    pub fn upgrade(&self) -> Process {
+        let config = self.config.display().to_string();
+        let mut new = Process::spawn(&["run", "--upgrade", "-c", &config], self.dir.path());
+        // The new process waits for the listening sockets; the old one hands them over on SIGQUIT.
+        std::thread::sleep(Duration::from_millis(500));
+        self.signal("QUIT");
+        new.wait_healthy(self.admin);
+        let pid = self.pid().to_string();
+        poll_until("the old process to exit", Duration::from_secs(20), || {
+            !Command::new("kill")
+                .args(["-0", &pid])
+                .status()
+                .is_ok_and(|s| s.success())
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))
+        });
+        new
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

@@ -29,6 +29,8 @@ mod proxying;
 mod replicas;
 mod routing;
 mod schema;
+mod shards;
+mod switches;
 mod tracing;
 mod traffic;
 mod upstreams;

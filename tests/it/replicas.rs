@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::harness::*;
 
-const ADMIN_KEY: &str = "replica-admin-key-0123456789";
+pub(crate) const ADMIN_KEY: &str = "replica-admin-key-0123456789";
 
 /// A replica: keys in the shared Redis, one route for users.
 fn replica(redis: &Redis, upstream: std::net::SocketAddr) -> Gateway {
@@ -22,7 +22,7 @@ fn replica(redis: &Redis, upstream: std::net::SocketAddr) -> Gateway {
 }
 
 /// Sends an admin request with the admin key.
-fn admin(gw: &Gateway, method: &str, path: &str, body: &str) -> RawResponse {
+pub(crate) fn admin(gw: &Gateway, method: &str, path: &str, body: &str) -> RawResponse {
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -216,15 +216,21 @@ fn pin_replica(
     if let (Some(pin), serde_json::Value::Object(more)) = (pin.as_object_mut(), settings) {
         pin.extend(more);
     }
-    let config = Config::new()
-        .admin_key(ADMIN_KEY)
-        .upstream("app", Upstream::to(upstream))
-        .plugin("pin", "pin_gate", pin)
-        .route(Route::new("app", "app", "user").plugins(&["pin"]));
+    let config = pin_config(upstream, pin);
     Gateway::start(match redis {
         Some(url) => config.set("redis", json!({ "url": url })),
         None => config,
     })
+}
+
+/// The admin key and a PIN login (the `pin_gate` block `pin`) in front of one route
+/// for users.
+pub(crate) fn pin_config(upstream: std::net::SocketAddr, pin: serde_json::Value) -> Config {
+    Config::new()
+        .admin_key(ADMIN_KEY)
+        .upstream("app", Upstream::to(upstream))
+        .plugin("pin", "pin_gate", pin)
+        .route(Route::new("app", "app", "user").plugins(&["pin"]))
 }
 
 fn with_cookie(gw: &Gateway, cookie: &str) -> u16 {

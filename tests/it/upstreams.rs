@@ -436,10 +436,12 @@ fn a_reload_keeps_unchanged_pools_with_their_health_and_connections() {
     // One worker thread: with two, Pingora 0.9's pool sometimes closes an idle upstream
     // connection instead of reusing it (cloudflare/pingora#998, fix proposed in #1005),
     // which would count as a new dial here. Drop this once a Pingora release has the fix.
+    // No shards either: each would have a pool of its own.
     let config = |added_route: bool| {
         let config = Config::new()
             .with_admin()
             .server("threads", 1)
+            .server("shards", 1)
             .upstream(
                 "app",
                 Upstream::of(&[a.addr, b.addr]).with("retries", 0).with(

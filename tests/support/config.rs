@@ -127,9 +127,19 @@ impl Config {
         self
     }
 
-    /// The config as a JSON value, in the shape of the YAML file.
+    /// The config as a JSON value, in the shape of the YAML file. Under
+    /// `GATEWARDEN_TEST_SHARDS` (a count or `auto`) every config that does not set
+    /// `server.shards` itself is served by that many shards.
     pub fn to_value(&self) -> Value {
         let mut top = self.top.clone();
+        if let Some(shards) = test_shards() {
+            let server = top
+                .entry("server")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(map) = server {
+                map.entry("shards").or_insert(shards);
+            }
+        }
         if let Some(addr) = self.listen {
             let mut listener = json!({ "address": addr.to_string() });
             if let Some((cert, key)) = &self.tls {
@@ -181,6 +191,19 @@ impl Config {
     pub fn to_yaml(&self) -> String {
         serde_yaml_ng::to_string(&self.to_value()).expect("a config serializes")
     }
+}
+
+/// `GATEWARDEN_TEST_SHARDS` as a `server.shards` value, when set.
+pub fn test_shards() -> Option<Value> {
+    let text = std::env::var("GATEWARDEN_TEST_SHARDS").ok()?;
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    Some(
+        text.parse::<u64>()
+            .map_or_else(|_| text.into(), Value::from),
+    )
 }
 
 /// An entry of `upstreams:`.

@@ -189,3 +189,41 @@ fn a_reload_keeps_the_tracer_only_while_its_section_is_unchanged() {
     assert_eq!(errs[0].path, "tracing.sample_ratio");
     assert!(errs[0].line.is_some());
 }
+
+#[test]
+fn shards_are_a_count_or_auto_within_what_an_upgrade_hands_over() {
+    let with = |shards: &str, listeners: &str| {
+        format!("server: {{ shards: {shards} }}\nlisteners: [{listeners}]\n{MINIMAL}")
+    };
+    let one = "{ address: 127.0.0.1:8080 }";
+    let c = compile(&with("4", one), 1).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(c.server.shards, Some(Shards::Count(4)));
+    let c = compile(&with("auto", one), 1).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(c.server.shards, Some(Shards::Auto));
+    for bad in ["0", "-1", "many", "2.5"] {
+        let errs = errors_of(&with(bad, one));
+        assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+        assert_eq!(errs[0].path, "server.shards", "{bad}: {errs:?}");
+    }
+    let errs = errors_of(&with("33", one));
+    assert_eq!(errs[0].path, "server.shards");
+    assert!(errs[0].message.contains("at most 32"), "{errs:?}");
+    let errs = errors_of(&with("2", "{ address: 127.0.0.1:0 }"));
+    assert!(errs[0].message.contains("port 0"), "{errs:?}");
+    // One shard is no sharding: port 0 is fine.
+    compile(&with("1", "{ address: 127.0.0.1:0 }"), 1).unwrap_or_else(|e| panic!("{e:?}"));
+}
+
+#[test]
+fn threads_beside_shards_are_a_warning() {
+    let c = compile(
+        &format!("server: {{ shards: 2, threads: 4 }}\n{MINIMAL}"),
+        1,
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(
+        c.warnings.iter().any(|w| w.starts_with("server.threads")),
+        "{:?}",
+        c.warnings
+    );
+}
