@@ -23,6 +23,9 @@
 #                          targets: server.work_stealing false)
 #   GW_SHARDS=N            adds the -shard targets: the default binary with
 #                          server.shards N (one single-threaded shard per CPU: N=auto)
+#   GW_OFF="client_loop write_gathering case_map"   adds, for each piece of performance
+#                          plumbing named, the -off-NAME targets: the default binary with
+#                          that piece turned off (GATEWARDEN_BENCH_OFF, src/bench.rs)
 #   GW_PGO_BIN=path        adds the -pgo targets: this binary (scripts/pgo-build.sh
 #                          makes one at target/pgo/gatewarden) with the same configs
 #   WORKLOADS="sse ws idle" the workloads after the wrk runs ("" skips them): event
@@ -67,6 +70,7 @@ UPSTREAM_WORKERS=${UPSTREAM_WORKERS:-1}
 WORK_STEALING=${WORK_STEALING-true}
 GW_PGO_BIN=${GW_PGO_BIN:-}
 GW_SHARDS=${GW_SHARDS:-}
+GW_OFF=${GW_OFF:-}
 WORKLOADS=${WORKLOADS-sse ws idle}
 BENCH_PATHS=${BENCH_PATHS:-"/small /64k /page.html"}
 HTML_PATH=/page.html
@@ -83,7 +87,7 @@ CALLGRIND=${CALLGRIND:-0}
 CALLGRIND_CONNS=${CALLGRIND_CONNS:-8}
 CALLGRIND_DURATION=${CALLGRIND_DURATION:-10s}
 if [[ -n "$SOAK_REQUESTS" ]]; then
-    TARGETS="gw-chain" BENCH_PATHS="/small" WORK_STEALING=true GW_PGO_BIN="" GW_SHARDS="" WORKLOADS=""
+    TARGETS="gw-chain" BENCH_PATHS="/small" WORK_STEALING=true GW_PGO_BIN="" GW_SHARDS="" GW_OFF="" WORKLOADS=""
 fi
 
 say() { printf '%s\n' "$*" >&2; }
@@ -223,20 +227,22 @@ else
 fi
 if [[ -n "$PLAIN_PINGORA_BIN" ]]; then add_target pingora; fi
 # Gatewarden's targets: gw-KIND plus a suffix saying which binary and settings run.
-declare -A GW_TARGET_BIN=() GW_TARGET_WS=() GW_TARGET_SHARDS=()
-add_gw_targets() { # add_gw_targets SUFFIX BINARY WORK_STEALING [SHARDS]
+declare -A GW_TARGET_BIN=() GW_TARGET_WS=() GW_TARGET_SHARDS=() GW_TARGET_OFF=()
+add_gw_targets() { # add_gw_targets SUFFIX BINARY WORK_STEALING [SHARDS [OFF]]
     local kind
     for kind in empty chain css; do
         add_target "gw-$kind$1"
         GW_TARGET_BIN[gw-$kind$1]=$2
         GW_TARGET_WS[gw-$kind$1]=$3
         GW_TARGET_SHARDS[gw-$kind$1]=${4:-}
+        GW_TARGET_OFF[gw-$kind$1]=${5:-}
     done
 }
 for ws in $WORK_STEALING; do
     if [[ "$ws" == true ]]; then add_gw_targets "" "$GW_BIN" true; else add_gw_targets -nows "$GW_BIN" false; fi
 done
 if [[ -n "$GW_SHARDS" ]]; then add_gw_targets -shard "$GW_BIN" true "$GW_SHARDS"; fi
+for piece in $GW_OFF; do add_gw_targets "-off-$piece" "$GW_BIN" true "" "$piece"; done
 if [[ -n "$GW_PGO_BIN" ]]; then add_gw_targets -pgo "$GW_PGO_BIN" true; fi
 # The event stream and WebSocket servers live in the workload benches; every proxy's
 # config points at these ports.
@@ -356,7 +362,8 @@ for t in "${ORDER[@]}"; do
         die "gatewarden check failed for $t: $(cat "$dir/check.log")"
     # SIGINT is Pingora's fast shutdown; SIGTERM would wait for the grace period.
     # shellcheck disable=SC2046 # the launcher's words are meant to split
-    start "$t" INT "$dir/gatewarden.log" $(launcher "$dir") "${GW_TARGET_BIN[$t]}" run -c "$dir/gatewarden.yaml"
+    start "$t" INT "$dir/gatewarden.log" env GATEWARDEN_BENCH_OFF="${GW_TARGET_OFF[$t]}" \
+        $(launcher "$dir") "${GW_TARGET_BIN[$t]}" run -c "$dir/gatewarden.yaml"
 done
 if [[ " ${ORDER[*]} " == *" pingora "* ]]; then
     mkdir -p "$TMP/pingora"
