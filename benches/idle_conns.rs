@@ -51,7 +51,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 mod support;
 use support::{
-    bin, env_or, external_auth, external_targets, find, ratio, table_row, GatewayProcess, Variant,
+    env_or, external_auth, external_targets, find, ratio, table_row, GatewayProcess, Variant,
 };
 
 /// The target, for 10,000 idle connections.
@@ -595,7 +595,7 @@ fn main() {
          RLIMIT_NOFILE {got}; {}; loadavg {}",
         knobs.conns,
         knobs.concurrency,
-        bin(),
+        support::measured(),
         load.trim()
     );
 

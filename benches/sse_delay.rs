@@ -54,9 +54,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 mod support;
-use support::{
-    bin, env_or, external_auth, external_targets, find, table_row, GatewayProcess, Variant,
-};
+use support::{env_or, external_auth, external_targets, find, table_row, GatewayProcess, Variant};
 
 const TARGET: Duration = Duration::from_millis(1);
 
@@ -548,7 +546,7 @@ fn main() {
         knobs.rounds,
         knobs.pad,
         knobs.threads,
-        bin(),
+        support::measured(),
         load_before.trim()
     );
 

@@ -258,6 +258,16 @@ pub fn external_targets() -> Option<Vec<External>> {
     Some(targets)
 }
 
+/// What the bench measures, for its settings line: the binary it starts, or the
+/// proxies of `BENCH_TARGETS`.
+pub fn measured() -> &'static str {
+    if std::env::var_os("BENCH_TARGETS").is_some() {
+        "the proxies benches/load.sh started"
+    } else {
+        bin()
+    }
+}
+
 /// The header line every request to an external target carries: the bench key that
 /// `benches/load.sh` made (`BENCH_KEY`), or nothing.
 pub fn external_auth() -> String {
