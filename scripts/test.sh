@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The whole check that CI runs: dependencies, formatting, lints, build, every test,
 # then the integration suite once more against the release binary. Timing bugs can
-# hide in the debug build: a graceful-upgrade race showed only in release builds
-# (BENCHMARKS.md, section 00000000). The release build costs about seven minutes from
-# clean on two cores.
+# hide in the debug build: a graceful-upgrade race once showed only in release
+# builds. The release build costs about seven minutes from clean on two cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -30,8 +30,8 @@ const DEFAULT_CLIENT_KEEPALIVE_SECS: u64 = 75;
 /// Plain-TCP client sockets get no L4 buffers of their own. Pingora's default is a
 /// 64 KiB read buffer per accepted socket for its whole life: 10 000 idle keep-alive
 /// clients held ~620 MiB in those alone. The HTTP/1 reader already reads heads into its
-/// own buffer and bodies in large reads, and an A/B load run showed no loss without it
-/// (BENCHMARKS.md). Writes are coalesced by [`crate::downstream::ClientStream`], whose
+/// own buffer and bodies in large reads, and an A/B run of the load bench showed no loss
+/// without it. Writes are coalesced by [`crate::downstream::ClientStream`], whose
 /// buffer is held only while a response is written. TLS listeners keep the defaults:
 /// the TLS record reader issues many small reads that the buffer saves syscalls on.
 fn client_buffers() -> L4BufferSettings {
