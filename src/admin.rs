@@ -248,13 +248,13 @@ impl ServeHttp for AdminApp {
             ),
             (_, p) if crate::console::serves(p) => self.console.serve(&snapshot, session).await,
             (method, p) if p.starts_with("/admin/") => {
-                let Some(expected) = snapshot.admin_api_key.as_deref() else {
+                if snapshot.admin_api_key.is_none() && snapshot.console_login.is_none() {
                     return error(
                         StatusCode::NOT_FOUND,
                         "the admin API is off: set admin.api_key",
                     );
-                };
-                if let Some(refused) = self.console.refusal(expected, session.req_header()) {
+                }
+                if let Some(refused) = self.console.refusal(&snapshot, session.req_header()).await {
                     return refused;
                 }
                 match (method, p) {

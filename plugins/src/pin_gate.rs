@@ -293,6 +293,10 @@ impl Plugin for PinGate {
         true
     }
 
+    fn login_sessions(&self) -> Option<&SessionKeys> {
+        Some(&self.sessions)
+    }
+
     fn gateway_cookies(&self) -> Vec<String> {
         self.sessions.cookie_names().map(String::from).to_vec()
     }

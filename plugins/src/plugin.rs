@@ -145,6 +145,12 @@ pub trait Plugin: Send + Sync + 'static {
         None
     }
 
+    /// The browser sessions this plugin issues at its login, for the places outside a
+    /// route's chain that accept them (the operator's console).
+    fn login_sessions(&self) -> Option<&crate::session::SessionKeys> {
+        None
+    }
+
     /// Where this plugin keeps the keys it recognises, which the admin API manages.
     fn key_store(&self) -> Option<crate::key_store::KeyStore> {
         None

@@ -46,6 +46,21 @@ pub struct Session {
     pub expires: u64,
 }
 
+/// What [`SessionKeys::presented`] found in a request.
+#[derive(Debug)]
+pub enum Presented {
+    /// No session cookie.
+    None,
+    /// A live session, and whether it came in the `Secure` cookie.
+    Valid {
+        session: Session,
+        https: bool,
+    },
+    Refused(SessionError),
+    /// Redis could not say whether the session was revoked, and the settings deny then.
+    Unavailable(String),
+}
+
 /// Signs with the current secret; verifies with it and with previous secrets, so a
 /// secret can be rotated without logging everyone out.
 pub struct SessionKeys {
@@ -224,6 +239,32 @@ impl SessionKeys {
         {
             // This replica's own list has it; the others learn of it when Redis is back.
             log::warn!("logout: the session is revoked here only: {}", e.0);
+        }
+    }
+
+    /// The session a request's cookie carries, checked in full (signature, expiry,
+    /// revocations, waiting for Redis when the list is shared), for places outside a
+    /// route's chain that accept these sessions. Either cookie name is taken: a listener
+    /// without TLS still gets the `Secure` one from a browser that sends it there.
+    pub async fn presented(&self, req: &crate::RequestHeader) -> Presented {
+        let found = [false, true]
+            .into_iter()
+            .find_map(|https| self.token_from(req, https).map(|token| (token, https)));
+        let Some((token, https)) = found else {
+            return Presented::None;
+        };
+        let session = match self.verify_session(token) {
+            Ok(session) => session,
+            Err(e) => return Presented::Refused(e),
+        };
+        let checked = self
+            .revocations
+            .revoked(&session.id, &session.identity.subject, session.issued)
+            .await;
+        match checked {
+            Ok(false) => Presented::Valid { session, https },
+            Ok(true) => Presented::Refused(SessionError::Revoked),
+            Err(e) => Presented::Unavailable(e.0),
         }
     }
 
@@ -566,5 +607,70 @@ mod tests {
         ] {
             assert_eq!(safe_next(bad), "/", "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_presented_session_is_checked_in_full_under_either_cookie_name() {
+        let k = keys(&[]);
+        let run = |req: &crate::RequestHeader| {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(k.presented(req))
+        };
+        let request = |cookie: &str| {
+            let mut req = crate::RequestHeader::build("GET", b"/", None).unwrap();
+            if !cookie.is_empty() {
+                req.insert_header("cookie", cookie).unwrap();
+            }
+            req
+        };
+        let token = k.issue("ops", Role::Admin, "pin").unwrap();
+        for (cookie, https) in [
+            (format!("a=1; gatewarden={token}"), false),
+            (format!("__Host-gatewarden={token}"), true),
+        ] {
+            match run(&request(&cookie)) {
+                Presented::Valid {
+                    session,
+                    https: found,
+                } => {
+                    assert_eq!(&*session.identity.subject, "ops");
+                    assert_eq!(session.identity.role, Role::Admin);
+                    assert_eq!(found, https, "{cookie}");
+                }
+                other => panic!("{cookie}: {other:?}"),
+            }
+        }
+        assert!(matches!(run(&request("")), Presented::None));
+        assert!(matches!(run(&request("other=1")), Presented::None));
+        assert!(matches!(
+            run(&request("gatewarden=forged")),
+            Presented::Refused(SessionError::Invalid)
+        ));
+        let other_secret = SessionKeys::new(
+            "another-secret-of-32-bytes-or-more!",
+            &[],
+            Duration::from_secs(60),
+            "gatewarden",
+            SecureCookie::Auto,
+        )
+        .unwrap()
+        .issue("ops", Role::Admin, "pin")
+        .unwrap();
+        assert!(matches!(
+            run(&request(&format!("gatewarden={other_secret}"))),
+            Presented::Refused(SessionError::Invalid)
+        ));
+        // Logged out: refused from then on.
+        let cookie = format!("gatewarden={token}");
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(k.revoke_presented(&request(&cookie), false));
+        assert!(matches!(
+            run(&request(&cookie)),
+            Presented::Refused(SessionError::Revoked)
+        ));
     }
 }

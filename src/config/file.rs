@@ -134,6 +134,21 @@ pub struct AdminSection {
     pub address: String,
     /// Required for `/admin/*`; `/metrics` and `/healthz` need none.
     pub api_key: Option<super::mask::Secret>,
+    #[serde(default)]
+    pub console: Option<ConsoleSection>,
+}
+
+/// `admin.console:` — a second way into the console, besides the admin key.
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSection {
+    /// A plugin whose login sessions the console accepts (a `pin_gate` or `oidc`
+    /// instance); a session whose role is `admin` signs in.
+    pub login: String,
+    /// Where that login's page is, as the browser reaches it
+    /// (`https://gw.example.com/.gatewarden/login`): the console's sign-in links there.
+    #[serde(default)]
+    pub login_url: Option<String>,
 }
 
 /// `redis:` — shared state for several replicas.

@@ -1,17 +1,20 @@
 //! The operator's console on the admin listener: a page under `/ui/` (HTML, a script
-//! and a stylesheet compiled into the binary), its sign-in with the admin key, and the
-//! figures the admin API gives it beyond keys, usage and config (backends' health,
-//! routes' recent traffic).
+//! and a stylesheet compiled into the binary), its sign-in (with the admin key, or an
+//! admin's session from a login plugin), and the figures the admin API gives it beyond
+//! keys, usage and config (backends' health, routes' recent traffic).
 
 pub mod session;
 pub mod window;
+
+use std::sync::Arc;
 
 use http::{Response, StatusCode};
 use pingora::protocols::http::ServerSession;
 
 use crate::admin::{error, json};
 use crate::config::Snapshot;
-use gatewarden_plugins::{credentials, RequestHeader};
+use gatewarden_plugins::session::Presented;
+use gatewarden_plugins::{credentials, RequestHeader, Role};
 use session::ConsoleSessions;
 
 /// Where the console lives on the admin listener.
@@ -61,21 +64,42 @@ fn unauthorized() -> Response<Vec<u8>> {
     resp
 }
 
+/// Who a request to the console or the admin API is, by its cookies.
+enum SignedIn {
+    /// The console's own session, got with the admin key.
+    Key,
+    /// An admin session of the login named by `admin.console.login`.
+    Login(Arc<str>),
+    /// A session of that login whose role is not admin.
+    NotAdmin(Arc<str>),
+    /// Redis could not say whether the login session was revoked.
+    Unavailable,
+    No,
+}
+
 impl Console {
     /// Whether a request may use `/admin/*`: `None` when it may, else the refusal. It
-    /// may with the admin key as a bearer token, or with a console session. A write
-    /// made with the session must come from the console's own page (see
-    /// [`session::console_write`]); a bearer token is no cookie a browser sends by
-    /// itself, so it needs no such check.
-    pub fn refusal(&self, admin_key: &str, req: &RequestHeader) -> Option<Response<Vec<u8>>> {
+    /// may with the admin key as a bearer token, or with a session: the console's own
+    /// or an admin's from the login `admin.console.login` names. A write made with a
+    /// session must come from the console's own page (see [`session::console_write`]);
+    /// a bearer token is no cookie a browser sends by itself, so it needs no such check.
+    pub async fn refusal(
+        &self,
+        snapshot: &Snapshot,
+        req: &RequestHeader,
+    ) -> Option<Response<Vec<u8>>> {
         if req.headers.contains_key(http::header::AUTHORIZATION) {
-            return match presented_key(req) {
-                Some(key) if credentials::constant_time_eq(key, admin_key.as_bytes()) => None,
+            return match (presented_key(req), snapshot.admin_api_key.as_deref()) {
+                (Some(key), Some(admin_key))
+                    if credentials::constant_time_eq(key, admin_key.as_bytes()) =>
+                {
+                    None
+                }
                 _ => Some(unauthorized()),
             };
         }
-        match self.sessions.token(req, SECURE) {
-            Some(token) if self.sessions.verify(admin_key, token) => {
+        match self.signed_in(snapshot, req).await {
+            SignedIn::Key | SignedIn::Login(_) => {
                 let read = matches!(req.method, http::Method::GET | http::Method::HEAD);
                 (!read && !session::console_write(req)).then(|| {
                     error(
@@ -84,7 +108,31 @@ impl Console {
                     )
                 })
             }
-            _ => Some(unauthorized()),
+            SignedIn::NotAdmin(_) => {
+                Some(error(StatusCode::FORBIDDEN, "this login is not an admin's"))
+            }
+            SignedIn::Unavailable => Some(session_store_unavailable()),
+            SignedIn::No => Some(unauthorized()),
+        }
+    }
+
+    async fn signed_in(&self, snapshot: &Snapshot, req: &RequestHeader) -> SignedIn {
+        if let Some(admin_key) = snapshot.admin_api_key.as_deref() {
+            let token = self.sessions.token(req, SECURE);
+            if token.is_some_and(|t| self.sessions.verify(admin_key, t)) {
+                return SignedIn::Key;
+            }
+        }
+        let Some(sessions) = snapshot.console_login.as_ref().and_then(|l| l.sessions()) else {
+            return SignedIn::No;
+        };
+        match sessions.presented(req).await {
+            Presented::Valid { session, .. } if session.identity.role == Role::Admin => {
+                SignedIn::Login(session.identity.subject)
+            }
+            Presented::Valid { session, .. } => SignedIn::NotAdmin(session.identity.subject),
+            Presented::Unavailable(_) => SignedIn::Unavailable,
+            Presented::None | Presented::Refused(_) => SignedIn::No,
         }
     }
 
@@ -110,12 +158,12 @@ impl Console {
     }
 
     async fn route(&self, snapshot: &Snapshot, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let Some(admin_key) = snapshot.admin_api_key.as_deref() else {
+        if snapshot.admin_api_key.is_none() && snapshot.console_login.is_none() {
             return error(
                 StatusCode::NOT_FOUND,
-                "the console is off: set admin.api_key",
+                "the console is off: set admin.api_key or admin.console.login",
             );
-        };
+        }
         let req = session.req_header();
         let method = req.method.clone();
         match (method, req.uri.path()) {
@@ -124,32 +172,45 @@ impl Console {
             (http::Method::GET, "/ui/app.js") => asset("text/javascript; charset=utf-8", SCRIPT),
             (http::Method::GET, "/ui/app.css") => asset("text/css; charset=utf-8", STYLE),
             (http::Method::GET, "/ui/session") => {
-                let signed_in = self
-                    .sessions
-                    .token(req, SECURE)
-                    .is_some_and(|t| self.sessions.verify(admin_key, t));
-                json(
-                    StatusCode::OK,
-                    serde_json::json!({ "signed_in": signed_in }),
-                )
+                let signed_in = self.signed_in(snapshot, req).await;
+                json(StatusCode::OK, session_view(snapshot, &signed_in))
             }
-            (http::Method::POST, "/ui/sign-in") => self.sign_in(admin_key, session).await,
-            (http::Method::POST, "/ui/sign-out") => {
-                if !session::console_write(req) {
-                    return error(
-                        StatusCode::FORBIDDEN,
-                        "sign out from the console's own page",
-                    );
-                }
-                if let Some(token) = self.sessions.token(req, SECURE) {
-                    self.sessions.sign_out(admin_key, token).await;
-                }
-                let mut resp = json(StatusCode::OK, serde_json::json!({ "signed_in": false }));
-                set_cookie(&mut resp, &session::clear_cookie(SECURE));
-                resp
-            }
+            (http::Method::POST, "/ui/sign-in") => match snapshot.admin_api_key.as_deref() {
+                Some(admin_key) => self.sign_in(admin_key, session).await,
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "signing in with the admin key is off: set admin.api_key",
+                ),
+            },
+            (http::Method::POST, "/ui/sign-out") => self.sign_out(snapshot, req).await,
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }
+    }
+
+    /// Ends whichever sessions the request carries: the console's, and the login's (which
+    /// signs the browser out of the gateway's routes too, as its logout would).
+    async fn sign_out(&self, snapshot: &Snapshot, req: &RequestHeader) -> Response<Vec<u8>> {
+        if !session::console_write(req) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "sign out from the console's own page",
+            );
+        }
+        let mut resp = json(StatusCode::OK, serde_json::json!({ "signed_in": false }));
+        if let (Some(admin_key), Some(token)) = (
+            snapshot.admin_api_key.as_deref(),
+            self.sessions.token(req, SECURE),
+        ) {
+            self.sessions.sign_out(admin_key, token).await;
+            append_cookie(&mut resp, &session::clear_cookie(SECURE));
+        }
+        if let Some(sessions) = snapshot.console_login.as_ref().and_then(|l| l.sessions()) {
+            if let Presented::Valid { https, .. } = sessions.presented(req).await {
+                sessions.revoke_presented(req, https).await;
+                append_cookie(&mut resp, &sessions.clear_cookie(https));
+            }
+        }
+        resp
     }
 
     /// The sign-in form's `POST`: the admin key for a session cookie, then back to the
@@ -178,14 +239,52 @@ impl Console {
             return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot start a session");
         };
         let mut resp = redirect("/ui/");
-        set_cookie(&mut resp, &self.sessions.set_cookie(&token, SECURE));
+        append_cookie(&mut resp, &self.sessions.set_cookie(&token, SECURE));
         resp
     }
 }
 
-fn set_cookie(resp: &mut Response<Vec<u8>>, value: &str) {
+/// `GET /ui/session`: whether the browser is signed in and as whom, and the ways in
+/// the sign-in page offers.
+fn session_view(snapshot: &Snapshot, signed_in: &SignedIn) -> serde_json::Value {
+    let login = snapshot
+        .console_login
+        .as_ref()
+        .map(|l| serde_json::json!({ "name": l.name, "url": l.url }));
+    let mut view = serde_json::json!({
+        "signed_in": matches!(signed_in, SignedIn::Key | SignedIn::Login(_)),
+        "key_sign_in": snapshot.admin_api_key.is_some(),
+        "login": login,
+    });
+    match signed_in {
+        SignedIn::Key => view["as"] = "the admin key".into(),
+        SignedIn::Login(subject) => view["as"] = subject.to_string().into(),
+        SignedIn::NotAdmin(subject) => {
+            view["refused"] = format!("{subject} is signed in, but not as an admin").into()
+        }
+        SignedIn::Unavailable => {
+            view["refused"] = "the session store is unavailable; try again shortly".into()
+        }
+        SignedIn::No => {}
+    }
+    view
+}
+
+fn session_store_unavailable() -> Response<Vec<u8>> {
+    let mut resp = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the session store is unavailable",
+    );
+    resp.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("5"),
+    );
+    resp
+}
+
+fn append_cookie(resp: &mut Response<Vec<u8>>, value: &str) {
     if let Ok(value) = http::HeaderValue::from_str(value) {
-        resp.headers_mut().insert(http::header::SET_COOKIE, value);
+        resp.headers_mut().append(http::header::SET_COOKIE, value);
     }
 }
 

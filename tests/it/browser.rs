@@ -29,7 +29,7 @@ impl Cdp {
     /// Opens `url` on a route behind `pin_gate`, expects to be sent to the login page
     /// with `next` pointing back, types the PIN as a user would, and waits until the
     /// browser is back on `next`.
-    async fn log_in(&mut self, url: &str, next: &str) {
+    pub(crate) async fn log_in(&mut self, url: &str, next: &str) {
         self.navigate(url).await;
         self.wait_for(
             "location.pathname === '/.gatewarden/login' && document.readyState === 'complete' && !!document.querySelector('#pin')",

@@ -15,6 +15,7 @@ mod browser_safety;
 mod chromium;
 mod cli;
 mod console;
+mod console_login;
 mod container;
 mod deploy;
 mod docs;

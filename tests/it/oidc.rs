@@ -840,3 +840,46 @@ fn discovery_is_retried_while_other_routes_serve() {
     let (_, page) = alice.login(&gw.url("/page"), "alice", None).unwrap();
     assert_eq!((page.status, body(&page).as_str()), (200, "/page"));
 }
+
+#[test]
+fn an_admin_from_the_provider_opens_the_console_and_a_user_does_not() {
+    if !provider_installed() {
+        return;
+    }
+    let rec = RecordingUpstream::start();
+    let idp_port = free_port();
+    let gw =
+        Gateway::start(oidc_config(idp_port, rec.addr).admin_console(json!({ "login": "sso" })));
+    let keys = tempfile::tempdir().unwrap();
+    let _idp = Idp::start(idp_port, keys.path(), Some(&gw), false);
+    let admin_host = gw.admin.to_string();
+    // The session cookie each browser got on the proxy listener, as the browser would
+    // send it to the admin listener on the same host.
+    let session_of = |user: &str| {
+        let mut browser = Browser::default();
+        let (_, page) = browser.login(&gw.url("/home"), user, None).unwrap();
+        assert_eq!(page.status, 200, "{}", body(&page));
+        let value = browser.cookies[&gw.addr.to_string()]["gatewarden"].clone();
+        format!("Cookie: gatewarden={value}")
+    };
+    let on_admin =
+        |path: &str, cookie: &str| send_to(gw.admin, &admin_host, "GET", path, &[cookie], "");
+
+    let alice = session_of("alice");
+    let view = on_admin("/ui/session", &alice).json();
+    assert_eq!(
+        (view["signed_in"].clone(), view["as"].clone()),
+        (json!(true), json!("alice")),
+        "{view}"
+    );
+    assert_eq!(on_admin("/admin/config", &alice).status, 200);
+
+    let bob = session_of("bob");
+    let view = on_admin("/ui/session", &bob).json();
+    assert_eq!(view["signed_in"], false, "{view}");
+    assert!(
+        view["refused"].as_str().unwrap_or("").contains("bob"),
+        "{view}"
+    );
+    assert_eq!(on_admin("/admin/config", &bob).status, 403);
+}

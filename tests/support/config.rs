@@ -24,6 +24,7 @@ pub struct Config {
 struct Admin {
     address: Option<SocketAddr>,
     api_key: Option<String>,
+    console: Option<Value>,
 }
 
 impl Config {
@@ -42,6 +43,7 @@ impl Config {
         let admin = top.get("admin").map(|a| Admin {
             address: None,
             api_key: a["api_key"].as_str().map(str::to_string),
+            console: a.get("console").cloned(),
         });
         Config {
             admin,
@@ -81,6 +83,12 @@ impl Config {
     /// An admin listener whose `/admin/*` needs `key`.
     pub fn admin_key(mut self, key: &str) -> Config {
         self.admin.get_or_insert_with(Admin::default).api_key = Some(key.to_string());
+        self
+    }
+
+    /// `admin.console:` (the login whose admin sessions open the console).
+    pub fn admin_console(mut self, console: Value) -> Config {
+        self.admin.get_or_insert_with(Admin::default).console = Some(console);
         self
     }
 
@@ -154,6 +162,9 @@ impl Config {
             }
             if let Some(key) = &admin.api_key {
                 section.insert("api_key".into(), key.clone().into());
+            }
+            if let Some(console) = &admin.console {
+                section.insert("console".into(), console.clone());
             }
             top.insert("admin".into(), Value::Object(section));
         }

@@ -323,6 +323,10 @@ impl Plugin for Oidc {
         Ok(())
     }
 
+    fn login_sessions(&self) -> Option<&SessionKeys> {
+        Some(&self.sessions)
+    }
+
     fn gateway_cookies(&self) -> Vec<String> {
         self.sessions
             .cookie_names()

@@ -1,6 +1,8 @@
 //! From YAML text to a validated runtime [`Snapshot`], collecting every error with its
 //! key path and line.
 
+mod admin;
+
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +12,8 @@ use gatewarden_plugins::{BuildEnv, Plugin, PluginPlan};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::{Mapping, Value};
+
+pub use admin::ConsoleLogin;
 
 use super::expand::expand_tree;
 use super::file::*;
@@ -44,6 +48,8 @@ pub struct Snapshot {
     pub plugin_count: usize,
     pub redis_url: Option<String>,
     pub admin_api_key: Option<String>,
+    /// The login whose admin sessions open the console, besides the admin key.
+    pub console_login: Option<ConsoleLogin>,
     /// The config as written, secrets masked, for `GET /admin/config`.
     pub masked_config: serde_json::Value,
     /// Where the identity plugins keep their keys, for the admin keys API.
@@ -266,22 +272,11 @@ pub fn compile_with(
     }
 
     let listeners = compile_listeners(take("listeners"), &mut errors);
-    let mut admin_shown = None;
-    let admin = match take("admin") {
-        Value::Null => None,
-        v => errors.parse::<AdminSection>("admin", v).and_then(|a| {
-            admin_shown = serde_json::to_value(&a).ok();
-            let address = socket_addr(&a.address, "admin.address", &mut errors)?;
-            let api_key = a.api_key.map(|k| k.expose().to_string());
-            if api_key.as_ref().is_some_and(|k| k.len() < 16) {
-                errors.push(
-                    "admin.api_key",
-                    "the admin API key must be at least 16 characters",
-                );
-            }
-            Some(Admin { address, api_key })
-        }),
-    };
+    let admin::Parsed {
+        admin,
+        console: console_section,
+        shown: admin_shown,
+    } = admin::parse(take("admin"), &mut errors);
 
     check_shards(
         &server,
@@ -517,6 +512,9 @@ pub fn compile_with(
         }
     }
 
+    let console_login =
+        admin::console_login(console_section, &declared_plugins, &plugins, &mut errors);
+
     let global: Vec<String> = match take("global_plugins") {
         Value::Null => Vec::new(),
         v => errors.parse("global_plugins", v).unwrap_or_default(),
@@ -632,6 +630,7 @@ pub fn compile_with(
             plugin_count,
             redis_url,
             admin_api_key: admin.as_ref().and_then(|a| a.api_key.clone()),
+            console_login,
             masked_config: super::mask::masked(
                 &as_written,
                 plugins_shown,

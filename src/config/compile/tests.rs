@@ -227,3 +227,48 @@ fn threads_beside_shards_are_a_warning() {
         c.warnings
     );
 }
+
+#[test]
+fn the_console_login_names_a_plugin_that_keeps_login_sessions() {
+    let pin_hash = gatewarden_plugins::pin_gate::hash_pin("2468").unwrap();
+    let config = |console: &str| {
+        format!(
+            "admin:\n  address: 127.0.0.1:9091\n  console: {console}\nplugins:\n  pin: {{ type: pin_gate, pin_hash: '{pin_hash}', secret: 0123456789abcdef0123456789abcdef, role: admin }}\n  keys: {{ type: api_key, admin_key: an-admin-key-of-some-length }}\n{MINIMAL}"
+        )
+    };
+    let c = compile(
+        &config("{ login: pin, login_url: 'https://gw.example.com/.gatewarden/login' }"),
+        1,
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let login = c.snapshot.console_login.expect("a console login");
+    assert_eq!(login.name, "pin");
+    assert_eq!(
+        login.url.as_deref(),
+        Some("https://gw.example.com/.gatewarden/login")
+    );
+    assert!(login.sessions().is_some());
+    assert!(c.snapshot.admin_api_key.is_none());
+
+    for (console, message) in [
+        ("{ login: ghost }", "no plugin named \"ghost\""),
+        ("{ login: keys }", "these do: pin"),
+        (
+            "{ login: pin, login_url: /.gatewarden/login }",
+            "not an http:// or https:// URL",
+        ),
+        (
+            "{ login: pin, login_url: 'ftp://gw.example.com/' }",
+            "not an http:// or https:// URL",
+        ),
+        ("{ logn: pin }", "logn"),
+    ] {
+        let errs = errors_of(&config(console));
+        let found = errs
+            .iter()
+            .find(|e| e.path.starts_with("admin.console"))
+            .unwrap_or_else(|| panic!("{console}: {errs:?}"));
+        assert!(found.message.contains(message), "{console}: {found:?}");
+        assert_eq!(found.line, Some(3), "{console}: {found:?}");
+    }
+}

@@ -226,16 +226,33 @@ async function signOut() {
 
 let timer = null;
 
-function showSignIn(failed) {
+// What `/ui/session` last said: the ways in the sign-in offers.
+let ways = { key_sign_in: true, login: null };
+
+function showSignIn(failed, refused) {
   if (timer !== null) {
     clearInterval(timer);
     timer = null;
   }
   $("console").hidden = true;
   $("sign-out").hidden = true;
+  $("signed-in-as").hidden = true;
   $("signin").hidden = false;
+  show($("signin-refused"), refused || "");
+  $("signin-form").hidden = !ways.key_sign_in;
   $("signin-error").hidden = !failed;
-  $("admin-key").focus();
+  $("login-way").hidden = !ways.login;
+  if (ways.login) {
+    $("login-name").textContent = ways.login.name;
+    const link = $("login-link");
+    link.hidden = !ways.login.url;
+    if (ways.login.url) {
+      link.href = ways.login.url;
+    }
+  }
+  if (ways.key_sign_in) {
+    $("admin-key").focus();
+  }
 }
 
 async function start() {
@@ -247,13 +264,17 @@ async function start() {
     history.replaceState(null, "", "/ui/");
   }
   const session = await api("GET", "/ui/session");
+  if (session.ok && session.data) {
+    ways = { key_sign_in: !!session.data.key_sign_in, login: session.data.login || null };
+  }
   if (!session.ok || !session.data.signed_in) {
-    showSignIn(failed);
+    showSignIn(failed, session.data && session.data.refused);
     return;
   }
   $("signin").hidden = true;
   $("console").hidden = false;
   $("sign-out").hidden = false;
+  show($("signed-in-as"), "Signed in as " + session.data.as);
   await Promise.all([loadBackends(), loadStats(), loadKeys(), loadUsage(), loadConfig()]);
   document.body.dataset.ready = "true";
   timer = setInterval(() => {
