@@ -25,7 +25,7 @@
 #                          server.shards N (one single-threaded shard per CPU: N=auto)
 #   GW_OFF="client_loop write_gathering case_map"   adds, for each piece of performance
 #                          plumbing named, the -off-NAME targets: the default binary with
-#                          that piece turned off (GATEWARDEN_BENCH_OFF, src/bench.rs)
+#                          that piece turned off (GATEWARDEN_BENCH_OFF, src/plumbing/switches.rs)
 #   GW_PGO_BIN=path        adds the -pgo targets: this binary (scripts/pgo-build.sh
 #                          makes one at target/pgo/gatewarden) with the same configs
 #   WORKLOADS="sse ws idle" the workloads after the wrk runs ("" skips them): event

@@ -2,7 +2,7 @@
 //!
 //! Pingora times out each read from a client (60 s), not the request head as a whole,
 //! so a client that sends a byte every few seconds keeps a connection forever. Every
-//! client stream carries a [`HeadDeadline`] ([`crate::downstream::ClientStream`]):
+//! client stream carries a [`HeadDeadline`] ([`crate::plumbing::ClientStream`]):
 //! from the first byte, the head must arrive (up to the blank line that ends it)
 //! within [`HEAD_DEADLINE`], or the read fails and the connection is closed without an
 //! answer, as Pingora closes one that goes silent. Once the head is in, bytes pass

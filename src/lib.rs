@@ -5,18 +5,17 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod bench;
 pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod console;
 pub mod demo_upstream;
-pub mod downstream;
 pub mod endpoints;
 pub mod forwarding;
 pub mod head_deadline;
 pub mod logging;
 pub mod observe;
+pub mod plumbing;
 pub mod proxy;
 pub mod reload;
 pub mod request_rules;

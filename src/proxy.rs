@@ -39,8 +39,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use crate::config::Snapshot;
 use crate::endpoints;
 use crate::forwarding::{
-    canonical_target, response_without_case_map, take_from_trusted_proxy, trusted, Forwarding,
-    X_REQUEST_ID,
+    canonical_target, take_from_trusted_proxy, trusted, Forwarding, X_REQUEST_ID,
 };
 use crate::observe::{new_request_id, InflightGuard, RouteMetrics};
 use crate::reload::State;
@@ -509,7 +508,10 @@ impl ProxyHttp for Gateway {
             .map(|r| &r.chain)
             .filter(|c| c.edits_response());
         let plugin_ctx = &mut ctx.plugin;
-        if chain.is_none() && !plugin_ctx.compress_response && crate::bench::off().case_map {
+        if chain.is_none()
+            && !plugin_ctx.compress_response
+            && crate::plumbing::switches::off().case_map
+        {
             // A benchmark's baseline: the same edits through Pingora's own API, which
             // keeps its map of header name spellings in step.
             if http10_client {
@@ -518,7 +520,7 @@ impl ProxyHttp for Gateway {
             resp.insert_header(X_REQUEST_ID.clone(), request_id)?;
             return Ok(());
         }
-        response_without_case_map(resp, |resp| {
+        crate::plumbing::head_parts::response_without_case_map(resp, |resp| {
             // HTTP/1.0 has no chunked framing: a body without a length is delimited by
             // closing the connection. Pingora frames such bodies as chunked (for an
             // upstream that sent no length) whatever the client speaks.
@@ -627,7 +629,7 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // The response is complete: the client gets it before the bookkeeping below.
-        crate::downstream::send_owed(session.downstream_session.stream());
+        crate::plumbing::send_owed(session.downstream_session.stream());
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let took = ctx.started.elapsed();
         let elapsed = took.as_secs_f64();

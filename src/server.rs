@@ -16,8 +16,8 @@ use pingora::services::listening::Service;
 use crate::admin::AdminApp;
 use crate::config::compile::Listener;
 use crate::config::Compiled;
-use crate::downstream::{ClientConnections, ClientSettings, DEFAULT_WRITE_BUFFER};
 use crate::head_deadline::HEAD_DEADLINE;
+use crate::plumbing::{ClientConnections, ClientSettings, DEFAULT_WRITE_BUFFER};
 use crate::proxy::Gateway;
 use crate::reload::{SighupReloader, State};
 use crate::stop::{StopSignals, Stopper};
@@ -31,11 +31,11 @@ const DEFAULT_CLIENT_KEEPALIVE_SECS: u64 = 75;
 /// 64 KiB read buffer per accepted socket for its whole life: 10 000 idle keep-alive
 /// clients held ~620 MiB in those alone. The HTTP/1 reader already reads heads into its
 /// own buffer and bodies in large reads, and an A/B run of the load bench showed no loss
-/// without it. Writes are coalesced by [`crate::downstream::ClientStream`], whose
+/// without it. Writes are coalesced by [`crate::plumbing::ClientStream`], whose
 /// buffer is held only while a response is written. TLS listeners keep the defaults:
 /// the TLS record reader issues many small reads that the buffer saves syscalls on.
 fn client_buffers() -> L4BufferSettings {
-    if crate::bench::off().client_loop {
+    if crate::plumbing::switches::off().client_loop {
         return L4BufferSettings::default();
     }
     L4BufferSettings::default().read(0).write(0)
@@ -207,16 +207,16 @@ pub fn run(
             .client_header_timeout_seconds
             .map_or(HEAD_DEADLINE, Duration::from_secs),
         keepalive: client_keepalive.map(Duration::from_secs),
-        write_buffer: if crate::bench::off().write_gathering {
+        write_buffer: if crate::plumbing::switches::off().write_gathering {
             0
         } else {
             server_section
                 .client_write_buffer_bytes
                 .unwrap_or(DEFAULT_WRITE_BUFFER)
         },
-        own_loop: !crate::bench::off().client_loop,
+        own_loop: !crate::plumbing::switches::off().client_loop,
     };
-    crate::bench::log();
+    crate::plumbing::switches::log();
     let plan = crate::shards::plan(
         server_section.shards,
         &listeners.iter().map(|l| l.address).collect::<Vec<_>>(),

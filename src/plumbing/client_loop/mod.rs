@@ -86,7 +86,7 @@ pub struct ClientSettings {
     /// Write buffer of a plain-TCP connection, in bytes; 0 writes straight through.
     pub write_buffer: usize,
     /// Serve plain HTTP/1 connections with this module's loop; false leaves them to
-    /// Pingora's (a benchmark switch, [`crate::bench`]).
+    /// Pingora's (a benchmark switch, [`super::switches`]).
     pub own_loop: bool,
 }
 

@@ -6,7 +6,7 @@
 //! The value is a comma-separated list of:
 //!
 //! - `client_loop`: plain HTTP/1 clients are served by Pingora's own keep-alive loop,
-//!   with Pingora's socket buffers, instead of [`crate::downstream`]'s;
+//!   with Pingora's socket buffers, instead of [`super::client_loop`]'s;
 //! - `write_gathering`: client writes go straight to the socket, as with
 //!   `server.client_write_buffer_bytes: 0`, whatever the config says;
 //! - `case_map`: a response that no plugin edits gets its `X-Request-Id` through
