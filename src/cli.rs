@@ -241,15 +241,7 @@ fn check(path: &Path) -> ExitCode {
 
 /// How `check`'s config would serve its listeners, when sharded.
 fn shards_line(compiled: &Compiled) -> Option<String> {
-    let addresses: Vec<SocketAddr> = compiled.listeners.iter().map(|l| l.address).collect();
-    let plan = crate::shards::plan(
-        compiled.server.shards,
-        &addresses,
-        compiled.admin.as_ref().map(|a| a.address),
-        crate::shards::cpus(),
-    )
-    .ok()
-    .filter(crate::shards::Plan::sharded)?;
+    let plan = Some(&compiled.shards).filter(|p| p.sharded())?;
     let auto = if compiled.server.shards == Some(crate::config::file::Shards::Auto) {
         " (auto: one per CPU of this machine)"
     } else {

@@ -183,6 +183,7 @@ pub fn run(
         admin,
         warnings,
         server: server_section,
+        shards: plan,
     } = compiled;
     for w in &warnings {
         log::warn!("{w}");
@@ -217,13 +218,6 @@ pub fn run(
         own_loop: !crate::plumbing::switches::off().client_loop,
     };
     crate::plumbing::switches::log();
-    let plan = crate::shards::plan(
-        server_section.shards,
-        &listeners.iter().map(|l| l.address).collect::<Vec<_>>(),
-        admin.as_ref().map(|a| a.address),
-        crate::shards::cpus(),
-    )
-    .map_err(|e| anyhow::anyhow!("server.shards: {e}"))?;
     if plan.sharded() {
         log::info!(
             "shards: {} per listener, each one thread with a listening socket of its own \

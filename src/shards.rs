@@ -89,11 +89,33 @@ pub fn plan(
 }
 
 impl Plan {
-    fn off() -> Plan {
+    /// One service per listener.
+    pub fn off() -> Plan {
         Plan {
             shards: 1,
             capped_from: None,
         }
+    }
+
+    /// What is worth telling about this plan: `auto` capped below the CPU count, or a
+    /// `server.threads` (set when `threads_set`) that no longer sizes the listeners.
+    pub fn warnings(&self, threads_set: bool) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some(cpus) = self.capped_from {
+            warnings.push(format!(
+                "server.shards: auto would be {cpus} (one per CPU), but a graceful upgrade \
+                 hands over too few listening sockets for that; using {}",
+                self.shards
+            ));
+        }
+        if self.sharded() && threads_set {
+            warnings.push(
+                "server.threads: each shard of a proxy listener has one thread; threads \
+                 sizes only the admin listener and background tasks"
+                    .to_string(),
+            );
+        }
+        warnings
     }
 }
 

@@ -113,6 +113,8 @@ pub struct Compiled {
     pub listeners: Vec<Listener>,
     pub admin: Option<Admin>,
     pub server: ServerSection,
+    /// How many shards serve each proxy listener, from `server.shards`.
+    pub shards: crate::shards::Plan,
     pub warnings: Vec<String>,
 }
 
@@ -278,13 +280,21 @@ pub fn compile_with(
         shown: admin_shown,
     } = admin::parse(take("admin"), &mut errors);
 
-    check_shards(
-        &server,
-        &listeners,
-        admin.as_ref(),
-        &mut errors,
-        &mut warnings,
-    );
+    let shards = match crate::shards::plan(
+        server.shards,
+        &listeners.iter().map(|l| l.address).collect::<Vec<_>>(),
+        admin.as_ref().map(|a| a.address),
+        crate::shards::cpus(),
+    ) {
+        Ok(plan) => {
+            warnings.extend(plan.warnings(server.threads.is_some()));
+            plan
+        }
+        Err(e) => {
+            errors.push("server.shards", e);
+            crate::shards::Plan::off()
+        }
+    };
 
     let trusted_proxies = match take("trusted_proxies") {
         Value::Null => Vec::new(),
@@ -647,6 +657,7 @@ pub fn compile_with(
         listeners,
         admin,
         server,
+        shards,
         warnings,
     })
 }
@@ -671,42 +682,6 @@ fn socket_addr(text: &str, path: &str, errors: &mut Errors) -> Option<SocketAddr
                 format!("{text:?} is not IP:PORT (such as 127.0.0.1:8080 or [::1]:8080)"),
             );
             None
-        }
-    }
-}
-
-/// `server.shards` against the listeners it would multiply.
-fn check_shards(
-    server: &ServerSection,
-    listeners: &[Listener],
-    admin: Option<&Admin>,
-    errors: &mut Errors,
-    warnings: &mut Vec<String>,
-) {
-    let addresses: Vec<SocketAddr> = listeners.iter().map(|l| l.address).collect();
-    let plan = crate::shards::plan(
-        server.shards,
-        &addresses,
-        admin.map(|a| a.address),
-        crate::shards::cpus(),
-    );
-    match plan {
-        Err(e) => errors.push("server.shards", e),
-        Ok(plan) => {
-            if let Some(cpus) = plan.capped_from {
-                warnings.push(format!(
-                    "server.shards: auto would be {cpus} (one per CPU), but a graceful upgrade \
-                     hands over too few listening sockets for that; using {}",
-                    plan.shards
-                ));
-            }
-            if plan.sharded() && server.threads.is_some() {
-                warnings.push(
-                    "server.threads: each shard of a proxy listener has one thread; threads \
-                     sizes only the admin listener and background tasks"
-                        .to_string(),
-                );
-            }
         }
     }
 }
