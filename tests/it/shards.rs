@@ -436,11 +436,9 @@ fn an_upgrade_hands_every_shard_socket_over() {
             .server("upgrade_sock", "upgrade.sock"),
     );
     // The gateway answers once one shard listens; the others follow moments later.
-    poll_until(
-        "every shard to listen",
-        Duration::from_secs(10),
-        || listening_sockets(old.addr.port()).len() == SHARDS,
-    );
+    poll_until("every shard to listen", Duration::from_secs(10), || {
+        listening_sockets(old.addr.port()).len() == SHARDS
+    });
     let before = listening_sockets(old.addr.port());
     assert_eq!(before.len(), SHARDS, "{before:?}");
     let new = old.upgrade();
