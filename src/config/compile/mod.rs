@@ -2,18 +2,19 @@
 //! key path and line.
 
 mod admin;
+mod plugins;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use gatewarden_plugins::key_store::KeyStore;
-use gatewarden_plugins::{BuildEnv, Plugin, PluginPlan};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::{Mapping, Value};
 
 pub use admin::ConsoleLogin;
+pub use plugins::BuiltPlugin;
 
 use super::expand::expand_tree;
 use super::file::*;
@@ -172,22 +173,6 @@ pub fn compile(text: &str, generation: u64) -> Result<Compiled, Vec<ConfigError>
     compile_with(text, generation, None)
 }
 
-/// A plugin instance with the settings it was built from, and the Redis it shares
-/// state through: a reload with equal settings and the same Redis keeps the instance
-/// (its counters, lockouts, in-flight slots).
-#[derive(Clone)]
-pub struct BuiltPlugin {
-    plan: Arc<PluginPlan>,
-    redis_url: Option<String>,
-    pub plugin: Arc<dyn Plugin>,
-}
-
-impl BuiltPlugin {
-    fn serves(&self, plan: &PluginPlan, redis_url: Option<&str>) -> bool {
-        self.plan.same_as(plan) && self.redis_url.as_deref() == redis_url
-    }
-}
-
 /// Like [`compile`], reusing from `previous` every plugin whose settings did not
 /// change, so that reloads keep rate-limit state and lockouts.
 pub fn compile_with(
@@ -240,38 +225,7 @@ pub fn compile_with(
     let mut take = |key: &str| top.remove(key).unwrap_or(Value::Null);
     let mut warnings = Vec::new();
 
-    let server: ServerSection = match take("server") {
-        Value::Null => ServerSection::default(),
-        v => errors.parse("server", v).unwrap_or_default(),
-    };
-    if server.threads == Some(0) {
-        errors.push("server.threads", "threads must be at least 1");
-    }
-    for (setting, value) in [
-        (
-            "server.client_header_timeout_seconds",
-            server.client_header_timeout_seconds,
-        ),
-        (
-            "server.client_body_timeout_seconds",
-            server.client_body_timeout_seconds,
-        ),
-    ] {
-        if value == Some(0) {
-            errors.push(setting, "at least 1 second");
-        }
-    }
-    if server
-        .client_write_buffer_bytes
-        .is_some_and(|b| b > MAX_CLIENT_WRITE_BUFFER)
-    {
-        errors.push(
-            "server.client_write_buffer_bytes",
-            format!(
-                "at most {MAX_CLIENT_WRITE_BUFFER} bytes: every response being written holds one"
-            ),
-        );
-    }
+    let server = compile_server(take("server"), &mut errors);
 
     let listeners = compile_listeners(take("listeners"), &mut errors);
     let admin::Parsed {
@@ -454,73 +408,18 @@ pub fn compile_with(
         }
         (None, _) => None,
     };
-    let mut env = BuildEnv {
-        base_dir: std::env::current_dir().unwrap_or_default(),
-        name: String::new(),
-        redis: redis.clone(),
-    };
-    let mut plugins: BTreeMap<String, Arc<dyn Plugin>> = BTreeMap::new();
-    let mut built: BTreeMap<String, BuiltPlugin> = BTreeMap::new();
-    let mut declared_plugins = BTreeSet::new();
-    let mut plugins_shown = serde_json::Map::new();
-    if let Some(map) = mapping(take("plugins"), "plugins", &mut errors) {
-        for (key, value) in map {
-            let name = key.as_str().unwrap_or("?").to_string();
-            let path = format!("plugins.{name}");
-            declared_plugins.insert(name.clone());
-            let Value::Mapping(mut block) = value else {
-                errors.push(path, "a plugin is a mapping with a `type` key");
-                continue;
-            };
-            let type_name = match block.remove("type") {
-                Some(Value::String(t)) => t,
-                _ => {
-                    errors.push(
-                        path,
-                        format!(
-                            "missing `type`; one of {}",
-                            gatewarden_plugins::PLUGIN_TYPES.join(", ")
-                        ),
-                    );
-                    continue;
-                }
-            };
-            let plan = match PluginPlan::parse(&type_name, Value::Mapping(block)) {
-                Ok(plan) => Arc::new(plan),
-                Err(e) => {
-                    errors.push(format!("{path} (type: {type_name})"), e.to_string());
-                    continue;
-                }
-            };
-            if let serde_json::Value::Object(mut shown) = plan.shown() {
-                shown.insert("type".into(), type_name.clone().into());
-                plugins_shown.insert(name.clone(), shown.into());
-            }
-            if let Some(old) = previous
-                .and_then(|p| p.plugins.get(&name))
-                .filter(|old| old.serves(&plan, redis_url.as_deref()))
-            {
-                plugins.insert(name.clone(), old.plugin.clone());
-                built.insert(name, old.clone());
-                continue;
-            }
-            env.name = name.clone();
-            match plan.build(&env) {
-                Ok(p) => {
-                    plugins.insert(name.clone(), p.clone());
-                    built.insert(
-                        name,
-                        BuiltPlugin {
-                            plan,
-                            redis_url: redis_url.clone(),
-                            plugin: p,
-                        },
-                    );
-                }
-                Err(e) => errors.push(format!("{path} (type: {type_name})"), e.to_string()),
-            }
-        }
-    }
+    let plugins::Built {
+        by_name: plugins,
+        built,
+        declared: declared_plugins,
+        shown: plugins_shown,
+    } = plugins::build(
+        take("plugins"),
+        previous,
+        redis.clone(),
+        redis_url.as_deref(),
+        &mut errors,
+    );
 
     let console_login =
         admin::console_login(console_section, &declared_plugins, &plugins, &mut errors);
@@ -684,6 +583,43 @@ fn socket_addr(text: &str, path: &str, errors: &mut Errors) -> Option<SocketAddr
             None
         }
     }
+}
+
+/// `server:`, checked beyond its types.
+fn compile_server(value: Value, errors: &mut Errors) -> ServerSection {
+    let server: ServerSection = match value {
+        Value::Null => ServerSection::default(),
+        v => errors.parse("server", v).unwrap_or_default(),
+    };
+    if server.threads == Some(0) {
+        errors.push("server.threads", "threads must be at least 1");
+    }
+    for (setting, value) in [
+        (
+            "server.client_header_timeout_seconds",
+            server.client_header_timeout_seconds,
+        ),
+        (
+            "server.client_body_timeout_seconds",
+            server.client_body_timeout_seconds,
+        ),
+    ] {
+        if value == Some(0) {
+            errors.push(setting, "at least 1 second");
+        }
+    }
+    if server
+        .client_write_buffer_bytes
+        .is_some_and(|b| b > MAX_CLIENT_WRITE_BUFFER)
+    {
+        errors.push(
+            "server.client_write_buffer_bytes",
+            format!(
+                "at most {MAX_CLIENT_WRITE_BUFFER} bytes: every response being written holds one"
+            ),
+        );
+    }
+    server
 }
 
 fn compile_listeners(value: Value, errors: &mut Errors) -> Vec<Listener> {
