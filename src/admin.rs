@@ -221,6 +221,104 @@ fn keys_api(store: &KeyStore, method: &http::Method, rest: &str, body: &[u8]) ->
     }
 }
 
+impl AdminApp {
+    /// Answers an `/admin/*` request its caller may make.
+    async fn admin_api(
+        &self,
+        snapshot: &crate::config::Snapshot,
+        session: &mut ServerSession,
+        method: http::Method,
+        p: &str,
+    ) -> Response<Vec<u8>> {
+        match (method, p) {
+            (http::Method::GET, "/admin/config") => {
+                json(StatusCode::OK, snapshot.masked_config.clone())
+            }
+            (method, p) if p == "/admin/keys" || p.starts_with("/admin/keys/") => {
+                let store =
+                    match snapshot.key_stores.as_slice() {
+                        [one] => one.clone(),
+                        [] => {
+                            return error(
+                                StatusCode::NOT_FOUND,
+                                "no api_key plugin with a keys_file or store: redis is configured",
+                            )
+                        }
+                        _ => return error(
+                            StatusCode::CONFLICT,
+                            "several key stores are configured; manage them with `gatewarden key`",
+                        ),
+                    };
+                let body = match read_body(session).await {
+                    Some(b) => b,
+                    None => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+                };
+                // File locks and Redis round trips block: off the async workers.
+                let rest = p.strip_prefix("/admin/keys").unwrap_or("").to_string();
+                tokio::task::spawn_blocking(move || keys_api(&store, &method, &rest, &body))
+                    .await
+                    .unwrap_or_else(|_| {
+                        error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "the key operation failed",
+                        )
+                    })
+            }
+            (http::Method::GET, "/admin/backends") => {
+                json(StatusCode::OK, crate::console::backends(snapshot))
+            }
+            (http::Method::GET, "/admin/stats") => {
+                json(StatusCode::OK, crate::console::stats(snapshot))
+            }
+            (http::Method::GET, "/admin/usage") => usage(snapshot, session.req_header()).await,
+            (http::Method::POST, "/admin/sessions/revoke") => {
+                let Some(body) = read_body(session).await else {
+                    return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+                };
+                revoke_sessions(snapshot, &body).await
+            }
+            (http::Method::POST, "/admin/reload") => match self.state.reload_off_thread().await {
+                Ok(generation) => json(
+                    StatusCode::OK,
+                    serde_json::json!({ "status": "ok", "config_generation": generation }),
+                ),
+                Err(problems) => json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    serde_json::json!({ "error": "config rejected, old config kept", "status": 422, "problems": problems }),
+                ),
+            },
+            _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
+        }
+    }
+}
+
+/// One line in the gateway's log for every change made through the admin API: what,
+/// by whom, and how it ended. A key is named by the id in the answer, never by what
+/// the request named it with (someone may paste a whole key there), and key names and
+/// plaintexts are never in it.
+fn log_change(
+    method: &http::Method,
+    path: &str,
+    caller: &crate::console::Caller,
+    resp: &Response<Vec<u8>>,
+) {
+    let status = resp.status().as_u16();
+    let id = serde_json::from_slice::<serde_json::Value>(resp.body())
+        .ok()
+        .and_then(|v| v["id"].as_str().map(str::to_string))
+        .filter(|_| resp.status().is_success());
+    let path = match (path.strip_prefix("/admin/keys/"), &id) {
+        (Some(_), Some(id)) => format!("/admin/keys/{id}"),
+        (Some(_), None) => "/admin/keys/…".to_string(),
+        (None, _) => path.to_string(),
+    };
+    let made = match (status, &id) {
+        (201, Some(id)) => format!(" (key {id})"),
+        _ => String::new(),
+    };
+    log::info!("admin: {method} {path} by {caller}: {status}{made}");
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -254,68 +352,20 @@ impl ServeHttp for AdminApp {
                         "the admin API is off: set admin.api_key",
                     );
                 }
-                if let Some(refused) = self.console.refusal(&snapshot, session.req_header()).await {
-                    return refused;
+                let caller = match self
+                    .console
+                    .authorize(&snapshot, session.req_header())
+                    .await
+                {
+                    Ok(caller) => caller,
+                    Err(refused) => return refused,
+                };
+                let write = !matches!(method, http::Method::GET | http::Method::HEAD);
+                let resp = self.admin_api(&snapshot, session, method.clone(), p).await;
+                if write {
+                    log_change(&method, p, &caller, &resp);
                 }
-                match (method, p) {
-                    (http::Method::GET, "/admin/config") => {
-                        json(StatusCode::OK, snapshot.masked_config.clone())
-                    }
-                    (method, p) if p == "/admin/keys" || p.starts_with("/admin/keys/") => {
-                        let store = match snapshot.key_stores.as_slice() {
-                            [one] => one.clone(),
-                            [] => return error(StatusCode::NOT_FOUND, "no api_key plugin with a keys_file or store: redis is configured"),
-                            _ => return error(StatusCode::CONFLICT, "several key stores are configured; manage them with `gatewarden key`"),
-                        };
-                        let body = match read_body(session).await {
-                            Some(b) => b,
-                            None => {
-                                return error(
-                                    StatusCode::PAYLOAD_TOO_LARGE,
-                                    "request body too large",
-                                )
-                            }
-                        };
-                        // File locks and Redis round trips block: off the async workers.
-                        let rest = p.strip_prefix("/admin/keys").unwrap_or("").to_string();
-                        tokio::task::spawn_blocking(move || keys_api(&store, &method, &rest, &body))
-                            .await
-                            .unwrap_or_else(|_| {
-                                error(
-                                    StatusCode::INTERNAL_SERVER_ERROR,
-                                    "the key operation failed",
-                                )
-                            })
-                    }
-                    (http::Method::GET, "/admin/backends") => {
-                        json(StatusCode::OK, crate::console::backends(&snapshot))
-                    }
-                    (http::Method::GET, "/admin/stats") => {
-                        json(StatusCode::OK, crate::console::stats(&snapshot))
-                    }
-                    (http::Method::GET, "/admin/usage") => {
-                        usage(&snapshot, session.req_header()).await
-                    }
-                    (http::Method::POST, "/admin/sessions/revoke") => {
-                        let Some(body) = read_body(session).await else {
-                            return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
-                        };
-                        revoke_sessions(&snapshot, &body).await
-                    }
-                    (http::Method::POST, "/admin/reload") => {
-                        match self.state.reload_off_thread().await {
-                            Ok(generation) => json(
-                                StatusCode::OK,
-                                serde_json::json!({ "status": "ok", "config_generation": generation }),
-                            ),
-                            Err(problems) => json(
-                                StatusCode::UNPROCESSABLE_ENTITY,
-                                serde_json::json!({ "error": "config rejected, old config kept", "status": 422, "problems": problems }),
-                            ),
-                        }
-                    }
-                    _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
-                }
+                resp
             }
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }

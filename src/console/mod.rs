@@ -64,6 +64,29 @@ fn unauthorized() -> Response<Vec<u8>> {
     resp
 }
 
+/// Who made an admin API request, as its log of changes names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The admin key as a bearer token.
+    AdminKey,
+    /// The console's own session, got with the admin key.
+    ConsoleSession,
+    /// An admin's session of the login `admin.console.login` names.
+    Login { login: String, subject: Arc<str> },
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::AdminKey => f.write_str("the admin key"),
+            Caller::ConsoleSession => f.write_str("a console session (admin key)"),
+            // The subject comes from a login (an identity provider's claim): quoted, so
+            // no value can break the log line.
+            Caller::Login { login, subject } => write!(f, "{subject:?} through login {login}"),
+        }
+    }
+}
+
 /// Who a request to the console or the admin API is, by its cookies.
 enum SignedIn {
     /// The console's own session, got with the admin key.
@@ -78,42 +101,49 @@ enum SignedIn {
 }
 
 impl Console {
-    /// Whether a request may use `/admin/*`: `None` when it may, else the refusal. It
-    /// may with the admin key as a bearer token, or with a session: the console's own
-    /// or an admin's from the login `admin.console.login` names. A write made with a
-    /// session must come from the console's own page (see [`session::console_write`]);
-    /// a bearer token is no cookie a browser sends by itself, so it needs no such check.
-    pub async fn refusal(
+    /// Who may use `/admin/*` with this request, else the refusal. It may with the
+    /// admin key as a bearer token, or with a session: the console's own or an admin's
+    /// from the login `admin.console.login` names. A write made with a session must come
+    /// from the console's own page (see [`session::console_write`]); a bearer token is
+    /// no cookie a browser sends by itself, so it needs no such check.
+    pub async fn authorize(
         &self,
         snapshot: &Snapshot,
         req: &RequestHeader,
-    ) -> Option<Response<Vec<u8>>> {
+    ) -> Result<Caller, Response<Vec<u8>>> {
         if req.headers.contains_key(http::header::AUTHORIZATION) {
             return match (presented_key(req), snapshot.admin_api_key.as_deref()) {
                 (Some(key), Some(admin_key))
                     if credentials::constant_time_eq(key, admin_key.as_bytes()) =>
                 {
-                    None
+                    Ok(Caller::AdminKey)
                 }
-                _ => Some(unauthorized()),
+                _ => Err(unauthorized()),
             };
         }
-        match self.signed_in(snapshot, req).await {
-            SignedIn::Key | SignedIn::Login(_) => {
-                let read = matches!(req.method, http::Method::GET | http::Method::HEAD);
-                (!read && !session::console_write(req)).then(|| {
-                    error(
-                        StatusCode::FORBIDDEN,
-                        "a change made with the console's session must come from the console",
-                    )
-                })
-            }
+        let caller = match self.signed_in(snapshot, req).await {
+            SignedIn::Key => Caller::ConsoleSession,
+            SignedIn::Login(subject) => Caller::Login {
+                login: snapshot
+                    .console_login
+                    .as_ref()
+                    .map_or_else(String::new, |l| l.name.clone()),
+                subject,
+            },
             SignedIn::NotAdmin(_) => {
-                Some(error(StatusCode::FORBIDDEN, "this login is not an admin's"))
+                return Err(error(StatusCode::FORBIDDEN, "this login is not an admin's"))
             }
-            SignedIn::Unavailable => Some(session_store_unavailable()),
-            SignedIn::No => Some(unauthorized()),
+            SignedIn::Unavailable => return Err(session_store_unavailable()),
+            SignedIn::No => return Err(unauthorized()),
+        };
+        let read = matches!(req.method, http::Method::GET | http::Method::HEAD);
+        if !read && !session::console_write(req) {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "a change made with the console's session must come from the console",
+            ));
         }
+        Ok(caller)
     }
 
     async fn signed_in(&self, snapshot: &Snapshot, req: &RequestHeader) -> SignedIn {

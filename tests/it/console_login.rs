@@ -49,7 +49,8 @@ fn setup(role: &str, admin_key: Option<&str>) -> Setup {
         config = config.admin_key(key);
     }
     Setup {
-        gw: Gateway::start(config),
+        // At `info`: the admin API's log of changes is what one test reads.
+        gw: Gateway::start_with(config, &[("RUST_LOG", "info")]),
         _ups: ups,
         _keys_dir: keys_dir,
     }
@@ -116,6 +117,8 @@ fn an_admin_session_from_the_pin_login_opens_the_console_and_its_writes_need_the
         &json!({ "name": "made-with-the-pin-session" }).to_string(),
     );
     assert_eq!(made.status, 201, "{made:?}");
+    let made = made.json();
+    let (made_id, made_key) = (made["id"].as_str().unwrap(), made["key"].as_str().unwrap());
     let listed = send(gw.admin, "GET", "/admin/keys", &[&cookie], "").json();
     let names: Vec<&str> = listed["keys"]
         .as_array()
@@ -173,6 +176,26 @@ fn an_admin_session_from_the_pin_login_opens_the_console_and_its_writes_need_the
         send(gw.admin, "GET", "/admin/keys", &[&bearer], "").status,
         200
     );
+    // A key pasted whole where its id goes is no key id; then the right id.
+    let pasted = format!("/admin/keys/{made_key}");
+    assert_eq!(
+        send(gw.admin, "DELETE", &pasted, &[&bearer], "").status,
+        404
+    );
+    let by_id = format!("/admin/keys/{made_id}");
+    assert_eq!(send(gw.admin, "DELETE", &by_id, &[&bearer], "").status, 200);
+
+    // Every change is in the gateway's log with who made it, and no key is.
+    let log = gw.output();
+    for line in [
+        format!("admin: POST /admin/keys by \"pin\" through login pin: 201 (key {made_id})"),
+        "admin: DELETE /admin/keys/… by the admin key: 404".to_string(),
+        format!("admin: DELETE /admin/keys/{made_id} by the admin key: 200"),
+    ] {
+        assert!(log.contains(&line), "{line} in {log}");
+    }
+    assert!(!log.contains(made_key), "a key in the log: {log}");
+    assert!(!log.contains("admin: GET"), "reads are not changes: {log}");
 }
 
 #[test]
