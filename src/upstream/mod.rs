@@ -3,76 +3,25 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use pingora::lb::discovery::Static;
-use pingora::lb::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
+use pingora::lb::health_check::HealthCheck;
 use pingora::lb::selection::{Consistent, Random, RoundRobin};
 use pingora::lb::{Backend, Backends, LoadBalancer};
 use pingora::upstreams::peer::HttpPeer;
-use pingora_http::RequestHeader;
 
-use crate::config::file::{
-    BackendSection, HealthCheckSection, UpstreamSection, UpstreamTlsSection,
-};
+use crate::config::file::{BackendSection, UpstreamSection, UpstreamTlsSection};
 use crate::config::units::Span;
 use crate::observe::{metrics, StatusCounters};
 
-/// How a `hash` pool picks the key that pins a client to a backend.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HashKey {
-    ClientIp,
-    Header(http::HeaderName),
-    Cookie(String),
-    Path,
-}
+mod hash_key;
+mod health;
 
-impl HashKey {
-    fn parse(text: &str) -> Result<HashKey, String> {
-        match text {
-            "client_ip" => Ok(HashKey::ClientIp),
-            "path" => Ok(HashKey::Path),
-            _ => {
-                if let Some(name) = text.strip_prefix("header:") {
-                    let name = http::HeaderName::from_bytes(name.as_bytes())
-                        .map_err(|_| format!("{name:?} is not a valid header name"))?;
-                    Ok(HashKey::Header(name))
-                } else if let Some(name) = text.strip_prefix("cookie:").filter(|n| !n.is_empty()) {
-                    Ok(HashKey::Cookie(name.to_string()))
-                } else {
-                    Err(format!("unknown hash_key {text:?}; use client_ip, header:NAME, cookie:NAME or path"))
-                }
-            }
-        }
-    }
-
-    /// The bytes to hash for this request. Requests without the header or cookie all
-    /// share the empty key (and so one backend), which is what sticky sessions expect.
-    pub fn extract<'a>(
-        &self,
-        req: &'a RequestHeader,
-        client_ip: &'a [u8],
-        path: &'a str,
-    ) -> &'a [u8] {
-        match self {
-            HashKey::ClientIp => client_ip,
-            HashKey::Path => path.as_bytes(),
-            HashKey::Header(name) => req.headers.get(name).map_or(&[], |v| v.as_bytes()),
-            HashKey::Cookie(name) => req
-                .headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
-                .find_map(|pair| {
-                    let pair = pair.trim_ascii_start();
-                    let value = pair.strip_prefix(name.as_bytes())?.strip_prefix(b"=")?;
-                    Some(value)
-                })
-                .unwrap_or(&[]),
-        }
-    }
-}
+pub use hash_key::HashKey;
+use health::health_check;
+pub use health::HealthChecker;
 
 enum Balancer {
     RoundRobin(LoadBalancer<RoundRobin>),
@@ -509,105 +458,10 @@ where
     lb
 }
 
-type HealthBuild = (Box<dyn HealthCheck + Send + Sync>, Duration);
-
-fn health_check(
-    hc: &HealthCheckSection,
-    tls: bool,
-    sni: &str,
-    verify: bool,
-) -> Result<HealthBuild, Vec<(String, String)>> {
-    let mut errors = Vec::new();
-    let interval = hc.interval.map_or(Duration::from_secs(5), Span::get);
-    let timeout = hc.timeout.map_or(Duration::from_secs(1), Span::get);
-    let healthy_after = hc.healthy_after.unwrap_or(2).max(1);
-    let unhealthy_after = hc.unhealthy_after.unwrap_or(3).max(1);
-    let check: Box<dyn HealthCheck + Send + Sync> = match hc.kind.as_str() {
-        "http" => {
-            let path = hc.path.as_deref().unwrap_or("/");
-            let host = if sni.is_empty() { "localhost" } else { sni };
-            let mut check = HttpHealthCheck::new(host, tls);
-            match RequestHeader::build("GET", path.as_bytes(), None).and_then(|mut req| {
-                req.insert_header(http::header::HOST, host)?;
-                req.insert_header(http::header::USER_AGENT, "gatewarden-health-check")?;
-                Ok(req)
-            }) {
-                Ok(req) if path.starts_with('/') => check.req = req,
-                _ => errors.push((
-                    "health_check.path".into(),
-                    format!("{path:?} is not a valid request path"),
-                )),
-            }
-            check.consecutive_success = healthy_after;
-            check.consecutive_failure = unhealthy_after;
-            check.peer_template.options.connection_timeout = Some(timeout);
-            check.peer_template.options.read_timeout = Some(timeout);
-            check.peer_template.options.verify_cert = verify;
-            check.peer_template.options.verify_hostname = verify;
-            Box::new(check)
-        }
-        "tcp" => {
-            if hc.path.is_some() {
-                errors.push((
-                    "health_check.path".into(),
-                    "`path` only applies to `kind: http`".into(),
-                ));
-            }
-            let mut check = if tls {
-                TcpHealthCheck::new_tls(sni)
-            } else {
-                TcpHealthCheck::new()
-            };
-            check.consecutive_success = healthy_after;
-            check.consecutive_failure = unhealthy_after;
-            check.peer_template.options.connection_timeout = Some(timeout);
-            check
-        }
-        other => {
-            errors.push((
-                "health_check.kind".into(),
-                format!("unknown kind {other:?}; use http or tcp"),
-            ));
-            return Err(errors);
-        }
-    };
-    if errors.is_empty() {
-        Ok((check, interval))
-    } else {
-        Err(errors)
-    }
-}
-
-/// The background service that runs every pool's health checks, on whatever config is
-/// current, so pools added by a reload are checked too.
-pub struct HealthChecker {
-    pub state: Arc<crate::reload::State>,
-}
-
-#[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for HealthChecker {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let started = Instant::now();
-        loop {
-            let snapshot = self.state.current();
-            let now_ms = started.elapsed().as_millis() as u64;
-            for pool in snapshot.pools.values() {
-                if pool.has_health_check() {
-                    let pool = pool.clone();
-                    tokio::spawn(async move { pool.health_check_if_due(now_ms).await });
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora_http::RequestHeader;
 
     #[test]
     fn hash_keys_parse_and_extract() {
