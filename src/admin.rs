@@ -294,8 +294,8 @@ impl AdminApp {
 
 /// One line in the gateway's log for every change made through the admin API: what,
 /// by whom, and how it ended. A key is named by the id in the answer, never by what
-/// the request named it with (someone may paste a whole key there), and key names and
-/// plaintexts are never in it.
+/// the request named it with (someone may paste a whole key there), and a path that
+/// is no endpoint is not repeated either; key names and plaintexts are never in it.
 fn log_change(
     method: &http::Method,
     path: &str,
@@ -310,7 +310,15 @@ fn log_change(
     let path = match (path.strip_prefix("/admin/keys/"), &id) {
         (Some(_), Some(id)) => format!("/admin/keys/{id}"),
         (Some(_), None) => "/admin/keys/…".to_string(),
-        (None, _) => path.to_string(),
+        (None, _)
+            if matches!(
+                path,
+                "/admin/keys" | "/admin/reload" | "/admin/sessions/revoke"
+            ) =>
+        {
+            path.to_string()
+        }
+        (None, _) => "/admin/…".to_string(),
     };
     let made = match (status, &id) {
         (201, Some(id)) => format!(" (key {id})"),

@@ -182,6 +182,8 @@ fn an_admin_session_from_the_pin_login_opens_the_console_and_its_writes_need_the
         send(gw.admin, "DELETE", &pasted, &[&bearer], "").status,
         404
     );
+    let stray = format!("/admin/{made_key}");
+    assert_eq!(send(gw.admin, "POST", &stray, &[&bearer], "").status, 404);
     let by_id = format!("/admin/keys/{made_id}");
     assert_eq!(send(gw.admin, "DELETE", &by_id, &[&bearer], "").status, 200);
 
@@ -190,6 +192,7 @@ fn an_admin_session_from_the_pin_login_opens_the_console_and_its_writes_need_the
     for line in [
         format!("admin: POST /admin/keys by \"pin\" through login pin: 201 (key {made_id})"),
         "admin: DELETE /admin/keys/… by the admin key: 404".to_string(),
+        "admin: POST /admin/… by the admin key: 404".to_string(),
         format!("admin: DELETE /admin/keys/{made_id} by the admin key: 200"),
     ] {
         assert!(log.contains(&line), "{line} in {log}");
