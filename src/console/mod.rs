@@ -89,10 +89,9 @@ impl std::fmt::Display for Caller {
 
 /// Who a request to the console or the admin API is, by its cookies.
 enum SignedIn {
-    /// The console's own session, got with the admin key.
-    Key,
-    /// An admin session of the login named by `admin.console.login`.
-    Login(Arc<str>),
+    /// The console's own session, or an admin's session of the login named by
+    /// `admin.console.login`.
+    As(Caller),
     /// A session of that login whose role is not admin.
     NotAdmin(Arc<str>),
     /// Redis could not say whether the login session was revoked.
@@ -122,14 +121,7 @@ impl Console {
             };
         }
         let caller = match self.signed_in(snapshot, req).await {
-            SignedIn::Key => Caller::ConsoleSession,
-            SignedIn::Login(subject) => Caller::Login {
-                login: snapshot
-                    .console_login
-                    .as_ref()
-                    .map_or_else(String::new, |l| l.name.clone()),
-                subject,
-            },
+            SignedIn::As(caller) => caller,
             SignedIn::NotAdmin(_) => {
                 return Err(error(StatusCode::FORBIDDEN, "this login is not an admin's"))
             }
@@ -150,15 +142,22 @@ impl Console {
         if let Some(admin_key) = snapshot.admin_api_key.as_deref() {
             let token = self.sessions.token(req, SECURE);
             if token.is_some_and(|t| self.sessions.verify(admin_key, t)) {
-                return SignedIn::Key;
+                return SignedIn::As(Caller::ConsoleSession);
             }
         }
-        let Some(sessions) = snapshot.console_login.as_ref().and_then(|l| l.sessions()) else {
+        let Some((login, sessions)) = snapshot
+            .console_login
+            .as_ref()
+            .and_then(|l| Some((l, l.sessions()?)))
+        else {
             return SignedIn::No;
         };
         match sessions.presented(req).await {
             Presented::Valid { session, .. } if session.identity.role == Role::Admin => {
-                SignedIn::Login(session.identity.subject)
+                SignedIn::As(Caller::Login {
+                    login: login.name.clone(),
+                    subject: session.identity.subject,
+                })
             }
             Presented::Valid { session, .. } => SignedIn::NotAdmin(session.identity.subject),
             Presented::Unavailable(_) => SignedIn::Unavailable,
@@ -282,13 +281,15 @@ fn session_view(snapshot: &Snapshot, signed_in: &SignedIn) -> serde_json::Value 
         .as_ref()
         .map(|l| serde_json::json!({ "name": l.name, "url": l.url }));
     let mut view = serde_json::json!({
-        "signed_in": matches!(signed_in, SignedIn::Key | SignedIn::Login(_)),
+        "signed_in": matches!(signed_in, SignedIn::As(_)),
         "key_sign_in": snapshot.admin_api_key.is_some(),
         "login": login,
     });
     match signed_in {
-        SignedIn::Key => view["as"] = "the admin key".into(),
-        SignedIn::Login(subject) => view["as"] = subject.to_string().into(),
+        SignedIn::As(Caller::AdminKey | Caller::ConsoleSession) => {
+            view["as"] = "the admin key".into()
+        }
+        SignedIn::As(Caller::Login { subject, .. }) => view["as"] = subject.to_string().into(),
         SignedIn::NotAdmin(subject) => {
             view["refused"] = format!("{subject} is signed in, but not as an admin").into()
         }

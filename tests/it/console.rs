@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::chromium::Chromium;
+use crate::chromium::{Cdp, Chromium};
 use crate::harness::*;
 use crate::identity::{encode, key_new};
 
@@ -54,7 +54,13 @@ fn setup() -> Setup {
 }
 
 /// Sends one request to the admin listener, addressed to it by its own `Host`.
-fn send(admin: SocketAddr, method: &str, path: &str, headers: &[&str], body: &str) -> RawResponse {
+pub(crate) fn send(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> RawResponse {
     send_to(admin, &admin.to_string(), method, path, headers, body)
 }
 
@@ -314,8 +320,26 @@ fn the_admin_api_reports_backend_health_and_recent_route_traffic() {
 }
 
 /// The value of a DOM expression as a string.
-fn text(v: Value) -> String {
+pub(crate) fn text(v: Value) -> String {
     v.as_str().unwrap_or_default().to_string()
+}
+
+impl Cdp {
+    /// Creates a key named `name` with the console's form, and waits until the page
+    /// shows its plaintext and lists it.
+    pub(crate) async fn create_key_in_console(&mut self, name: &str) {
+        self.type_into("#key-name", name).await;
+        self.click("#key-form button[type=submit]").await;
+        self.wait_for(
+            &format!(
+                "!document.getElementById('created').hidden && \
+                 !!document.querySelector('#keys tr[data-name={}]')",
+                serde_json::to_string(name).unwrap()
+            ),
+            "the new key",
+        )
+        .await;
+    }
 }
 
 #[test]
@@ -405,14 +429,7 @@ fn an_operator_runs_the_gateway_from_the_console_in_a_browser() {
             .unwrap();
 
         // A key made in the console, its plaintext read from the page, works.
-        page.type_into("#key-name", "made-in-the-console").await;
-        page.click("#key-form button[type=submit]").await;
-        page.wait_for(
-            "!document.getElementById('created').hidden && \
-             !!document.querySelector('#keys tr[data-name=\"made-in-the-console\"]')",
-            "the new key",
-        )
-        .await;
+        page.create_key_in_console("made-in-the-console").await;
         let plaintext = text(
             page.eval("document.getElementById('created-key').textContent")
                 .await

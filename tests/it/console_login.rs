@@ -6,9 +6,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::chromium::Chromium;
+use crate::console::{send, text};
 use crate::harness::*;
 use crate::identity::{cookie_pair, key_new, login, pin_hash, PIN, SECRET};
 
@@ -54,11 +55,6 @@ fn setup(role: &str, admin_key: Option<&str>) -> Setup {
         _ups: ups,
         _keys_dir: keys_dir,
     }
-}
-
-/// Sends one request to the admin listener, addressed to it by its own `Host`.
-fn send(admin: SocketAddr, method: &str, path: &str, headers: &[&str], body: &str) -> RawResponse {
-    send_to(admin, &admin.to_string(), method, path, headers, body)
 }
 
 /// A PIN session on the proxy listener, as a `Cookie:` header line.
@@ -248,10 +244,6 @@ fn a_user_session_is_refused_and_without_an_admin_key_only_the_login_opens_it() 
     assert!(form.header("set-cookie").is_none(), "{form:?}");
 }
 
-fn text(v: Value) -> String {
-    v.as_str().map(str::to_string).unwrap_or_default()
-}
-
 #[test]
 fn an_admin_logs_in_on_the_gateway_and_the_console_knows_them_in_a_browser() {
     let Some(browser) = Chromium::start_or_skip() else {
@@ -313,14 +305,7 @@ fn an_admin_logs_in_on_the_gateway_and_the_console_knows_them_in_a_browser() {
             "Signed in as pin"
         );
         // A write from the page goes through with the login's session.
-        page.type_into("#key-name", "made-after-the-pin").await;
-        page.click("#key-form button[type=submit]").await;
-        page.wait_for(
-            "!document.getElementById('created').hidden && \
-             !!document.querySelector('#keys tr[data-name=\"made-after-the-pin\"]')",
-            "the new key",
-        )
-        .await;
+        page.create_key_in_console("made-after-the-pin").await;
 
         // Signing out here logs the browser out of the gateway too.
         page.click("#sign-out").await;
