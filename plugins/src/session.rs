@@ -463,8 +463,13 @@ mod tests {
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn keys(previous: &[Secret]) -> SessionKeys {
+        signed_with(SECRET, previous)
+    }
+
+    /// Sessions of one minute in the `gatewarden` cookie, signed with `secret`.
+    fn signed_with(secret: &str, previous: &[Secret]) -> SessionKeys {
         SessionKeys::new(
-            SECRET,
+            secret,
             previous,
             Duration::from_secs(60),
             "gatewarden",
@@ -497,14 +502,7 @@ mod tests {
 
     #[test]
     fn previous_secrets_verify_but_never_sign() {
-        let old = SessionKeys::new(
-            "an-old-secret-that-is-long-enough!!",
-            &[],
-            Duration::from_secs(60),
-            "gatewarden",
-            SecureCookie::Auto,
-        )
-        .unwrap();
+        let old = signed_with("an-old-secret-that-is-long-enough!!", &[]);
         let token = old.issue("pin", Role::User, "pin").unwrap();
         let rotated = keys(&[Secret::new("an-old-secret-that-is-long-enough!!")]);
         assert!(rotated.verify(&token).is_ok());
@@ -612,12 +610,10 @@ mod tests {
     #[test]
     fn a_presented_session_is_checked_in_full_under_either_cookie_name() {
         let k = keys(&[]);
-        let run = |req: &crate::RequestHeader| {
-            tokio::runtime::Builder::new_current_thread()
-                .build()
-                .unwrap()
-                .block_on(k.presented(req))
-        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let run = |req: &crate::RequestHeader| runtime.block_on(k.presented(req));
         let request = |cookie: &str| {
             let mut req = crate::RequestHeader::build("GET", b"/", None).unwrap();
             if !cookie.is_empty() {
@@ -648,26 +644,16 @@ mod tests {
             run(&request("gatewarden=forged")),
             Presented::Refused(SessionError::Invalid)
         ));
-        let other_secret = SessionKeys::new(
-            "another-secret-of-32-bytes-or-more!",
-            &[],
-            Duration::from_secs(60),
-            "gatewarden",
-            SecureCookie::Auto,
-        )
-        .unwrap()
-        .issue("ops", Role::Admin, "pin")
-        .unwrap();
+        let other_secret = signed_with("another-secret-of-32-bytes-or-more!", &[])
+            .issue("ops", Role::Admin, "pin")
+            .unwrap();
         assert!(matches!(
             run(&request(&format!("gatewarden={other_secret}"))),
             Presented::Refused(SessionError::Invalid)
         ));
         // Logged out: refused from then on.
         let cookie = format!("gatewarden={token}");
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(k.revoke_presented(&request(&cookie), false));
+        runtime.block_on(k.revoke_presented(&request(&cookie), false));
         assert!(matches!(
             run(&request(&cookie)),
             Presented::Refused(SessionError::Revoked)

@@ -66,6 +66,7 @@ pub(crate) fn response_without_case_map(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forwarding::{X_REAL_IP, X_REQUEST_ID};
     use http::header::HeaderValue;
 
     fn wire(req: &RequestHeader) -> String {
@@ -82,10 +83,8 @@ mod tests {
         req.append_header("X-Client-Thing", "2").unwrap();
         req.extensions_mut().insert(7u32);
         without_case_map(&mut req, |h| {
-            h.headers.insert(
-                http::header::HeaderName::from_static("x-real-ip"),
-                HeaderValue::from_static("192.0.2.1"),
-            );
+            h.headers
+                .insert(X_REAL_IP.clone(), HeaderValue::from_static("192.0.2.1"));
         })
         .unwrap();
         assert!(!req.has_case());
@@ -120,10 +119,8 @@ mod tests {
             resp.set_reason_phrase(Some(reason)).unwrap();
             resp.append_header("Server", "up").unwrap();
             response_without_case_map(&mut resp, |h| {
-                h.headers.insert(
-                    http::header::HeaderName::from_static("x-request-id"),
-                    HeaderValue::from_static("r1"),
-                );
+                h.headers
+                    .insert(X_REQUEST_ID.clone(), HeaderValue::from_static("r1"));
             });
             assert!(!resp.has_case());
             assert_eq!(resp.status, status);
